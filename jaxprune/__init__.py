@@ -1,0 +1,24 @@
+"""jaxprune: pruning methods as pure functions over Flax parameter pytrees."""
+from jaxprune import data, models
+from jaxprune.baselines import magnitude, random, uniform_allocation
+from jaxprune.budget import k_from_sparsity, sparsity_from_k
+from jaxprune.checkpoints import load_mlpnet, load_resnet, load_resnet20
+from jaxprune.evaluate import Evaluation, evaluate
+from jaxprune.masks import (SparsityReport, apply_masks, check_masks, count_kept, masks_like, sparsity_report,
+                            topk_mask)
+from jaxprune.result import PruneResult
+from jaxprune.trees import (FlatSpec, Prunable, count_prunable, flatten, is_kernel, leaves_with_paths,
+                            prunable_paths, unflatten)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "magnitude", "random", "uniform_allocation",
+    "k_from_sparsity", "sparsity_from_k",
+    "Prunable", "is_kernel", "prunable_paths", "count_prunable", "flatten", "unflatten", "FlatSpec",
+    "leaves_with_paths",
+    "apply_masks", "check_masks", "masks_like", "count_kept", "topk_mask", "sparsity_report", "SparsityReport",
+    "PruneResult", "evaluate", "Evaluation",
+    "load_mlpnet", "load_resnet", "load_resnet20",
+    "data", "models",
+]

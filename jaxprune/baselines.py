@@ -1,0 +1,90 @@
+"""Unstructured baselines: magnitude (global or per layer) and random pruning."""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxprune.budget import check_k
+from jaxprune.masks import apply_masks, masks_from_flat, topk_mask
+from jaxprune.result import PruneResult
+from jaxprune.trees import FlatSpec, PrunableSpec, PyTree, flat_spec, flatten
+
+SCOPES = ("global", "layer")
+
+
+def uniform_allocation(k: int, sizes) -> list[int]:
+  """Splits ``k`` over layers in proportion to their sizes, summing to exactly ``k``.
+
+  Each layer gets ``floor(k * n_l / p)``; the remainder goes to the largest fractional parts
+  (earlier layers first on ties).
+  """
+  sizes = [int(n) for n in sizes]
+  p = sum(sizes)
+  base = [k * n // p for n in sizes]
+  frac = [(k * n) % p for n in sizes]
+  for i in sorted(range(len(sizes)), key=lambda i: (-frac[i], i))[: k - sum(base)]:
+    base[i] += 1
+  return base
+
+
+@functools.partial(jax.jit, static_argnames=("k", "spec", "scope"))
+def keep_from_scores(scores: jax.Array, k: int, spec: FlatSpec, scope: str = "global") -> jax.Array:
+  """Flat ``keep: (p,)`` with exactly ``k`` True: top-``k`` of ``scores: (p,)`` globally, or per leaf
+  with a uniform allocation (``scope="layer"``)."""
+  if scope == "global":
+    return topk_mask(scores, k)
+  sizes = [int(np.prod(s)) for s in spec.shapes]
+  parts = [topk_mask(scores[off:off + n], kl)
+           for off, n, kl in zip(spec.offsets, sizes, uniform_allocation(k, sizes))]
+  return jnp.concatenate(parts)
+
+
+def _prune_by_scores(params, scores, k, spec, scope, info):
+  keep = keep_from_scores(scores, k, spec, scope)
+  masks = masks_from_flat(keep, params, spec)
+  info = dict(info, k=k, p=spec.size, sparsity=1.0 - k / spec.size, scope=scope)
+  return PruneResult(apply_masks(params, masks), masks, info)
+
+
+def _check_scope(scope):
+  if scope not in SCOPES:
+    raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
+
+
+def magnitude(params: PyTree, k: int, *, prunable: PrunableSpec = None, scope: str = "global") -> PruneResult:
+  """Magnitude pruning: keep the ``k`` weights of largest ``|w|``.
+
+  Args:
+    params: parameter tree (linen dict or NNX state); only the ``prunable`` leaves are pruned.
+    k: number of prunable weights kept (exactly; ties keep the lower flat index).
+    prunable: leaf selection (default: Dense/Conv kernels); see :class:`jaxprune.Prunable`.
+    scope: ``"global"`` (one ranking over all leaves, the MP of CBS/CHITA/EWR tables) or
+      ``"layer"`` (each leaf keeps its proportional share of ``k``).
+
+  Returns:
+    :class:`PruneResult` with the pruned params, the masks and ``info``.
+  """
+  _check_scope(scope)
+  spec = flat_spec(params, prunable)
+  k = check_k(k, spec.size)
+  w, _ = flatten(params, spec=spec)
+  return _prune_by_scores(params, jnp.abs(w), k, spec, scope, {"method": "magnitude"})
+
+
+def random(params: PyTree, k: int, key: jax.Array, *, prunable: PrunableSpec = None,
+           scope: str = "global") -> PruneResult:
+  """Random pruning: keep ``k`` prunable weights chosen uniformly at random with ``key``.
+
+  Same arguments and result as :func:`magnitude`, plus a ``jax.random`` key.
+  """
+  _check_scope(scope)
+  if not (isinstance(key, jax.Array) and (jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
+                                          or (key.dtype == jnp.uint32 and key.shape == (2,)))):
+    raise TypeError(f"key must be a jax.random key (jax.random.key(seed)), got {type(key).__name__}")
+  spec = flat_spec(params, prunable)
+  k = check_k(k, spec.size)
+  scores = jax.random.uniform(key, (spec.size,))
+  return _prune_by_scores(params, scores, k, spec, scope, {"method": "random"})

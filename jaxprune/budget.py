@@ -1,0 +1,70 @@
+"""Budgets: ``k`` = number of prunable weights kept (an int), and conversions from a sparsity."""
+from __future__ import annotations
+
+import math
+import numbers
+
+from jaxprune.trees import PrunableSpec, PyTree, count_prunable
+
+
+def check_k(k, p: int, name: str = "k") -> int:
+  """Validates a kept-weight budget ``0 < k <= p``; returns it as a Python int."""
+  if isinstance(k, bool) or not isinstance(k, numbers.Integral):
+    hint = " (use jaxprune.k_from_sparsity(params, sparsity) to convert a sparsity)" if isinstance(k, numbers.Real) else ""
+    raise TypeError(f"{name} must be an int (number of weights kept), got {type(k).__name__} {k!r}{hint}")
+  k = int(k)
+  if k <= 0:
+    raise ValueError(f"{name} must be > 0 (number of weights kept), got {k}")
+  if k > p:
+    raise ValueError(f"{name}={k} exceeds the number of prunable weights ({p})")
+  return k
+
+
+def check_sparsity(sparsity, name: str = "sparsity") -> float:
+  if isinstance(sparsity, bool) or not isinstance(sparsity, numbers.Real):
+    raise TypeError(f"{name} must be a float in [0, 1), got {type(sparsity).__name__} {sparsity!r}")
+  s = float(sparsity)
+  if not 0.0 <= s < 1.0:
+    raise ValueError(f"{name} must be in [0, 1), got {s}")
+  return s
+
+
+def n_pruned_from_sparsity(p: int, sparsity: float, rounding: str = "floor") -> int:
+  """Weights to prune for a sparsity: ``floor``/``ceil``/``nearest`` of ``sparsity * p``.
+
+  Products within 1e-9 of an integer count as that integer, so 0.9 * 32360 is 29124, not
+  29124.000000000004 rounded up or (1 - 0.9) * 32360 = 3235.99... rounded down.
+  """
+  exact = sparsity * p
+  near = round(exact)
+  if abs(exact - near) <= 1e-9 * max(1.0, abs(exact)):
+    return int(near)
+  if rounding == "floor":
+    return int(math.floor(exact))
+  if rounding == "ceil":
+    return int(math.ceil(exact))
+  if rounding == "nearest":
+    return int(math.floor(exact + 0.5))
+  raise ValueError(f"rounding must be 'floor', 'ceil' or 'nearest', got {rounding!r}")
+
+
+def k_from_sparsity(params: PyTree, sparsity: float, prunable: PrunableSpec = None, *,
+                    rounding: str = "floor") -> int:
+  """Number of weights kept at a given sparsity of the prunable set.
+
+  ``k = p - round(sparsity * p)`` with ``rounding`` of the pruned count (``"floor"`` by
+  default: never prune more than asked). Raises if the result keeps no weight.
+  """
+  s = check_sparsity(sparsity)
+  p = count_prunable(params, prunable)
+  k = p - n_pruned_from_sparsity(p, s, rounding)
+  if k <= 0:
+    raise ValueError(f"sparsity={s} keeps no weight of the {p} prunable weights")
+  return k
+
+
+def sparsity_from_k(params: PyTree, k: int, prunable: PrunableSpec = None) -> float:
+  """Inverse of :func:`k_from_sparsity`: ``1 - k / p``."""
+  p = count_prunable(params, prunable)
+  k = check_k(k, p)
+  return 1.0 - k / p

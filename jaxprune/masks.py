@@ -1,0 +1,133 @@
+"""Masks: bool pytrees shaped like the params, ``None`` where a leaf is not prunable."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxprune.trees import (FlatSpec, PrunableSpec, PyTree, leaves_with_paths, map_with_paths,
+                            path_str, prunable_paths)
+
+
+def topk_mask(scores: jax.Array, k: int) -> jax.Array:
+  """Bool mask with exactly ``k`` True entries at the largest ``scores``.
+
+  Ties are broken deterministically: among equal scores the lower flat index is kept.
+  ``scores`` may have any shape; ``k`` is a static int. Jit-safe.
+  """
+  flat = jnp.ravel(scores)
+  order = jnp.argsort(-flat, stable=True)
+  keep = jnp.zeros(flat.shape, bool).at[order[:k]].set(True)
+  return keep.reshape(scores.shape)
+
+
+def masks_from_flat(keep: jax.Array, params: PyTree, spec: FlatSpec) -> PyTree:
+  """Splits a flat ``keep: (p,)`` bool vector into a mask tree (``None`` off the prunable set)."""
+  where = dict(zip(spec.paths, zip(spec.offsets, spec.shapes)))
+
+  def leaf_mask(path, leaf):
+    if path not in where:
+      return None
+    off, shape = where[path]
+    return jnp.reshape(keep[off:off + int(np.prod(shape))], shape)
+
+  return map_with_paths(leaf_mask, params)
+
+
+def mask_leaves(masks: PyTree) -> list[tuple[str, Any]]:
+  """``[(path, mask_or_None), ...]`` keeping the ``None`` entries."""
+  flat = jax.tree_util.tree_flatten_with_path(masks, is_leaf=lambda x: x is None)[0]
+  return [(path_str(p), m) for p, m in flat]
+
+
+def check_masks(params: PyTree, masks: PyTree, name: str = "masks") -> None:
+  """Raises ``ValueError`` unless ``masks`` mirrors ``params`` (same paths, same shapes, bool)."""
+  mask_items = mask_leaves(masks)
+  param_items = leaves_with_paths(params)
+  mp = [p for p, _ in mask_items]
+  pp = [p for p, _ in param_items]
+  if mp != pp:
+    missing = sorted(set(pp) - set(mp))[:5]
+    extra = sorted(set(mp) - set(pp))[:5]
+    raise ValueError(f"{name} do not match params: missing paths {missing}, unexpected paths {extra}")
+  for (path, m), (_, leaf) in zip(mask_items, param_items):
+    if m is None:
+      continue
+    if np.shape(m) != np.shape(leaf):
+      raise ValueError(f"{name} at {path!r} has shape {np.shape(m)}, params has {np.shape(leaf)}")
+    if jnp.asarray(m).dtype != jnp.bool_:
+      raise ValueError(f"{name} at {path!r} has dtype {jnp.asarray(m).dtype}, expected bool")
+  if all(m is None for _, m in mask_items):
+    raise ValueError(f"{name} has no mask leaf (all None)")
+
+
+def apply_masks(params: PyTree, masks: PyTree) -> PyTree:
+  """Zeroes the pruned weights: ``params * mask`` where a mask exists, unchanged where ``None``."""
+  check_masks(params, masks)
+  return jax.tree.map(lambda m, x: x if m is None else jnp.where(m, x, jnp.zeros((), x.dtype)),
+                      masks, params, is_leaf=lambda x: x is None)
+
+
+def masks_like(params: PyTree, prunable: PrunableSpec = None, value: bool = True) -> PyTree:
+  """All-``value`` masks on the prunable leaves, ``None`` elsewhere."""
+  paths = set(prunable_paths(params, prunable))
+  return map_with_paths(lambda p, x: jnp.full(np.shape(x), value) if p in paths else None, params)
+
+
+def count_kept(masks: PyTree) -> int:
+  """Total True entries over all mask leaves."""
+  return int(sum(int(jnp.sum(m)) for _, m in mask_leaves(masks) if m is not None))
+
+
+@dataclasses.dataclass(frozen=True)
+class SparsityReport:
+  """Per-leaf and global sparsity of the prunable set; ``str()`` prints a table."""
+  rows: tuple[tuple[str, tuple[int, ...], int, int], ...]   # (path, shape, size, nonzero)
+
+  @property
+  def size(self) -> int:
+    return sum(r[2] for r in self.rows)
+
+  @property
+  def nonzero(self) -> int:
+    return sum(r[3] for r in self.rows)
+
+  @property
+  def sparsity(self) -> float:
+    return 1.0 - self.nonzero / self.size
+
+  def per_leaf(self) -> dict[str, float]:
+    return {path: 1.0 - nz / size for path, _, size, nz in self.rows}
+
+  def __str__(self) -> str:
+    width = max([len("leaf"), len("global")] + [len(r[0]) for r in self.rows])
+    head = f"{'leaf':<{width}}  {'shape':>18}  {'size':>10}  {'kept':>10}  {'sparsity':>8}"
+    lines = [head, "-" * len(head)]
+    for path, shape, size, nz in self.rows:
+      lines.append(f"{path:<{width}}  {str(shape):>18}  {size:>10}  {nz:>10}  {1 - nz / size:>8.4f}")
+    lines.append("-" * len(head))
+    lines.append(f"{'global':<{width}}  {'':>18}  {self.size:>10}  {self.nonzero:>10}  {self.sparsity:>8.4f}")
+    return "\n".join(lines)
+
+
+def sparsity_report(params: PyTree, masks: PyTree | None = None, prunable: PrunableSpec = None) -> SparsityReport:
+  """Sparsity of each prunable leaf and of the whole prunable set.
+
+  With ``masks``, counts kept entries of the masks (their non-``None`` leaves define the
+  set); without, counts non-zero weights of the leaves selected by ``prunable``.
+  """
+  rows = []
+  if masks is not None:
+    check_masks(params, masks)
+    for path, m in mask_leaves(masks):
+      if m is not None:
+        rows.append((path, tuple(np.shape(m)), int(np.size(m)), int(jnp.sum(m))))
+  else:
+    paths = set(prunable_paths(params, prunable))
+    for path, leaf in leaves_with_paths(params):
+      if path in paths:
+        rows.append((path, tuple(np.shape(leaf)), int(np.size(leaf)), int(jnp.count_nonzero(leaf))))
+  return SparsityReport(tuple(rows))

@@ -1,0 +1,181 @@
+"""Parameter pytrees: leaf paths, prunable selection, flattening.
+
+Works on any pytree of arrays: Flax linen ``variables``/``params`` dicts, NNX
+``nnx.State`` (from ``nnx.split``/``nnx.state``) and plain nested dicts. Paths are
+normalised to strings such as ``"fc1/kernel"`` (NNX's trailing ``.value`` is dropped),
+so the same selection works for linen and NNX trees.
+"""
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import re
+from typing import Any, Callable, NamedTuple, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+PyTree = Any
+Predicate = Callable[[str, Any], bool]
+
+
+def path_str(path: tuple) -> str:
+  """Turns a jax key path into ``"a/b/c"``; NNX's trailing ``value`` attribute is dropped."""
+  parts = []
+  for key in path:
+    if isinstance(key, jax.tree_util.DictKey):
+      parts.append(str(key.key))
+    elif isinstance(key, jax.tree_util.GetAttrKey):
+      parts.append(key.name)
+    elif isinstance(key, jax.tree_util.SequenceKey):
+      parts.append(str(key.idx))
+    elif isinstance(key, jax.tree_util.FlattenedIndexKey):
+      parts.append(str(key.key))
+    else:
+      parts.append(str(key))
+  if len(parts) > 1 and parts[-1] == "value":
+    parts = parts[:-1]
+  return "/".join(parts)
+
+
+def leaves_with_paths(tree: PyTree) -> list[tuple[str, Any]]:
+  """``[(path, leaf), ...]`` in the tree's flatten order."""
+  return [(path_str(p), leaf) for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def is_kernel(path: str, leaf: Any) -> bool:
+  """Default prunable predicate: Dense/Conv kernels (leaf named ``kernel``, ndim >= 2)."""
+  return path.rsplit("/", 1)[-1] == "kernel" and np.ndim(leaf) >= 2
+
+
+def _natural_key(path: str):
+  # "Dense_10" sorts after "Dense_2": layer order for skip_first / skip_last.
+  return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path)]
+
+
+@dataclasses.dataclass(frozen=True)
+class Prunable:
+  """Which leaves a method may prune.
+
+  Attributes:
+    where: predicate ``(path, leaf) -> bool``; default :func:`is_kernel`.
+    exclude: glob patterns on the path (``"fc3/*"``, ``"*downsample*"``) of leaves to leave dense.
+    skip_first: leave the first selected leaf dense (in natural order of the paths, so
+      ``layer10`` follows ``layer9``; name layers so that this is execution order).
+    skip_last: leave the last selected leaf dense.
+  """
+  where: Predicate = is_kernel
+  exclude: tuple[str, ...] = ()
+  skip_first: bool = False
+  skip_last: bool = False
+
+  def paths(self, tree: PyTree) -> tuple[str, ...]:
+    """The selected leaf paths, in the tree's flatten order."""
+    exclude = (self.exclude,) if isinstance(self.exclude, str) else tuple(self.exclude)
+    chosen = [p for p, leaf in leaves_with_paths(tree)
+              if self.where(p, leaf) and not any(fnmatch.fnmatchcase(p, pat) for pat in exclude)]
+    ordered = sorted(chosen, key=_natural_key)
+    drop = set()
+    if self.skip_first and ordered:
+      drop.add(ordered[0])
+    if self.skip_last and ordered:
+      drop.add(ordered[-1])
+    return tuple(p for p in chosen if p not in drop)
+
+
+PrunableSpec = Union[None, Prunable, Predicate, Sequence[str]]
+
+
+def as_prunable(prunable: PrunableSpec) -> Prunable:
+  """Normalises ``None`` (kernels), a predicate, a list of paths or a :class:`Prunable`."""
+  if prunable is None:
+    return Prunable()
+  if isinstance(prunable, Prunable):
+    return prunable
+  if callable(prunable):
+    return Prunable(where=prunable)
+  if isinstance(prunable, (list, tuple)) and all(isinstance(p, str) for p in prunable):
+    wanted = frozenset(prunable)
+    return Prunable(where=lambda path, leaf: path in wanted)
+  raise TypeError(
+      f"prunable must be None, a jaxprune.Prunable, a predicate (path, leaf) -> bool or a "
+      f"list of leaf paths; got {type(prunable).__name__}")
+
+
+def prunable_paths(tree: PyTree, prunable: PrunableSpec = None) -> tuple[str, ...]:
+  """Paths of the prunable leaves; raises ``ValueError`` if there are none."""
+  paths = as_prunable(prunable).paths(tree)
+  if not paths:
+    available = ", ".join(p for p, _ in leaves_with_paths(tree)[:8]) or "<empty tree>"
+    raise ValueError(
+        "params has no prunable leaves under the given `prunable` selection "
+        f"(default: leaves named 'kernel' with ndim >= 2). Leaves seen: {available}")
+  return paths
+
+
+def get_leaf(tree: PyTree, path: str) -> Any:
+  """The leaf at ``path`` (normalised path string)."""
+  for p, leaf in leaves_with_paths(tree):
+    if p == path:
+      return leaf
+  raise KeyError(f"no leaf at path {path!r}")
+
+
+def map_with_paths(fn: Callable[[str, Any], Any], tree: PyTree) -> PyTree:
+  """``jax.tree_util.tree_map_with_path`` with normalised string paths; keeps the container type."""
+  return jax.tree_util.tree_map_with_path(lambda p, x: fn(path_str(p), x), tree)
+
+
+def replace_leaves(tree: PyTree, new: dict[str, Any]) -> PyTree:
+  """A copy of ``tree`` with the leaves at the given paths replaced (same container type)."""
+  unknown = set(new) - {p for p, _ in leaves_with_paths(tree)}
+  if unknown:
+    raise KeyError(f"paths not in the tree: {sorted(unknown)}")
+  return map_with_paths(lambda p, x: new.get(p, x), tree)
+
+
+def count_prunable(tree: PyTree, prunable: PrunableSpec = None) -> int:
+  """Number of prunable weights ``p``."""
+  paths = set(prunable_paths(tree, prunable))
+  return int(sum(np.size(leaf) for p, leaf in leaves_with_paths(tree) if p in paths))
+
+
+class FlatSpec(NamedTuple):
+  """Static layout of the prunable leaves inside the flat vector ``w: (p,)``."""
+  paths: tuple[str, ...]
+  shapes: tuple[tuple[int, ...], ...]
+  offsets: tuple[int, ...]   # start of each leaf in w
+  size: int                  # p
+
+
+def flat_spec(tree: PyTree, prunable: PrunableSpec = None) -> FlatSpec:
+  paths = prunable_paths(tree, prunable)
+  by_path = dict(leaves_with_paths(tree))
+  shapes = tuple(tuple(np.shape(by_path[p])) for p in paths)
+  sizes = [int(np.prod(s)) for s in shapes]
+  offsets = tuple(int(o) for o in np.concatenate([[0], np.cumsum(sizes)[:-1]]))
+  return FlatSpec(paths, shapes, offsets, int(sum(sizes)))
+
+
+def flatten(tree: PyTree, prunable: PrunableSpec = None, *, spec: FlatSpec | None = None) -> tuple[jax.Array, FlatSpec]:
+  """Concatenates the prunable leaves into one vector.
+
+  Returns:
+    ``(w, spec)``: ``w: (p,)`` and the static :class:`FlatSpec` that :func:`unflatten` needs.
+  """
+  spec = flat_spec(tree, prunable) if spec is None else spec
+  by_path = dict(leaves_with_paths(tree))
+  w = jnp.concatenate([jnp.ravel(by_path[p]) for p in spec.paths])
+  return w, spec
+
+
+def unflatten(w: jax.Array, tree: PyTree, spec: FlatSpec) -> PyTree:
+  """Writes ``w: (p,)`` back into the prunable leaves of ``tree`` (other leaves unchanged)."""
+  if w.shape != (spec.size,):
+    raise ValueError(f"w has shape {w.shape}, expected ({spec.size},) for this FlatSpec")
+  new = {}
+  for path, shape, off in zip(spec.paths, spec.shapes, spec.offsets):
+    n = int(np.prod(shape))
+    new[path] = jnp.reshape(w[off:off + n], shape).astype(get_leaf(tree, path).dtype)
+  return replace_leaves(tree, new)
