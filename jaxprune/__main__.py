@@ -1,0 +1,5 @@
+import sys
+
+from jaxprune.cli import main
+
+sys.exit(main())

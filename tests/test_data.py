@@ -1,0 +1,81 @@
+import gzip
+import struct
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+import jaxprune as jp
+from jaxprune import data
+
+
+def _write_idx(path, arr, gz):
+  header = struct.pack(">II", 2051 if arr.ndim == 3 else 2049, arr.shape[0])
+  if arr.ndim == 3:
+    header += struct.pack(">II", *arr.shape[1:])
+  (gzip.open if gz else open)(path, "wb").write(header + arr.astype(np.uint8).tobytes())
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_idx_files_and_mnist_layout(tmp_path, gz, monkeypatch):
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, size=(6, 28, 28), dtype=np.uint8)
+  labels = rng.integers(0, 10, size=6, dtype=np.uint8)
+  (tmp_path / "mnist").mkdir()
+  suffix = ".gz" if gz else ""
+  _write_idx(tmp_path / "mnist" / f"t10k-images-idx3-ubyte{suffix}", images, gz)
+  _write_idx(tmp_path / "mnist" / f"t10k-labels-idx1-ubyte{suffix}", labels, gz)
+  raw = data.load("mnist", "test", data_dir=tmp_path, normalization=None)
+  np.testing.assert_array_equal(raw.x[..., 0], images)
+  np.testing.assert_array_equal(raw.y, labels)
+  monkeypatch.setenv(data.ENV_VAR, str(tmp_path))
+  norm = data.load("mnist", "test", source="local")     # found through $JAXPRUNE_DATA_DIR
+  np.testing.assert_allclose(norm.x[..., 0], (images / 255.0 - 0.1307) / 0.3081, rtol=1e-5, atol=1e-5)
+  custom = data.load("mnist", "test", source="local", normalization=((0.0,), (1.0,)), limit=2)
+  assert custom.x.shape == (2, 28, 28, 1) and custom.x.max() <= 1.0
+
+
+def test_shared_files(data_dir):
+  tr = data.load("mnist", "train", data_dir=data_dir, source="local", normalization=None)
+  assert tr.x.shape == (60000, 28, 28, 1) and tr.x.dtype == np.uint8 and len(tr) == 60000
+  c = data.load("cifar10_png5k", "train", data_dir=data_dir, source="local")
+  assert c.x.shape == (4000, 32, 32, 3) and c.x.dtype == np.float32
+  assert -1.0 <= c.x.min() and c.x.max() <= 1.0
+  assert set(np.unique(c.y)) == set(range(10))
+
+
+def test_missing_local_files_are_a_clear_error(tmp_path):
+  with pytest.raises(FileNotFoundError, match="no local files"):
+    data.load("mnist", "test", data_dir=tmp_path, source="local")
+  with pytest.raises(ValueError, match="no local format"):
+    data.load("fashion_mnist", "test", data_dir=tmp_path, source="local")
+  with pytest.raises(ValueError, match="source"):
+    data.load("mnist", source="web")
+
+
+def test_tfds_path_with_mock_data(tmp_path):
+  with tfds.testing.mock_data(num_examples=12):
+    ds = data.load("mnist", "train", source="tfds")
+    assert ds.x.shape == (12, 28, 28, 1) and ds.y.shape == (12,) and ds.y.dtype == np.int32
+    # auto falls back to tfds when no local file exists
+    auto = data.load("cifar10", "test", data_dir=tmp_path, normalization=None)
+    assert auto.x.shape == (12, 32, 32, 3) and auto.x.dtype == np.uint8
+    other = data.load("fashion_mnist", "test", limit=5)
+    assert other.x.shape == (5, 28, 28, 1)
+
+
+def test_batches_cover_every_example_once():
+  d = data.Dataset(np.arange(10)[:, None], np.arange(10))
+  got = [b.y for b in data.batches(d, 4, shuffle=True, seed=1)]
+  assert [len(g) for g in got] == [4, 4, 2]
+  assert sorted(np.concatenate(got)) == list(range(10))
+  assert [len(b.y) for b in data.batches(d, 4, drop_remainder=True)] == [4, 4]
+  with pytest.raises(ValueError, match="batch_size"):
+    next(data.batches(d, 0))
+
+
+def test_digits_is_embedded_and_split():
+  tr, te = data.digits("train"), data.digits("test")
+  assert len(tr) + len(te) == 1797 and tr.x.shape[1:] == (8, 8, 1)
+  with pytest.raises(ValueError, match="split"):
+    data.digits("val")

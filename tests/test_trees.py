@@ -1,0 +1,68 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import jaxprune as jp
+from helpers import linen_variables, nnx_split
+
+
+def test_default_selection_linen_is_kernels_only():
+  v = linen_variables()
+  assert jp.prunable_paths(v) == ("params/Dense_0/kernel", "params/Dense_1/kernel", "params/Dense_2/kernel")
+  assert jp.count_prunable(v) == 4 * 6 + 6 * 5 + 5 * 3
+
+
+def test_default_selection_nnx_drops_value_suffix():
+  _, params, _ = nnx_split()
+  assert isinstance(params, nnx.State)
+  assert jp.prunable_paths(params) == ("fc1/kernel", "fc2/kernel", "fc3/kernel")
+
+
+@pytest.mark.parametrize("spec, expected", [
+    (jp.Prunable(exclude=("*Dense_0*",)), ("Dense_1/kernel", "Dense_2/kernel")),
+    (jp.Prunable(skip_first=True, skip_last=True), ("Dense_1/kernel",)),
+    (jp.Prunable(skip_last=True), ("Dense_0/kernel", "Dense_1/kernel")),
+    (["Dense_2/kernel"], ("Dense_2/kernel",)),
+    (lambda path, leaf: path.endswith("bias"), ("BatchNorm_0/bias", "Dense_0/bias", "Dense_1/bias", "Dense_2/bias")),
+])
+def test_selection_options(spec, expected):
+  params = linen_variables()["params"]
+  assert jp.prunable_paths(params, spec) == expected
+
+
+def test_skip_first_uses_natural_layer_order():
+  params = {f"Dense_{i}": {"kernel": jnp.ones((2, 2))} for i in (0, 1, 2, 10)}
+  # sorted dict order puts Dense_10 before Dense_2; the last layer is still Dense_10.
+  assert jp.prunable_paths(params, jp.Prunable(skip_first=True, skip_last=True)) == ("Dense_1/kernel", "Dense_2/kernel")
+
+
+def test_no_prunable_leaves_is_an_error():
+  with pytest.raises(ValueError, match="no prunable leaves"):
+    jp.prunable_paths({"bn": {"scale": jnp.ones(3)}})
+  with pytest.raises(TypeError, match="prunable must be"):
+    jp.prunable_paths({"a": {"kernel": jnp.ones((2, 2))}}, 3)
+
+
+@pytest.mark.parametrize("kind", ["linen", "nnx"])
+def test_flatten_unflatten_roundtrip(kind):
+  tree = linen_variables() if kind == "linen" else nnx_split()[1]
+  w, spec = jp.flatten(tree)
+  assert w.shape == (spec.size,) == (jp.count_prunable(tree),)
+  # Independent reference: concatenating the kernels by hand.
+  kernels = [x for p, x in jp.leaves_with_paths(tree) if p.endswith("kernel")]
+  np.testing.assert_array_equal(w, np.concatenate([np.ravel(k) for k in kernels]))
+  back = jp.unflatten(w * 2.0, tree, spec)
+  assert type(back) is type(tree)
+  for (p, a), (_, b) in zip(jp.leaves_with_paths(tree), jp.leaves_with_paths(back)):
+    np.testing.assert_array_equal(b, 2 * a if p.endswith("kernel") else a)
+
+
+def test_unflatten_checks_length_and_is_jittable():
+  params = linen_variables()["params"]
+  w, spec = jp.flatten(params)
+  with pytest.raises(ValueError, match="expected"):
+    jp.unflatten(w[:-1], params, spec)
+  out = jax.jit(lambda w, t: jp.unflatten(w, t, spec))(jnp.zeros_like(w), params)
+  assert all(float(jnp.abs(x).sum()) == 0 for p, x in jp.leaves_with_paths(out) if p.endswith("kernel"))
