@@ -45,7 +45,7 @@ def n_pruned_from_sparsity(p: int, sparsity: float, rounding: str = "floor") -> 
     return int(math.ceil(exact))
   if rounding == "nearest":
     return int(math.floor(exact + 0.5))
-  raise ValueError(f"rounding must be 'floor', 'ceil' or 'nearest', got {rounding!r}")
+  raise ValueError(f"rounding must be 'floor', 'ceil', 'nearest' or 'chita', got {rounding!r}")
 
 
 def k_from_sparsity(params: PyTree, sparsity: float, prunable: PrunableSpec = None, *,
@@ -53,11 +53,14 @@ def k_from_sparsity(params: PyTree, sparsity: float, prunable: PrunableSpec = No
   """Number of weights kept at a given sparsity of the prunable set.
 
   ``k = p - round(sparsity * p)`` with ``rounding`` of the pruned count (``"floor"`` by
-  default: never prune more than asked). Raises if the result keeps no weight.
+  default: never prune more than asked; ``"ceil"``, ``"nearest"``). ``rounding="chita"``
+  reproduces the CHITA/CBS code's ``k = int((1 - sparsity) * p)`` literally, float truncation
+  included (it keeps one weight fewer than ``"floor"`` at e.g. 0.8 and 0.9 on MLPNet); the
+  published MP columns use it. Raises if the result keeps no weight.
   """
   s = check_sparsity(sparsity)
   p = count_prunable(params, prunable)
-  k = p - n_pruned_from_sparsity(p, s, rounding)
+  k = int((1.0 - s) * p) if rounding == "chita" else p - n_pruned_from_sparsity(p, s, rounding)
   if k <= 0:
     raise ValueError(f"sparsity={s} keeps no weight of the {p} prunable weights")
   return k

@@ -19,6 +19,8 @@ def test_k_from_sparsity_rounding_modes():
   assert jp.k_from_sparsity(PARAMS, 0.98) == 648
   assert jp.k_from_sparsity(PARAMS, 0.98, rounding="ceil") == 647
   assert jp.k_from_sparsity(PARAMS, 0.98, rounding="nearest") == 647
+  # CHITA's int((1 - s) * p), float truncation included
+  assert [jp.k_from_sparsity(PARAMS, s, rounding="chita") for s in (0.8, 0.9, 0.98)] == [6471, 3235, 647]
   with pytest.raises(ValueError, match="rounding"):
     jp.k_from_sparsity(PARAMS, 0.98, rounding="up")
 

@@ -47,3 +47,13 @@ def test_global_magnitude_at_090_on_mlpnet_matches_the_published_mp(mlpnet_varia
   layer = jp.evaluate(mlpnet().apply, {"params": jp.magnitude(params, k, scope="layer").params},
                       mnist_test.x, mnist_test.y).accuracy
   assert layer < acc   # the published MP column is global, not layer-wise
+
+
+def test_chita_budget_convention_reproduces_the_published_mp_column(mlpnet_variables, mnist_test):
+  """With the CBS/CHITA budget k = int((1 - s) p), global MP gives the published column exactly."""
+  params = mlpnet_variables["params"]
+  published = {0.8: 0.9289, 0.9: 0.9030, 0.98: 0.3225}   # CBS exp_table.txt, MP column
+  for s, acc in published.items():
+    k = jp.k_from_sparsity(params, s, rounding="chita")
+    got = jp.evaluate(mlpnet().apply, {"params": jp.magnitude(params, k).params}, mnist_test.x, mnist_test.y)
+    assert got.accuracy == pytest.approx(acc, abs=5e-5)

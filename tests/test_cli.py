@@ -1,0 +1,45 @@
+import csv
+import json
+import subprocess
+import sys
+
+import pytest
+
+from jaxprune import cli, methods
+
+
+def test_default_main_job_on_embedded_digits(tmp_path, capsys):
+  assert cli.main(["--out", str(tmp_path), "--sparsities", "0.5", "0.9", "--no-progress"]) == 0
+  out = capsys.readouterr().out
+  assert "accuracy (%) by sparsity" in out
+  rows = list(csv.DictReader(open(tmp_path / "results.csv")))
+  assert {r["method"] for r in rows} == {"dense", *methods.UNSTRUCTURED}
+  assert len(rows) == 1 + 2 * len(methods.UNSTRUCTURED)
+  by = {(r["method"], float(r["sparsity"])): float(r["accuracy"]) for r in rows}
+  assert by[("dense", 0.0)] > 0.9                       # the MLP really trained
+  assert by[("magnitude", 0.5)] > by[("random", 0.5)]   # magnitude beats random
+  assert (tmp_path / "accuracy.png").stat().st_size > 1000
+  assert json.loads((tmp_path / "results.json").read_text())["backend"] == "cpu"
+
+
+def test_mnist_benchmark_mode(tmp_path, capsys, data_dir, checkpoint_dir):
+  cli.main(["--dataset", "mnist", "--data-dir", str(data_dir), "--checkpoint",
+            str(checkpoint_dir / "mlpnet_mnist.npz"), "--sparsities", "0.9", "--methods", "magnitude",
+            "--out", str(tmp_path), "--no-progress"])
+  rows = {r["method"]: float(r["accuracy"]) for r in csv.DictReader(open(tmp_path / "results.csv"))}
+  assert rows["dense"] == pytest.approx(0.9397, abs=5e-5)
+  assert abs(rows["magnitude"] - 0.903) < 0.003
+
+
+def test_cli_errors(tmp_path):
+  with pytest.raises(SystemExit, match="unknown --methods"):
+    cli.main(["--methods", "nope", "--out", str(tmp_path)])
+  with pytest.raises(SystemExit, match="--checkpoint"):
+    cli.main(["--dataset", "mnist", "--out", str(tmp_path)])
+  with pytest.raises(ValueError, match="--sparsities"):
+    cli.main(["--sparsities", "1.5", "--out", str(tmp_path)])
+
+
+def test_python_dash_m_entry_point(tmp_path):
+  proc = subprocess.run([sys.executable, "-m", "jaxprune", "--help"], capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0 and "--dataset" in proc.stdout
