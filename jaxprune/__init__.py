@@ -4,6 +4,10 @@ from jaxprune.baselines import magnitude, random, uniform_allocation
 from jaxprune.budget import k_from_sparsity, sparsity_from_k
 from jaxprune.checkpoints import load_mlpnet, load_resnet, load_resnet20
 from jaxprune.evaluate import Evaluation, evaluate
+from jaxprune.ewr import ewr, lr
+from jaxprune import ot, signals
+from jaxprune.signals import classification_loss, gradient_operator, per_example_grads, add_gradient_noise
+from jaxprune.schedules import sparsity_schedule, polynomial_sparsity
 from jaxprune.masks import (SparsityReport, apply_masks, check_masks, count_kept, masks_like, sparsity_report,
                             topk_mask)
 from jaxprune.result import PruneResult
@@ -13,7 +17,9 @@ from jaxprune.trees import (FlatSpec, Prunable, count_prunable, flatten, is_kern
 __version__ = "0.1.0"
 
 __all__ = [
-    "magnitude", "random", "uniform_allocation",
+    "magnitude", "random", "uniform_allocation", "ewr", "lr",
+    "per_example_grads", "gradient_operator", "add_gradient_noise", "classification_loss",
+    "sparsity_schedule", "polynomial_sparsity", "ot", "signals",
     "k_from_sparsity", "sparsity_from_k",
     "Prunable", "is_kernel", "prunable_paths", "count_prunable", "flatten", "unflatten", "FlatSpec",
     "leaves_with_paths",

@@ -1,0 +1,233 @@
+"""Per-example gradients of a user's loss, materialised in chunks or as matrix-free operators.
+
+The user's loss is their training loss, ``loss_fn(params, batch) -> scalar`` over a batch.
+The per-example loss of example ``i`` is ``loss_fn(params, batch_i)`` where ``batch_i`` is
+example ``i`` as a batch of one, so the rows of ``G: (N, p)`` are per-example gradients with
+respect to the prunable leaves (flattened, see :func:`jaxprune.flatten`). Models with
+BatchNorm should be called in inference mode inside ``loss_fn`` (running statistics), as the
+official EWR code does; :func:`classification_loss` builds such a loss.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import struct
+
+from jaxprune.progress import progress
+from jaxprune.trees import FlatSpec, PrunableSpec, PyTree, flat_spec, flatten, unflatten
+
+LossFn = Callable[[PyTree, Any], jax.Array]
+
+
+def classification_loss(apply_fn: Callable, **apply_kwargs) -> LossFn:
+  """``loss_fn(variables, (x, y)) -> mean softmax cross-entropy`` of ``apply_fn(variables, x, **kw)``.
+
+  Pass ``train=False`` (the reference models' default) so BatchNorm uses running statistics.
+  """
+  def loss_fn(variables, batch):
+    x, y = batch
+    logits = apply_fn(variables, x, **apply_kwargs)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+  return loss_fn
+
+
+def batch_size(batch: Any, name: str = "batch") -> int:
+  """Number of examples ``N`` (the shared leading axis of every array in ``batch``)."""
+  leaves = jax.tree.leaves(batch)
+  if not leaves:
+    raise ValueError(f"{name} holds no arrays")
+  sizes = set()
+  for leaf in leaves:
+    if np.ndim(leaf) == 0:
+      raise ValueError(f"{name} has a scalar leaf: every array needs a leading example axis (N, ...)")
+    sizes.add(int(np.shape(leaf)[0]))
+  if len(sizes) != 1:
+    raise ValueError(f"{name} arrays disagree on the leading example axis: sizes {sorted(sizes)}")
+  n = sizes.pop()
+  if n == 0:
+    raise ValueError(f"{name} has no examples")
+  return n
+
+
+def _slice(batch, start, stop):
+  return jax.tree.map(lambda x: x[start:stop], batch)
+
+
+def _example_loss_fn(loss_fn: LossFn, params: PyTree, spec: FlatSpec):
+  """``w: (p,), example -> scalar``: one example's loss with the prunable leaves set to ``w``."""
+  def one(w, example):
+    as_batch = jax.tree.map(lambda x: x[None], example)
+    return loss_fn(unflatten(w, params, spec), as_batch)
+  return one
+
+
+def _example_losses_fn(loss_fn: LossFn, params: PyTree, spec: FlatSpec):
+  """``w: (p,), chunk -> (n,)`` per-example losses."""
+  return jax.vmap(_example_loss_fn(loss_fn, params, spec), in_axes=(None, 0))
+
+
+def _chunks(n: int, chunk_size: int):
+  if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) or chunk_size <= 0:
+    raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+  return [(s, min(s + chunk_size, n)) for s in range(0, n, chunk_size)]
+
+
+def _pad(batch, start, stop, size):
+  """Examples [start, stop) padded (by repeating the last one) to ``size`` so one compile serves all chunks."""
+  part = _slice(batch, start, stop)
+  m = stop - start
+  if m <= 0:
+    raise ValueError("empty chunk")
+  if m == size:
+    return part
+  return jax.tree.map(lambda x: jnp.concatenate([x, jnp.repeat(x[-1:], size - m, axis=0)]), part)
+
+
+def per_example_grads(loss_fn: LossFn, params: PyTree, batch: Any, *, prunable: PrunableSpec = None,
+                      chunk_size: int = 256, dtype=jnp.float32, spec: FlatSpec | None = None,
+                      show_progress: bool = True, check_finite: bool = True) -> jax.Array:
+  """The per-example gradient matrix ``G: (N, p)``, built ``chunk_size`` examples at a time.
+
+  Args:
+    loss_fn: ``loss_fn(params, batch) -> scalar`` (mean over the batch).
+    params: the tree the gradient is taken at; only the ``prunable`` leaves are differentiated.
+    batch: pytree of arrays with a leading example axis ``N``.
+    chunk_size: examples per vmapped chunk (memory ~ chunk_size x activations).
+    dtype: storage dtype of ``G`` (e.g. ``jnp.bfloat16`` halves memory).
+    check_finite: raise ``ValueError`` if a gradient is NaN or infinite.
+
+  Returns:
+    ``G: (N, p)``; row ``i`` is the gradient of example ``i``'s loss.
+  """
+  n = batch_size(batch)
+  spec = flat_spec(params, prunable) if spec is None else spec
+  w, _ = flatten(params, spec=spec)
+  chunks = _chunks(n, chunk_size)
+  size = min(chunk_size, n)
+  grads_fn = _grads_chunk(loss_fn, params, spec, dtype)
+  rows = [grads_fn(w, _pad(batch, s, e, size))[: e - s]
+          for s, e in progress(chunks, desc="per-example grads", disable=not show_progress)]
+  G = jnp.concatenate(rows) if len(rows) > 1 else rows[0]
+  if check_finite and not bool(jnp.isfinite(G).all()):
+    bad = np.flatnonzero(~np.asarray(jnp.isfinite(G).all(axis=1)))
+    raise ValueError(f"per-example gradients are NaN or infinite for examples {bad[:10].tolist()}"
+                     f"{' ...' if bad.size > 10 else ''}: check loss_fn and the batch")
+  return G
+
+
+def _grads_chunk(loss_fn, params, spec, dtype):
+  # vmap of the per-example gradient: each example's backward pass sees only that example.
+  grad_one = jax.vmap(jax.grad(_example_loss_fn(loss_fn, params, spec)), in_axes=(None, 0))
+
+  @jax.jit
+  def grads(w, chunk):
+    return grad_one(w, chunk).astype(dtype)
+  return grads
+
+
+@struct.dataclass
+class DenseOperator:
+  """A materialised ``G: (N, p)`` as an operator: ``matvec(v) = G v``, ``rmatvec(u) = G^T u``."""
+  G: jax.Array
+
+  @property
+  def shape(self) -> tuple[int, int]:
+    return tuple(self.G.shape)
+
+  def matvec(self, v: jax.Array) -> jax.Array:
+    return jnp.dot(self.G, v.astype(self.G.dtype), preferred_element_type=jnp.float32)
+
+  def rmatvec(self, u: jax.Array) -> jax.Array:
+    return jnp.dot(u.astype(self.G.dtype), self.G, preferred_element_type=jnp.float32)
+
+
+@struct.dataclass
+class MatrixFreeOperator:
+  """Matrix-free ``G`` at ``w0``: ``G v`` by forward mode (JVP of the per-example losses),
+  ``G^T u`` by one backward pass of ``sum_i u_i loss_i``; ``G`` is never formed.
+
+  A pytree (jit it, pass it to jitted functions): the examples are stored in chunks of
+  ``chunk_size`` (the last padded, with weight 0), processed one chunk at a time with
+  ``lax.map`` so memory stays at O(p + N) plus one chunk of activations.
+  """
+  w0: jax.Array                 # (p,) point the gradients are taken at
+  params: Any                   # the tree (non-prunable leaves such as batch_stats are read from it)
+  chunks: Any                   # batch with leading axes (n_chunks, chunk_size)
+  valid: jax.Array              # (n_chunks, chunk_size) 1 for real examples, 0 for padding
+  n: int = struct.field(pytree_node=False)
+  spec: FlatSpec = struct.field(pytree_node=False)
+  loss_fn: Callable = struct.field(pytree_node=False)
+
+  @property
+  def shape(self) -> tuple[int, int]:
+    return (self.n, self.spec.size)
+
+  def _losses(self, w, chunk):
+    return _example_losses_fn(self.loss_fn, self.params, self.spec)(w, chunk)
+
+  def matvec(self, v: jax.Array) -> jax.Array:
+    out = jax.lax.map(lambda c: jax.jvp(lambda w: self._losses(w, c), (self.w0,), (v,))[1], self.chunks)
+    return out.reshape(-1)[: self.n]
+
+  def rmatvec(self, u: jax.Array) -> jax.Array:
+    n_chunks, size = self.valid.shape
+    u = jnp.zeros(n_chunks * size, self.w0.dtype).at[: self.n].set(u).reshape(n_chunks, size) * self.valid
+    def one(args):
+      c, uc = args
+      return jax.vjp(lambda w: self._losses(w, c), self.w0)[1](uc)[0]
+    return jax.lax.map(one, (self.chunks, u)).sum(0)
+
+
+GradientOperator = Union[DenseOperator, MatrixFreeOperator]
+
+
+def gradient_operator(loss_fn: LossFn, params: PyTree, batch: Any, *, prunable: PrunableSpec = None,
+                      chunk_size: int = 256, spec: FlatSpec | None = None) -> MatrixFreeOperator:
+  """Matrix-free per-example gradient operator at ``params`` (same rows as :func:`per_example_grads`)."""
+  n = batch_size(batch)
+  spec = flat_spec(params, prunable) if spec is None else spec
+  w0, _ = flatten(params, spec=spec)
+  size = min(chunk_size, n)
+  n_chunks = len(_chunks(n, chunk_size))
+  padded = _pad(batch, 0, n, n_chunks * size)
+  chunks = jax.tree.map(lambda x: jnp.reshape(x, (n_chunks, size) + x.shape[1:]), padded)
+  valid = (jnp.arange(n_chunks * size) < n).astype(w0.dtype).reshape(n_chunks, size)
+  return MatrixFreeOperator(w0, params, chunks, valid, n, spec, loss_fn)
+
+
+def dense_operator(G: jax.Array) -> DenseOperator:
+  """Wraps a materialised ``G: (N, p)`` in the operator interface."""
+  return DenseOperator(G)
+
+
+def add_gradient_noise(G: jax.Array, key: jax.Array, scale: float, fraction: float) -> jax.Array:
+  """Gradient noise as the official EWR code injects it (brief section 5).
+
+  For each row ``g`` of ``G: (N, p)``: pick ``int(p * fraction)`` coordinates uniformly at
+  random (without replacement) and add ``N(0, (scale * std(g))^2)`` to them.
+  """
+  if not 0.0 <= fraction <= 1.0:
+    raise ValueError(f"noise fraction must be in [0, 1], got {fraction}")
+  if scale < 0:
+    raise ValueError(f"noise scale must be >= 0, got {scale}")
+  n, p = G.shape
+  m = int(p * fraction)
+  if m == 0 or scale == 0:
+    return G
+  return _noise_rows(G, jax.random.split(key, n), float(scale), m)
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "m"))
+def _noise_rows(G, keys, scale, m):
+  def row(g, key):
+    k_idx, k_val = jax.random.split(key)
+    idx = jax.random.permutation(k_idx, g.shape[0])[:m]
+    sigma = jnp.std(g.astype(jnp.float32))
+    noise = scale * sigma * jax.random.normal(k_val, (m,), jnp.float32)
+    return g.at[idx].add(noise.astype(g.dtype))
+  return jax.vmap(row)(G, keys)

@@ -1,0 +1,210 @@
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from scipy.optimize import minimize_scalar
+
+import jaxprune as jp
+from jaxprune import ot, signals
+from jaxprune.ewr import StepConfig, iht_step
+from helpers import LinenNet, NNXNet
+
+
+def _problem(n=30, p=60, seed=0):
+  rng = np.random.default_rng(seed)
+  G = rng.normal(size=(n, p)).astype(np.float32)
+  w_ref = rng.normal(size=p).astype(np.float32)
+  w = (w_ref + 0.3 * rng.normal(size=p)).astype(np.float32)
+  return G, w_ref, w
+
+
+def _reference_step(G, w, w_ref, plan, k, lam, direction="official"):
+  """float64 numpy re-implementation of the official IHT step (brief 3, items 6-8)."""
+  G, w, w_ref, plan = (np.asarray(a, np.float64) for a in (G, w, w_ref, plan))
+  n = G.shape[0]
+  y, z = G @ w_ref, G @ w
+  if direction == "official":
+    d = n * (G.T @ (plan @ (z - y)) + lam * (w - w_ref))
+  else:
+    d = G.T @ (z - n * plan.T @ y) + n * lam * (w - w_ref)
+  top = lambda v: set(np.argsort(-np.abs(v), kind="stable")[:k])
+  support = top(w)
+  lo, hi = 0.0, min(np.max(w / (d + 1e-16)), 100.0)
+  if hi > 0:
+    for _ in range(50):
+      mid = (lo + hi) / 2
+      lo, hi = (mid, hi) if top(w - mid * d) == support else (lo, mid)
+  tau_c = lo if hi > 0 else 0.0
+
+  def Q(v):
+    zz = G @ v
+    return 0.5 * n * np.sum(plan * (y[:, None] - zz[None, :]) ** 2) + 0.5 * n * lam * np.sum((v - w_ref) ** 2)
+
+  keep = np.zeros(w.size, bool)
+  keep[list(support)] = True
+  a, b = np.where(keep, w, 0), np.where(keep, d, 0)
+  tau_star = minimize_scalar(lambda t: Q(a - t * b), bounds=(0, max(tau_c, 1e-30)), method="bounded",
+                             options={"xatol": 1e-14}).x if tau_c > 0 else 0.0
+  if tau_star < tau_c * (1 - 1e-6):
+    tau = tau_star
+  else:
+    tau = tau_c
+    while Q(w - 1.05 * tau * d) < Q(w - tau * d):
+      tau *= 1.05
+  w_step = w - tau * d
+  keep = np.zeros(w.size, bool)
+  keep[np.argsort(-np.abs(w_step), kind="stable")[:k]] = True
+  return np.where(keep, w_step, 0), keep, tau
+
+
+@pytest.mark.parametrize("coupling", ["identity", "entropic"])
+@pytest.mark.parametrize("direction", ["official", "exact"])
+@pytest.mark.parametrize("k", [10, 35])
+def test_iht_step_matches_numpy_reference(coupling, direction, k):
+  G, w_ref, w = _problem(seed=k)
+  op = signals.dense_operator(jnp.asarray(G))
+  y = op.matvec(jnp.asarray(w_ref))
+  cfg = StepConfig(k, coupling, 0.5, False, 0.01, direction, True, ot.SinkhornOptions(threshold=1e-6))
+  w_next, keep, info = iht_step(op, jnp.asarray(w), jnp.asarray(w_ref), y, cfg)
+  plan = np.eye(30) / 30 if coupling == "identity" else np.asarray(ot.entropic_plan_1d(y, op.matvec(jnp.asarray(w)), 0.5, options=cfg.sinkhorn)[0])
+  ref_w, ref_keep, ref_tau = _reference_step(G, w, w_ref, plan, k, 0.01, direction)
+  assert int(keep.sum()) == k
+  np.testing.assert_array_equal(np.asarray(keep), ref_keep)
+  assert float(info.tau) == pytest.approx(ref_tau, rel=2e-3, abs=1e-9)
+  np.testing.assert_allclose(np.asarray(w_next), ref_w, rtol=2e-3, atol=1e-4)
+  Gd, yd = np.asarray(G, np.float64), np.asarray(G, np.float64) @ np.asarray(w_ref, np.float64)
+  q = lambda v: 0.5 * 30 * np.sum(plan * (yd[:, None] - (Gd @ v)[None, :]) ** 2) + 0.5 * 30 * 0.01 * np.sum((v - w_ref) ** 2)
+  assert float(info.objective_before) == pytest.approx(q(np.asarray(w, np.float64)), rel=1e-3)
+  assert float(info.objective_after) == pytest.approx(q(ref_w), rel=1e-3)
+
+
+def _mlp_setup(n=40, seed=0):
+  rng = np.random.default_rng(seed)
+  x = jnp.asarray(rng.normal(size=(n, 4)), jnp.float32)
+  y = jnp.asarray(rng.integers(0, 3, size=n), jnp.int32)
+  model = LinenNet()
+  v = model.init(jax.random.key(seed), x[:2])
+  return v, (x, y), signals.classification_loss(model.apply)
+
+
+def _identity_plan(y, z):
+  return jnp.eye(y.shape[0], dtype=y.dtype) / y.shape[0]
+
+
+@pytest.mark.parametrize("update", [False, True])
+def test_lr_equals_ewr_with_the_identity_plan(update):
+  v, batch, loss = _mlp_setup()
+  kw = dict(loss_fn=loss, iterations=3, stages=2, update_weights=update, show_progress=False)
+  a = jp.lr(v, batch, 30, **kw)
+  b = jp.ewr(v, batch, 30, coupling=_identity_plan, **kw)
+  for (_, x), (_, y) in zip(jp.leaves_with_paths(a.params), jp.leaves_with_paths(b.params)):
+    np.testing.assert_array_equal(x, y)
+  assert [s["objective_after"] for s in a.info["steps"]] == [s["objective_after"] for s in b.info["steps"]]
+
+
+@pytest.mark.parametrize("method", ["ewr", "lr"])
+@pytest.mark.parametrize("k", [1, 17, 50, 69])
+def test_exactly_k_kept_and_masks_consistent(method, k):
+  v, batch, loss = _mlp_setup()
+  res = getattr(jp, method)(v, batch, k, loss_fn=loss, iterations=2, update_weights=True, show_progress=False)
+  assert jp.count_kept(res.masks) == k
+  assert jp.sparsity_report(res.params, res.masks).nonzero <= k
+  for path, leaf in jp.leaves_with_paths(res.params):
+    if not path.endswith("kernel"):
+      np.testing.assert_array_equal(leaf, jp.trees.get_leaf(v, path))   # BN, biases, batch_stats untouched
+  assert res.info["k"] == k and len(res.info["steps"]) == 2
+
+
+def test_full_budget_and_mask_only_keep_the_original_values():
+  v, batch, loss = _mlp_setup()
+  p = jp.count_prunable(v)
+  res = jp.ewr(v, batch, p, loss_fn=loss, show_progress=False)
+  for (_, a), (_, b) in zip(jp.leaves_with_paths(v), jp.leaves_with_paths(res.params)):
+    np.testing.assert_array_equal(a, b)
+  res = jp.ewr(v, batch, 20, loss_fn=loss, iterations=3, show_progress=False)   # mask only (official)
+  w, _ = jp.flatten(v)
+  wp, _ = jp.flatten(res.params)
+  kept = np.asarray(wp) != 0
+  np.testing.assert_array_equal(np.asarray(wp)[kept], np.asarray(w)[kept])
+
+
+def test_single_step_from_the_dense_point_is_magnitude():
+  """At w = w_ref the residual and the ridge term vanish (d = 0): one step keeps the top-|w| support."""
+  v, batch, loss = _mlp_setup()
+  a = jp.lr(v, batch, 25, loss_fn=loss, show_progress=False)
+  b = jp.magnitude(v, 25)
+  for (_, x), (_, y) in zip(jp.leaves_with_paths(a.params), jp.leaves_with_paths(b.params)):
+    np.testing.assert_array_equal(x, y)
+
+
+def test_matrix_free_equals_materialised():
+  v, batch, loss = _mlp_setup()
+  kw = dict(loss_fn=loss, iterations=3, update_weights=True, show_progress=False, chunk_size=16)
+  a = jp.ewr(v, batch, 30, **kw)
+  b = jp.ewr(v, batch, 30, signals="matrix_free", **kw)
+  np.testing.assert_array_equal(jp.masks.mask_leaves(a.masks)[1][1], jp.masks.mask_leaves(b.masks)[1][1])
+  wa, _ = jp.flatten(a.params)
+  wb, _ = jp.flatten(b.params)
+  np.testing.assert_allclose(wa, wb, rtol=1e-3, atol=1e-5)
+
+
+def test_eps_limits_and_no_nan_for_tiny_eps():
+  v, batch, loss = _mlp_setup()
+  for eps in (0.0, 1e-4, math.inf):
+    res = jp.ewr(v, batch, 30, loss_fn=loss, eps=eps, iterations=2, update_weights=True, show_progress=False)
+    w, _ = jp.flatten(res.params)
+    assert bool(jnp.isfinite(w).all()) and jp.count_kept(res.masks) == 30
+    assert all(math.isfinite(s["objective_after"]) for s in res.info["steps"])
+
+
+def test_multistage_budgets_and_noise_reproducibility():
+  v, batch, loss = _mlp_setup()
+  res = jp.ewr(v, batch, 10, loss_fn=loss, stages=4, show_progress=False)
+  b = res.info["budgets"]
+  assert b[-1] == 10 and all(x > y for x, y in zip(b, b[1:])) and len(b) == 4
+  kw = dict(loss_fn=loss, noise=(2.0, 0.25), iterations=2, update_weights=True, show_progress=False)
+  n1 = jp.ewr(v, batch, 30, key=jax.random.key(0), **kw)
+  n2 = jp.ewr(v, batch, 30, key=jax.random.key(0), **kw)
+  assert n1.info["steps"] == n2.info["steps"]
+  clean = jp.ewr(v, batch, 30, **{**kw, "noise": None})
+  assert clean.info["steps"] != n1.info["steps"]
+
+
+def test_nnx_state():
+  graphdef, params, rest = nnx.split(NNXNet(nnx.Rngs(0)), nnx.Param, ...)
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(12, 4)), jnp.float32)
+  y = jnp.arange(12) % 3
+
+  def loss(p, batch):
+    model = nnx.merge(graphdef, p, rest)
+    model.eval()
+    logits = model(batch[0])
+    return jnp.mean(jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, batch[1][:, None], 1)[:, 0])
+
+  res = jp.ewr(params, (x, y), 20, loss_fn=loss, iterations=2, show_progress=False)
+  assert isinstance(res.params, nnx.State) and jp.count_kept(res.masks) == 20
+  assert nnx.merge(graphdef, res.params, rest)(x).shape == (12, 3)
+
+
+def test_bad_input_fails_before_work():
+  v, batch, loss = _mlp_setup()
+  cases = [
+      (dict(k=0), ValueError, "k must be > 0"), (dict(k=10_000), ValueError, "exceeds"),
+      (dict(k=3.0), TypeError, "must be an int"), (dict(eps=-1.0), ValueError, "eps"),
+      (dict(direction="steepest"), ValueError, "direction"), (dict(signals="gpu"), ValueError, "signals"),
+      (dict(iterations=0), ValueError, "iterations"), (dict(noise=(1.0, 0.1)), ValueError, "key"),
+      (dict(batch=(batch[0][0, 0], batch[1][0])), ValueError, "leading example axis"),
+      (dict(loss_fn=lambda p, b: loss(p, b) * jnp.nan), ValueError, "NaN"),
+      (dict(coupling="sinkhorn"), ValueError, "coupling"), (dict(lam=-1.0), ValueError, "lam")]
+  for override, err, match in cases:
+    kw = dict(batch=batch, k=20, loss_fn=loss, show_progress=False)
+    kw.update(override)
+    with pytest.raises(err, match=match):
+      jp.ewr(v, kw.pop("batch"), kw.pop("k"), **kw)
+  with pytest.raises(ValueError, match="no prunable leaves"):
+    jp.ewr({"bn": {"scale": jnp.ones(3)}}, batch, 1, loss_fn=loss, show_progress=False)
+  with pytest.raises(TypeError, match="eps"):
+    jp.lr(v, batch, 20, loss_fn=loss, eps=1.0)

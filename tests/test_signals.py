@@ -1,0 +1,94 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import jaxprune as jp
+from jaxprune import signals
+from helpers import LinenNet, NNXNet
+
+
+def _setup(n=37, seed=0):
+  rng = np.random.default_rng(seed)
+  x = jnp.asarray(rng.normal(size=(n, 4)), jnp.float32)
+  y = jnp.asarray(rng.integers(0, 3, size=n), jnp.int32)
+  model = LinenNet()
+  v = model.init(jax.random.key(seed), x[:2])
+  return model, v, (x, y), signals.classification_loss(model.apply)
+
+
+def test_rows_are_the_gradients_of_single_examples():
+  model, v, (x, y), loss = _setup()
+  G = signals.per_example_grads(loss, v, (x, y), chunk_size=8, show_progress=False)
+  assert G.shape == (37, jp.count_prunable(v))
+  for i in (0, 17, 36):
+    g = jax.grad(loss)(v, (x[i:i + 1], y[i:i + 1]))
+    ref, _ = jp.flatten(g, jp.Prunable(where=lambda p, l: p in set(jp.prunable_paths(v))))
+    np.testing.assert_allclose(G[i], ref, rtol=1e-5, atol=1e-6)
+  # the mean of the rows is the batch gradient
+  full, _ = jp.flatten(jax.grad(loss)(v, (x, y)), jp.Prunable(where=lambda p, l: p in set(jp.prunable_paths(v))))
+  np.testing.assert_allclose(G.mean(0), full, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("chunk", [5, 37, 100])
+def test_matrix_free_equals_materialised(chunk):
+  model, v, batch, loss = _setup()
+  G = signals.per_example_grads(loss, v, batch, chunk_size=chunk, show_progress=False)
+  op = signals.gradient_operator(loss, v, batch, chunk_size=chunk)
+  vec = jax.random.normal(jax.random.key(1), (G.shape[1],))
+  u = jax.random.normal(jax.random.key(2), (G.shape[0],))
+  np.testing.assert_allclose(op.matvec(vec), G @ vec, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(op.rmatvec(u), G.T @ u, rtol=1e-4, atol=1e-5)
+  dense = signals.dense_operator(G)
+  np.testing.assert_allclose(dense.matvec(vec), G @ vec, rtol=1e-5, atol=1e-5)
+
+
+def test_bfloat16_storage():
+  model, v, batch, loss = _setup()
+  G = signals.per_example_grads(loss, v, batch, dtype=jnp.bfloat16, show_progress=False)
+  G32 = signals.per_example_grads(loss, v, batch, show_progress=False)
+  assert G.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(G, np.float32), G32, rtol=2e-2, atol=1e-3)
+
+
+def test_nnx_state_params():
+  graphdef, params, rest = nnx.split(NNXNet(nnx.Rngs(0)), nnx.Param, ...)
+  x = jnp.ones((6, 4)) * jnp.arange(6)[:, None]
+  y = jnp.arange(6) % 3
+
+  def loss(p, batch):
+    model = nnx.merge(graphdef, p, rest)
+    model.eval()
+    return jnp.mean(jax.nn.logsumexp(model(batch[0]), -1) - jnp.take_along_axis(model(batch[0]), batch[1][:, None], 1)[:, 0])
+
+  G = signals.per_example_grads(loss, params, (x, y), show_progress=False)
+  assert G.shape == (6, jp.count_prunable(params))
+
+
+def test_noise_follows_the_official_recipe():
+  G = jnp.asarray(np.random.default_rng(0).normal(size=(50, 1000)) * np.arange(1, 51)[:, None], jnp.float32)
+  noisy = signals.add_gradient_noise(G, jax.random.key(0), 2.0, 0.1)
+  changed = np.asarray(noisy != G)
+  assert (changed.sum(1) == 100).all()                         # int(p * fraction) coordinates per row
+  delta = np.asarray(noisy - G)[changed].reshape(50, 100)
+  ratio = delta.std(1) / np.asarray(G).std(1)
+  assert abs(ratio.mean() - 2.0) < 0.1                          # std = scale x that row's std
+  again = signals.add_gradient_noise(G, jax.random.key(0), 2.0, 0.1)
+  np.testing.assert_array_equal(noisy, again)
+  assert not np.array_equal(noisy, signals.add_gradient_noise(G, jax.random.key(1), 2.0, 0.1))
+  with pytest.raises(ValueError, match="fraction"):
+    signals.add_gradient_noise(G, jax.random.key(0), 1.0, 1.5)
+
+
+def test_bad_batches_and_nan_gradients():
+  model, v, (x, y), loss = _setup()
+  with pytest.raises(ValueError, match="leading example axis"):
+    signals.per_example_grads(loss, v, (x[0, 0], y[0]), show_progress=False)
+  with pytest.raises(ValueError, match="disagree"):
+    signals.per_example_grads(loss, v, (x, y[:5]), show_progress=False)
+  with pytest.raises(ValueError, match="chunk_size"):
+    signals.per_example_grads(loss, v, (x, y), chunk_size=0, show_progress=False)
+  nan_loss = lambda p, b: loss(p, b) * jnp.nan
+  with pytest.raises(ValueError, match="NaN or infinite"):
+    signals.per_example_grads(nan_loss, v, (x, y), show_progress=False)
