@@ -4,10 +4,12 @@ from jaxprune.baselines import magnitude, random, uniform_allocation
 from jaxprune.budget import k_from_sparsity, sparsity_from_k
 from jaxprune.checkpoints import load_mlpnet, load_resnet, load_resnet20
 from jaxprune.evaluate import Evaluation, evaluate
+import jaxprune.ewr as ewr_module  # the module (the name ewr is the function)
 from jaxprune.ewr import ewr, lr
 from jaxprune import ot, signals
 from jaxprune.signals import classification_loss, gradient_operator, per_example_grads, add_gradient_noise
 from jaxprune.schedules import sparsity_schedule, polynomial_sparsity
+from jaxprune.loops import GradualResult, MaskedState, gradual_prune, keep_pruned_at_zero, masks_from_zeros, pruner_for, set_masks
 from jaxprune.masks import (SparsityReport, apply_masks, check_masks, count_kept, masks_like, sparsity_report,
                             topk_mask)
 from jaxprune.result import PruneResult
@@ -20,6 +22,7 @@ __all__ = [
     "magnitude", "random", "uniform_allocation", "ewr", "lr",
     "per_example_grads", "gradient_operator", "add_gradient_noise", "classification_loss",
     "sparsity_schedule", "polynomial_sparsity", "ot", "signals",
+    "keep_pruned_at_zero", "set_masks", "masks_from_zeros", "MaskedState", "gradual_prune", "GradualResult", "pruner_for",
     "k_from_sparsity", "sparsity_from_k",
     "Prunable", "is_kernel", "prunable_paths", "count_prunable", "flatten", "unflatten", "FlatSpec",
     "leaves_with_paths",

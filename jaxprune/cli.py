@@ -110,9 +110,13 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--data-dir", default=None, help=f"local data folder (default ${data.ENV_VAR})")
   p.add_argument("--checkpoint", default=None, help="mlpnet_mnist.npz (required with --dataset mnist)")
   p.add_argument("--sparsities", type=float, nargs="+", default=list(DEFAULT_SPARSITIES))
-  p.add_argument("--methods", nargs="+", default=None, help=f"default: all ({', '.join(methods.UNSTRUCTURED)})")
+  p.add_argument("--methods", nargs="+", default=None,
+                 help=f"default: all ({', '.join(methods.UNSTRUCTURED)}); lr and ewr run one-shot with "
+                      f"{methods.ONE_SHOT['stages']} stages of one official IHT step (mask only)")
   p.add_argument("--out", default="jaxprune_out", help="folder for results.csv, results.json, accuracy.png")
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--n-examples", type=int, default=500,
+                 help="training examples whose per-example gradients EWR/LR use (default 500)")
   p.add_argument("--no-progress", action="store_true", help="no progress bars")
   return p.parse_args(argv)
 
@@ -130,14 +134,21 @@ def main(argv=None) -> int:
     train, test = data.digits("train", seed=args.seed), data.digits("test", seed=args.seed)
     model, variables = train_digits_mlp(train, seed=args.seed, show_progress=show)
     title = "digits MLP 64-256-128-10"
+    calibration = data.Dataset(train.x[:args.n_examples], train.y[:args.n_examples])
   else:
     if not args.checkpoint:
       sys.exit("jaxprune: --dataset mnist needs --checkpoint PATH (mlpnet_mnist.npz)")
     test = data.load("mnist", "test", data_dir=args.data_dir, source="local")
-    train = data.load("mnist", "train", data_dir=args.data_dir, source="local", limit=1000)
+    calibration = data.load("mnist", "train", data_dir=args.data_dir, source="local", limit=args.n_examples)
     model, variables = mlpnet(), load_mlpnet(args.checkpoint)
     title = "MLPNet on MNIST (one-shot)"
-  context = {"apply_fn": model.apply, "batch": (train.x, train.y)}
+  others = {name: value for name, value in variables.items() if name != "params"}
+
+  def loss_fn(params, batch):   # the methods prune variables["params"]
+    logits = model.apply({"params": params, **others}, batch[0])
+    return optax.softmax_cross_entropy_with_integer_labels(logits, batch[1]).mean()
+
+  context = {"loss_fn": loss_fn, "batch": (calibration.x, calibration.y)}
   rows = sweep(model, variables, test, args.sparsities, names, seed=args.seed, context=context,
                show_progress=show)
   print(format_table(rows, names))

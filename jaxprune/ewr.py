@@ -46,6 +46,7 @@ from jaxprune.trees import FlatSpec, PrunableSpec, PyTree, flat_spec, flatten, u
 
 DIRECTIONS = ("official", "exact")
 SIGNALS = ("materialized", "matrix_free")
+STEPS = ("official", "lipschitz")
 
 
 class StepConfig(NamedTuple):
@@ -58,6 +59,7 @@ class StepConfig(NamedTuple):
   direction: str
   scale_by_n: bool
   sinkhorn: ot.SinkhornOptions
+  step: str = "official"       # "official" (tau_c, closed form, 1.05 growth) or "lipschitz" (tau = 1/L)
   bisection_iterations: int = 50
   growth: float = 1.05
   max_growth_steps: int = 200
@@ -103,14 +105,33 @@ def _tau_c(w, d, keep, iterations):
   return jnp.where(upper > 0, lo, 0.0)
 
 
+def lipschitz_constant(op, n: int, p: int, lam: float, scale_by_n: bool, iterations: int = 30) -> jax.Array:
+  """``L = 1.05 (sigma_max(G)^2 + N lam)`` (divided by N without ``scale_by_n``): the curvature of
+  ``Q`` along any direction for a doubly stochastic ``N Pi``, by power iteration on ``G^T G``."""
+  v = jnp.ones((p,), jnp.float32) / jnp.sqrt(p)
+
+  def body(_, v):
+    u = op.rmatvec(op.matvec(v))
+    return u / (jnp.linalg.norm(u) + 1e-30)
+
+  v = jax.lax.fori_loop(0, iterations, body, v)
+  sigma2 = jnp.linalg.norm(op.matvec(v)) ** 2
+  L = 1.05 * (sigma2 + n * lam)
+  return L if scale_by_n else L / n
+
+
+lipschitz_constant = jax.jit(lipschitz_constant, static_argnames=("n", "p", "lam", "scale_by_n", "iterations"))
+
+
 @functools.partial(jax.jit, static_argnames=("cfg",))
-def iht_step(op, w: jax.Array, w_ref: jax.Array, y: jax.Array, cfg: StepConfig):
+def iht_step(op, w: jax.Array, w_ref: jax.Array, y: jax.Array, cfg: StepConfig, lipschitz: jax.Array = 1.0):
   """One EWR/LR IHT step.
 
   Args:
     op: gradient operator (:class:`~jaxprune.signals.DenseOperator` or ``MatrixFreeOperator``).
     w: ``(p,)`` current weights; w_ref: ``(p,)`` reference weights; y: ``(N,)`` = ``G w_ref``.
     cfg: static :class:`StepConfig`.
+    lipschitz: ``L`` for ``cfg.step == "lipschitz"`` (see :func:`lipschitz_constant`).
 
   Returns:
     ``(w_next: (p,), keep: (p,) bool with exactly k True, StepInfo)``; ``w_next = H_k(w - tau d)``.
@@ -151,6 +172,8 @@ def iht_step(op, w: jax.Array, w_ref: jax.Array, y: jax.Array, cfg: StepConfig):
 
   tau_grown, _ = jax.lax.while_loop(grow_cond, lambda s: (s[0] * cfg.growth, s[1] + 1), (tau_c, 0))
   tau = jnp.where(tau_star < tau_c, tau_star, tau_grown)
+  if cfg.step == "lipschitz":
+    tau = 1.0 / lipschitz
 
   w_step = w - tau * d
   keep = topk_mask(jnp.abs(w_step), cfg.k)
@@ -193,7 +216,7 @@ def ewr(params: PyTree, batch: Any, k: int, *, loss_fn: LossFn, eps: float = 1.0
         w_ref: Optional[PyTree] = None, prunable: PrunableSpec = None, signals: str = "materialized",
         chunk_size: int = 256, grads_dtype=jnp.float32, noise: Optional[tuple[float, float]] = None,
         key: Optional[jax.Array] = None, sinkhorn: ot.SinkhornOptions = ot.SinkhornOptions(),
-        coupling: Any = "entropic", show_progress: bool = True) -> PruneResult:
+        coupling: Any = "entropic", step: str = "official", show_progress: bool = True) -> PruneResult:
   """EWR pruning: keep ``k`` weights chosen by entropic-Wasserstein regression of per-example gradients.
 
   Args:
@@ -218,6 +241,9 @@ def ewr(params: PyTree, batch: Any, k: int, *, loss_fn: LossFn, eps: float = 1.0
     chunk_size, grads_dtype: chunking and storage dtype of the per-example gradients.
     noise: ``(scale, fraction)`` gradient noise as in the official code (needs ``key``).
     sinkhorn: static :class:`~jaxprune.ot.SinkhornOptions`.
+    step: ``"official"`` (official code: support-preserving ``tau_c``, closed-form line minimiser,
+      1.05 growth) or ``"lipschitz"`` (plain IHT with ``tau = 1/L``, ``L`` from the spectral norm of
+      ``G``: the early prototype of the paper's Algorithm 1; lets the support move freely).
     coupling: ``"entropic"`` (EWR), ``"identity"`` (``Pi = I/N``: LR) or a callable
       ``(y, z) -> plan: (N, N)`` (hashable, e.g. a module-level function).
     show_progress: progress bars for per-example gradients and stages.
@@ -234,7 +260,10 @@ def ewr(params: PyTree, batch: Any, k: int, *, loss_fn: LossFn, eps: float = 1.0
   if not (coupling in ("entropic", "identity") or callable(coupling)):
     raise ValueError(f"coupling must be 'entropic', 'identity' or a callable (y, z) -> plan, got {coupling!r}")
   transport = coupling != "identity"
-  cfg = lambda k_t: StepConfig(k_t, coupling, float(eps), relative_eps, float(lam), direction, scale_by_n, sinkhorn)
+  if step not in STEPS:
+    raise ValueError(f"step must be one of {STEPS}, got {step!r}")
+  cfg = lambda k_t: StepConfig(k_t, coupling, float(eps), relative_eps, float(lam), direction, scale_by_n, sinkhorn,
+                               step)
 
   p = spec.size
   if stages == 1:
@@ -256,17 +285,23 @@ def ewr(params: PyTree, batch: Any, k: int, *, loss_fn: LossFn, eps: float = 1.0
     else:
       op = gradient_operator(loss_fn, current, batch, spec=spec, chunk_size=chunk_size)
     y = op.matvec(w_ref_vec)
+    L = lipschitz_constant(op, n, p, float(lam), scale_by_n) if step == "lipschitz" else jnp.asarray(1.0)
     w_iter = w_vec
-    for _ in range(iterations):
-      w_iter, keep, info = iht_step(op, w_iter, w_ref_vec, y, cfg(k_t))
+    for it in range(iterations):
+      w_iter, keep, info = iht_step(op, w_iter, w_ref_vec, y, cfg(k_t), L)
       history.append({"stage": stage, "k": k_t, **{f: float(v) for f, v in info._asdict().items()}})
+      if not math.isfinite(history[-1]["objective_after"]):
+        raise FloatingPointError(
+            f"{'EWR' if transport else 'LR'} diverged at stage {stage}, iteration {it}: the objective is "
+            f"{history[-1]['objective_after']}. step='lipschitz' is safe for LR and direction='exact' with a "
+            "fixed plan; with the official direction use step='official'.")
     w_vec = w_iter if update_weights else jnp.where(keep, w_vec, 0.0)
     current = unflatten(w_vec, params, spec)
   masks = masks_from_flat(keep, params, spec)
   out = apply_masks(current, masks)
   info = {"method": "ewr" if transport else "lr", "k": k, "p": p, "sparsity": 1.0 - k / p, "n": n,
           "eps": float(eps) if coupling == "entropic" else None, "lam": float(lam), "direction": direction,
-          "update_weights": update_weights, "iterations": iterations, "stages": stages, "budgets": budgets,
+          "update_weights": update_weights, "iterations": iterations, "step": step, "stages": stages, "budgets": budgets,
           "steps": history, "objective": history[-1]["objective_after"],
           "transport_cost": history[-1]["transport_cost"]}
   return PruneResult(out, masks, info)

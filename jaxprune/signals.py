@@ -109,8 +109,7 @@ def per_example_grads(loss_fn: LossFn, params: PyTree, batch: Any, *, prunable: 
   w, _ = flatten(params, spec=spec)
   chunks = _chunks(n, chunk_size)
   size = min(chunk_size, n)
-  grads_fn = _grads_chunk(loss_fn, params, spec, dtype)
-  rows = [grads_fn(w, _pad(batch, s, e, size))[: e - s]
+  rows = [_grads_chunk(w, params, _pad(batch, s, e, size), loss_fn=loss_fn, spec=spec, dtype=dtype)[: e - s]
           for s, e in progress(chunks, desc="per-example grads", disable=not show_progress)]
   G = jnp.concatenate(rows) if len(rows) > 1 else rows[0]
   if check_finite and not bool(jnp.isfinite(G).all()):
@@ -120,14 +119,14 @@ def per_example_grads(loss_fn: LossFn, params: PyTree, batch: Any, *, prunable: 
   return G
 
 
-def _grads_chunk(loss_fn, params, spec, dtype):
+@functools.partial(jax.jit, static_argnames=("loss_fn", "spec", "dtype"))
+def _grads_chunk(w, params, chunk, *, loss_fn, spec, dtype):
   # vmap of the per-example gradient: each example's backward pass sees only that example.
-  grad_one = jax.vmap(jax.grad(_example_loss_fn(loss_fn, params, spec)), in_axes=(None, 0))
-
-  @jax.jit
-  def grads(w, chunk):
-    return grad_one(w, chunk).astype(dtype)
-  return grads
+  # Module-level jit: repeated calls (stages, sweeps) with the same loss_fn reuse the compilation.
+  def one(w, params, example):
+    as_batch = jax.tree.map(lambda x: x[None], example)
+    return loss_fn(unflatten(w, params, spec), as_batch)
+  return jax.vmap(jax.grad(one), in_axes=(None, None, 0))(w, params, chunk).astype(dtype)
 
 
 @struct.dataclass

@@ -81,6 +81,24 @@ def test_iht_step_matches_numpy_reference(coupling, direction, k):
   assert float(info.objective_after) == pytest.approx(q(ref_w), rel=1e-3)
 
 
+def test_lipschitz_step_is_one_over_l():
+  G, w_ref, w = _problem(seed=1)
+  op = signals.dense_operator(jnp.asarray(G))
+  L = jp.ewr_module.lipschitz_constant(op, 30, 60, 0.01, True)
+  sigma = np.linalg.svd(G.astype(np.float64), compute_uv=False)[0]
+  assert float(L) == pytest.approx(1.05 * (sigma ** 2 + 30 * 0.01), rel=1e-3)
+  y = op.matvec(jnp.asarray(w_ref))
+  cfg = StepConfig(12, "identity", 0.0, False, 0.01, "official", True, ot.SinkhornOptions(), "lipschitz")
+  w_next, keep, info = iht_step(op, jnp.asarray(w), jnp.asarray(w_ref), y, cfg, L)
+  Gd = G.astype(np.float64)
+  d = Gd.T @ (Gd @ (w - w_ref)) + 30 * 0.01 * (w - w_ref)
+  step = w - d / float(L)
+  ref = np.zeros(60, bool)
+  ref[np.argsort(-np.abs(step), kind="stable")[:12]] = True
+  np.testing.assert_array_equal(np.asarray(keep), ref)
+  np.testing.assert_allclose(np.asarray(w_next), np.where(ref, step, 0), rtol=1e-4, atol=1e-5)
+
+
 def _mlp_setup(n=40, seed=0):
   rng = np.random.default_rng(seed)
   x = jnp.asarray(rng.normal(size=(n, 4)), jnp.float32)

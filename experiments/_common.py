@@ -1,0 +1,84 @@
+"""Shared plumbing of the experiment scripts: arguments, data, machine facts, outputs."""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import jax
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("JAXPRUNE_SHARED", REPO.parent / "shared"))
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(description=description)
+  p.add_argument("--quick", action="store_true", help="small settings (CI)")
+  p.add_argument("--out", default=None, help="output folder (default experiments/results/<name>)")
+  p.add_argument("--data-dir", default=os.environ.get("JAXPRUNE_DATA_DIR", str(SHARED / "data")))
+  p.add_argument("--checkpoint-dir", default=str(SHARED / "checkpoints"))
+  p.add_argument("--no-progress", action="store_true")
+  return p
+
+
+def machine() -> dict:
+  cpu = platform.processor() or platform.machine()
+  try:
+    for line in open("/proc/cpuinfo"):
+      if line.startswith("model name"):
+        cpu = line.split(":", 1)[1].strip()
+        break
+  except OSError:
+    pass
+  return {"backend": jax.default_backend(), "device": str(jax.devices()[0]), "cpu": cpu,
+          "cores": os.cpu_count(), "jax": jax.__version__, "date": time.strftime("%Y-%m-%d")}
+
+
+def out_dir(args, name: str) -> Path:
+  out = Path(args.out) if args.out else REPO / "experiments" / "results" / (name + ("_quick" if args.quick else ""))
+  out.mkdir(parents=True, exist_ok=True)
+  return out
+
+
+def write(out: Path, name: str, rows: list[dict], meta: dict) -> None:
+  with open(out / f"{name}.csv", "w", newline="") as f:
+    w = csv.DictWriter(f, fieldnames=list(rows[0]))
+    w.writeheader()
+    w.writerows(rows)
+  (out / f"{name}.json").write_text(json.dumps({"machine": machine(), **meta, "rows": rows}, indent=1))
+  print(f"wrote {out / (name + '.csv')} and .json")
+
+
+def plot_lines(path: Path, series: dict, xlabel: str, ylabel: str, title: str, hline=None, errors: dict | None = None):
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(6.4, 4.2))
+  if hline is not None:
+    ax.axhline(hline, color="gray", ls="--", label="dense")
+  for name, pts in series.items():
+    xs, ys = zip(*sorted(pts))
+    if errors and name in errors:
+      es = [errors[name][x] for x in xs]
+      ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=name)
+    else:
+      ax.plot(xs, ys, marker="o", label=name)
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(ylabel)
+  ax.set_title(title)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  print(f"wrote {path}")
+
+
+def markdown_table(header: list[str], rows: list[list]) -> str:
+  lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
+  lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+  return "\n".join(lines)

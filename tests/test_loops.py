@@ -1,0 +1,81 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jaxprune as jp
+from jaxprune import loops, signals
+from jaxprune.data import Dataset
+from jaxprune.models import mlpnet
+from helpers import linen_variables
+
+
+@pytest.mark.parametrize("inner", [optax.sgd(0.1, momentum=0.9), optax.adamw(1e-2, weight_decay=0.1)])
+def test_pruned_weights_stay_exactly_zero(inner):
+  v = linen_variables()
+  params = v["params"]
+  res = jp.magnitude(params, 20)
+  tx = loops.keep_pruned_at_zero(inner)            # masks from params != 0
+  state = tx.init(res.params)
+  p = res.params
+  rng = np.random.default_rng(0)
+  for _ in range(5):
+    grads = jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), x.dtype), p)
+    updates, state = tx.update(grads, state, p)
+    p = optax.apply_updates(p, updates)
+  rep = jp.sparsity_report(p)
+  assert rep.nonzero == 20
+  for (path, a), (_, b) in zip(jp.leaves_with_paths(res.params), jp.leaves_with_paths(p)):
+    if path.endswith("kernel"):
+      kept = np.asarray(a) != 0
+      assert np.all(np.asarray(b)[~kept] == 0) and np.all(np.asarray(b)[kept] != 0)
+    else:
+      assert not np.array_equal(a, b)               # dense leaves do train
+
+
+def test_given_masks_and_set_masks():
+  params = linen_variables()["params"]
+  masks = jp.magnitude(params, 10).masks
+  tx = loops.keep_pruned_at_zero(optax.sgd(0.1), masks)
+  state = tx.init(params)                           # params still dense: the first update zeroes them
+  grads = jax.tree.map(jnp.zeros_like, params)
+  updates, state = tx.update(grads, state, params)
+  assert jp.sparsity_report(optax.apply_updates(params, updates)).nonzero == 10
+  state = loops.set_masks(state, jp.masks_like(params))
+  updates, _ = tx.update(grads, state, params)
+  assert jp.sparsity_report(optax.apply_updates(params, updates)).nonzero == jp.count_prunable(params)
+  with pytest.raises(ValueError, match="needs params"):
+    tx.update(grads, state)
+
+
+def test_schedules():
+  s = jp.sparsity_schedule(0.95, 14, "cubic", include_initial=True)
+  assert s[0] == 0.0 and s[-1] == pytest.approx(0.95) and all(a < b for a, b in zip(s, s[1:]))
+  assert s[1] == pytest.approx(0.95 * (1 - (1 - 1 / 13) ** 3))   # official: s_T + (s_0 - s_T)(1 - (t-1)/(T-1))^3
+  lin = jp.sparsity_schedule(0.9, 9, "linear")
+  np.testing.assert_allclose(lin, [0.1 * t for t in range(1, 10)])
+  poly = jp.polynomial_sparsity(0.9, 10, 110, power=3)
+  assert poly(0) == 0.0 and poly(110) == pytest.approx(0.9) and poly(60) == pytest.approx(0.9 * (1 - 0.5 ** 3))
+  with pytest.raises(ValueError, match="kind"):
+    jp.sparsity_schedule(0.9, 3, "exp")
+  with pytest.raises(ValueError, match="stages"):
+    jp.sparsity_schedule(0.9, 0)
+
+
+def test_gradual_driver_on_mnist(mlpnet_variables, mnist_test, data_dir):
+  train = jp.data.load("mnist", "train", data_dir=data_dir, limit=2000)
+  test = Dataset(mnist_test.x[:2000], mnist_test.y[:2000])
+  model = mlpnet()
+  loss = signals.classification_loss(model.apply)
+  evaluate = lambda v: {"accuracy": jp.evaluate(model.apply, v, test.x, test.y).accuracy}
+  out = loops.gradual_prune(mlpnet_variables, train, pruner=loops.pruner_for("lr", loss_fn=loss), loss_fn=loss,
+                            target_sparsity=0.9, stages=3, n_examples=100, batch_size=100,
+                            key=jax.random.key(0), evaluate_fn=evaluate, show_progress=False)
+  assert [h.k for h in out.history] == [32360, jp.k_from_sparsity(mlpnet_variables, 0.9 * (1 - 0.5 ** 3)), 3236]
+  assert jp.sparsity_report(out.params).nonzero <= 3236 and jp.count_kept(out.masks) == 3236
+  # fine-tuning recovers accuracy lost by pruning at the last stage
+  assert out.history[-1].after_finetune["accuracy"] > out.history[-1].after_prune["accuracy"]
+  with pytest.raises(ValueError, match="key"):
+    loops.gradual_prune(mlpnet_variables, train, pruner=loops.pruner_for("magnitude"), loss_fn=loss,
+                        target_sparsity=0.5)
