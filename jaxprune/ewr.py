@@ -39,7 +39,7 @@ from jaxprune.budget import check_k
 from jaxprune.masks import apply_masks, masks_from_flat, topk_mask
 from jaxprune.progress import progress
 from jaxprune.result import PruneResult
-from jaxprune.schedules import budgets_between, sparsity_schedule
+from jaxprune.schedules import budgets_between, schedule_fractions
 from jaxprune.signals import (LossFn, add_gradient_noise, batch_size, dense_operator, gradient_operator,
                               per_example_grads)
 from jaxprune.trees import FlatSpec, PrunableSpec, PyTree, flat_spec, flatten, unflatten
@@ -231,7 +231,9 @@ def ewr(params: PyTree, batch: Any, k: int, *, loss_fn: LossFn, eps: float = 1.0
     relative_eps: scale ``eps`` by the mean cost instead.
     direction: ``"official"`` (paper-era code) or ``"exact"`` (true gradient with Pi fixed).
     scale_by_n: keep the factor N in the official direction (paper-era code: True; HEAD: False).
-    update_weights: False = mask only (official); True = write the IHT iterate back (CHITA).
+    update_weights: False = mask only (official); True = write the IHT iterate back (CHITA). With
+      ``iterations > 1`` the IHT iterates carry their values between steps either way; mask only
+      then applies the final support to the stage's input weights.
     iterations: IHT steps per stage, with the plan refreshed between them (the paper's Algorithm 1).
     stages: multi-stage one-shot pruning: budgets decrease to ``k`` over ``stages`` stages
       (``stage_schedule`` ``"linear"`` or ``"cubic"``), ``G`` recomputed at the current weights,
@@ -266,11 +268,7 @@ def ewr(params: PyTree, batch: Any, k: int, *, loss_fn: LossFn, eps: float = 1.0
                                step)
 
   p = spec.size
-  if stages == 1:
-    budgets = [k]
-  else:
-    fractions = sparsity_schedule(1.0 - 1e-12, stages, stage_schedule)   # fraction of the way to k
-    budgets = budgets_between(p, p, k, [min(1.0, f / (1.0 - 1e-12)) for f in fractions])
+  budgets = budgets_between(p, p, k, schedule_fractions(stages, stage_schedule))
   history, current = [], params
   keep = None
   noise_keys = None if noise is None else jax.random.split(key, stages)

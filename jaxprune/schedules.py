@@ -26,17 +26,23 @@ def sparsity_schedule(target: float, stages: int, kind: str = "cubic", *, initia
   initial = check_sparsity(initial, "initial")
   if isinstance(stages, bool) or not isinstance(stages, (int, np.integer)) or stages < 1:
     raise ValueError(f"stages must be a positive int, got {stages!r}")
+  return [initial + (target - initial) * f for f in schedule_fractions(stages, kind, power=power,
+                                                                      include_initial=include_initial)]
+
+
+def schedule_fractions(stages: int, kind: str = "cubic", *, power: float = 3.0,
+                       include_initial: bool = False) -> list[float]:
+  """Fraction of the way from the initial to the target budget at each stage (last = 1)."""
   if kind not in KINDS:
     raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-  if kind == "cubic":
-    power = 3.0
   if include_initial:
-    frac = [1.0] if stages == 1 else [(t - 1) / (stages - 1) for t in range(1, stages + 1)]
+    steps = [1.0] if stages == 1 else [(t - 1) / (stages - 1) for t in range(1, stages + 1)]
   else:
-    frac = [t / stages for t in range(1, stages + 1)]
+    steps = [t / stages for t in range(1, stages + 1)]
   if kind == "linear":
-    return [initial + (target - initial) * f for f in frac]
-  return [target + (initial - target) * (1.0 - f) ** power for f in frac]
+    return steps
+  power = 3.0 if kind == "cubic" else power
+  return [1.0 - (1.0 - f) ** power for f in steps]
 
 
 def polynomial_sparsity(target: float, begin_step: int, end_step: int, *, initial: float = 0.0,
@@ -53,5 +59,6 @@ def polynomial_sparsity(target: float, begin_step: int, end_step: int, *, initia
 
 
 def budgets_between(p: int, k_start: int, k_final: int, fractions) -> list[int]:
-  """Kept-weight budgets moving from ``k_start`` to exactly ``k_final`` by ``fractions`` in [0, 1]."""
+  """Kept-weight budgets moving from ``k_start`` to exactly ``k_final`` by ``fractions`` in [0, 1]
+  (``p`` is the number of prunable weights, an upper bound for every budget)."""
   return [k_final if f >= 1.0 else int(round(k_start - (k_start - k_final) * f)) for f in fractions]

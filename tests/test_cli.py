@@ -9,7 +9,7 @@ from jaxprune import cli, methods
 
 
 def test_default_main_job_on_embedded_digits(tmp_path, capsys):
-  assert cli.main(["--out", str(tmp_path), "--sparsities", "0.5", "0.9", "--no-progress"]) == 0
+  assert cli.main(["--out", str(tmp_path), "--sparsities", "0.5", "0.9", "--no-progress", "--n-examples", "200"]) == 0
   out = capsys.readouterr().out
   assert "accuracy (%) by sparsity" in out
   rows = list(csv.DictReader(open(tmp_path / "results.csv")))
@@ -18,6 +18,7 @@ def test_default_main_job_on_embedded_digits(tmp_path, capsys):
   by = {(r["method"], float(r["sparsity"])): float(r["accuracy"]) for r in rows}
   assert by[("dense", 0.0)] > 0.9                       # the MLP really trained
   assert by[("magnitude", 0.5)] > by[("random", 0.5)]   # magnitude beats random
+  assert by[("lr", 0.5)] > by[("random", 0.5)] and by[("ewr", 0.5)] > by[("random", 0.5)]
   assert (tmp_path / "accuracy.png").stat().st_size > 1000
   assert json.loads((tmp_path / "results.json").read_text())["backend"] == "cpu"
 

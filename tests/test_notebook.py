@@ -19,3 +19,4 @@ def test_notebook_executes(name, data_dir, monkeypatch):
   outputs = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
   assert "dense accuracy 0.9397" in outputs     # the checkpoint is found from the notebook folder
   assert "State" in outputs
+  assert "EWR: accuracy" in outputs and "after fine-tuning" in outputs and "sparsity 0.9" in outputs

@@ -1,0 +1,38 @@
+"""The experiment and benchmark scripts run end to end in --quick mode (slow: run by .ci/run)."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPTS = {
+    "experiments/ewr_mlpnet_oneshot.py": "oneshot",
+    "experiments/ewr_noise.py": "noise_summary",
+    "experiments/ewr_gradual.py": "gradual",
+    "experiments/ewr_resnet20_oneshot.py": "resnet20_oneshot",
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script, stem", sorted(SCRIPTS.items()))
+def test_experiment_quick(script, stem, tmp_path, data_dir, checkpoint_dir):
+  proc = subprocess.run([sys.executable, str(REPO / script), "--quick", "--no-progress", "--out", str(tmp_path),
+                         "--data-dir", str(data_dir), "--checkpoint-dir", str(checkpoint_dir)],
+                        capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  rows = json.loads((tmp_path / f"{stem}.json").read_text())["rows"]
+  assert rows and (tmp_path / f"{stem}.csv").exists()
+  assert any(p.suffix == ".png" for p in tmp_path.iterdir())
+  assert "| sparsity |" in proc.stdout or "| target |" in proc.stdout
+
+
+@pytest.mark.slow
+def test_benchmark_quick(tmp_path):
+  proc = subprocess.run([sys.executable, str(REPO / "benchmarks/ewr_step.py"), "--quick", "--out", str(tmp_path)],
+                        capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  rows = json.loads((tmp_path / "ewr_step_quick.json").read_text())["rows"]
+  assert {r["what"] for r in rows} == {"G", "lr", "ewr", "lr-mf", "ewr-mf"}
+  assert all(r["seconds"] > 0 for r in rows)
