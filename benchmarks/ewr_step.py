@@ -48,7 +48,7 @@ def run_one(model: str, n: int, what: str, repeats: int) -> dict:
   k = spec.size // 10
   w = jnp.where(jp.topk_mask(jnp.abs(w_ref), k), w_ref, 0.0)
   coupling = "entropic" if what.startswith("ewr") else "identity"
-  cfg = StepConfig(k, coupling, 1.0, False, 0.01, "official", True, SinkhornOptions())
+  cfg = StepConfig(coupling, 1.0, False, 0.01, "official", True, SinkhornOptions())
 
   def call():
     if what == "G":
@@ -59,7 +59,7 @@ def run_one(model: str, n: int, what: str, repeats: int) -> dict:
       op = jp.signals.dense_operator(jp.per_example_grads(loss, v, batch, spec=spec, chunk_size=chunk,
                                                          show_progress=False))
     y = op.matvec(w_ref)
-    return iht_step(op, w, w_ref, y, cfg)
+    return iht_step(op, w, w_ref, y, k, cfg)
 
   jax.block_until_ready(call())            # compile
   times = []

@@ -42,8 +42,11 @@ def keep_from_scores(scores: jax.Array, k: int, spec: FlatSpec, scope: str = "gl
   return jnp.concatenate(parts)
 
 
+_global_keep = jax.jit(topk_mask)   # k traced: one compilation for every budget
+
+
 def _prune_by_scores(params, scores, k, spec, scope, info):
-  keep = keep_from_scores(scores, k, spec, scope)
+  keep = _global_keep(scores, k) if scope == "global" else keep_from_scores(scores, k, spec, scope)
   masks = masks_from_flat(keep, params, spec)
   info = dict(info, k=k, p=spec.size, sparsity=1.0 - k / spec.size, scope=scope)
   return PruneResult(apply_masks(params, masks), masks, info)

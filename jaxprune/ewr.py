@@ -50,8 +50,7 @@ STEPS = ("official", "lipschitz")
 
 
 class StepConfig(NamedTuple):
-  """Static settings of one IHT step (hashable: a jit static argument)."""
-  k: int
+  """Static settings of one IHT step (hashable: a jit static argument; the budget k is traced)."""
   coupling: Any                # "entropic", "identity" (LR) or a callable (y, z) -> plan (N, N)
   eps: float
   relative_eps: bool
@@ -124,12 +123,13 @@ lipschitz_constant = jax.jit(lipschitz_constant, static_argnames=("n", "p", "lam
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
-def iht_step(op, w: jax.Array, w_ref: jax.Array, y: jax.Array, cfg: StepConfig, lipschitz: jax.Array = 1.0):
+def iht_step(op, w: jax.Array, w_ref: jax.Array, y: jax.Array, k, cfg: StepConfig, lipschitz: jax.Array = 1.0):
   """One EWR/LR IHT step.
 
   Args:
     op: gradient operator (:class:`~jaxprune.signals.DenseOperator` or ``MatrixFreeOperator``).
     w: ``(p,)`` current weights; w_ref: ``(p,)`` reference weights; y: ``(N,)`` = ``G w_ref``.
+    k: number of weights kept (traced: every budget shares one compilation).
     cfg: static :class:`StepConfig`.
     lipschitz: ``L`` for ``cfg.step == "lipschitz"`` (see :func:`lipschitz_constant`).
 
@@ -152,7 +152,7 @@ def iht_step(op, w: jax.Array, w_ref: jax.Array, y: jax.Array, cfg: StepConfig, 
   else:
     d = op.rmatvec(z - n * plan_t_y) + n * cfg.lam * (w - w_ref)
 
-  keep_w = topk_mask(jnp.abs(w), cfg.k)
+  keep_w = topk_mask(jnp.abs(w), k)
   tau_c = _tau_c(w, d, keep_w, cfg.bisection_iterations)
   # Closed-form minimiser of Q(a - tau b), a = H_k(w), b = d on supp(a) (brief section 10).
   a = jnp.where(keep_w, w, 0.0)
@@ -176,7 +176,7 @@ def iht_step(op, w: jax.Array, w_ref: jax.Array, y: jax.Array, cfg: StepConfig, 
     tau = 1.0 / lipschitz
 
   w_step = w - tau * d
-  keep = topk_mask(jnp.abs(w_step), cfg.k)
+  keep = topk_mask(jnp.abs(w_step), k)
   w_next = jnp.where(keep, w_step, 0.0)
   q_before, transport = objective(z, w)
   q_after, _ = objective(op.matvec(w_next), w_next)
@@ -264,8 +264,7 @@ def ewr(params: PyTree, batch: Any, k: int, *, loss_fn: LossFn, eps: float = 1.0
   transport = coupling != "identity"
   if step not in STEPS:
     raise ValueError(f"step must be one of {STEPS}, got {step!r}")
-  cfg = lambda k_t: StepConfig(k_t, coupling, float(eps), relative_eps, float(lam), direction, scale_by_n, sinkhorn,
-                               step)
+  cfg = StepConfig(coupling, float(eps), relative_eps, float(lam), direction, scale_by_n, sinkhorn, step)
 
   p = spec.size
   budgets = budgets_between(p, p, k, schedule_fractions(stages, stage_schedule))
@@ -286,7 +285,7 @@ def ewr(params: PyTree, batch: Any, k: int, *, loss_fn: LossFn, eps: float = 1.0
     L = lipschitz_constant(op, n, p, float(lam), scale_by_n) if step == "lipschitz" else jnp.asarray(1.0)
     w_iter = w_vec
     for it in range(iterations):
-      w_iter, keep, info = iht_step(op, w_iter, w_ref_vec, y, cfg(k_t), L)
+      w_iter, keep, info = iht_step(op, w_iter, w_ref_vec, y, jnp.asarray(k_t, jnp.int32), cfg, L)
       history.append({"stage": stage, "k": k_t, **{f: float(v) for f, v in info._asdict().items()}})
       if not math.isfinite(history[-1]["objective_after"]):
         raise FloatingPointError(

@@ -12,16 +12,17 @@ from jaxprune.trees import (FlatSpec, PrunableSpec, PyTree, leaves_with_paths, m
                             path_str, prunable_paths)
 
 
-def topk_mask(scores: jax.Array, k: int) -> jax.Array:
+def topk_mask(scores: jax.Array, k) -> jax.Array:
   """Bool mask with exactly ``k`` True entries at the largest ``scores``.
 
   Ties are broken deterministically: among equal scores the lower flat index is kept.
-  ``scores`` may have any shape; ``k`` is a static int. Jit-safe.
+  ``scores`` may have any shape. Rank-based, so ``k`` may be a traced integer: one
+  compilation serves every budget (stages, sweeps, ``vmap`` over ``k``).
   """
   flat = jnp.ravel(scores)
   order = jnp.argsort(-flat, stable=True)
-  keep = jnp.zeros(flat.shape, bool).at[order[:k]].set(True)
-  return keep.reshape(scores.shape)
+  ranks = jnp.zeros(flat.shape, jnp.int32).at[order].set(jnp.arange(flat.size, dtype=jnp.int32))
+  return (ranks < k).reshape(scores.shape)
 
 
 def masks_from_flat(keep: jax.Array, params: PyTree, spec: FlatSpec) -> PyTree:

@@ -67,8 +67,8 @@ def test_iht_step_matches_numpy_reference(coupling, direction, k):
   G, w_ref, w = _problem(seed=k)
   op = signals.dense_operator(jnp.asarray(G))
   y = op.matvec(jnp.asarray(w_ref))
-  cfg = StepConfig(k, coupling, 0.5, False, 0.01, direction, True, ot.SinkhornOptions(threshold=1e-6))
-  w_next, keep, info = iht_step(op, jnp.asarray(w), jnp.asarray(w_ref), y, cfg)
+  cfg = StepConfig(coupling, 0.5, False, 0.01, direction, True, ot.SinkhornOptions(threshold=1e-6))
+  w_next, keep, info = iht_step(op, jnp.asarray(w), jnp.asarray(w_ref), y, k, cfg)
   plan = np.eye(30) / 30 if coupling == "identity" else np.asarray(ot.entropic_plan_1d(y, op.matvec(jnp.asarray(w)), 0.5, options=cfg.sinkhorn)[0])
   ref_w, ref_keep, ref_tau = _reference_step(G, w, w_ref, plan, k, 0.01, direction)
   assert int(keep.sum()) == k
@@ -88,8 +88,8 @@ def test_lipschitz_step_is_one_over_l():
   sigma = np.linalg.svd(G.astype(np.float64), compute_uv=False)[0]
   assert float(L) == pytest.approx(1.05 * (sigma ** 2 + 30 * 0.01), rel=1e-3)
   y = op.matvec(jnp.asarray(w_ref))
-  cfg = StepConfig(12, "identity", 0.0, False, 0.01, "official", True, ot.SinkhornOptions(), "lipschitz")
-  w_next, keep, info = iht_step(op, jnp.asarray(w), jnp.asarray(w_ref), y, cfg, L)
+  cfg = StepConfig("identity", 0.0, False, 0.01, "official", True, ot.SinkhornOptions(), "lipschitz")
+  w_next, keep, info = iht_step(op, jnp.asarray(w), jnp.asarray(w_ref), y, 12, cfg, L)
   Gd = G.astype(np.float64)
   d = Gd.T @ (Gd @ (w - w_ref)) + 30 * 0.01 * (w - w_ref)
   step = w - d / float(L)

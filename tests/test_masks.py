@@ -18,6 +18,15 @@ def test_topk_mask_exact_k_and_lowest_index_wins_ties(k):
   np.testing.assert_array_equal(np.flatnonzero(keep), np.sort(order[:k]))
 
 
+def test_topk_mask_takes_a_traced_budget_and_vmaps_over_it():
+  scores = jnp.asarray(np.random.default_rng(0).normal(size=50))
+  ks = jnp.array([1, 7, 25, 50])
+  many = jax.vmap(lambda k: jp.topk_mask(scores, k))(ks)
+  for row, k in zip(np.asarray(many), [1, 7, 25, 50]):
+    np.testing.assert_array_equal(row, np.asarray(jp.topk_mask(scores, k)))
+    assert row.sum() == k
+
+
 def test_apply_masks_zeroes_only_masked_entries_linen_and_nnx():
   for tree in (linen_variables()["params"], nnx_split()[1]):
     masks = jp.masks_like(tree, value=False)
