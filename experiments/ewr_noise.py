@@ -36,8 +36,8 @@ def main():
   if args.quick:
     sparsities, noises, seeds, n, stages = [0.9], [(0.0, 0.0), (2.0, 0.25)], 2, 200, 2
   else:
-    sparsities, noises, seeds, n, stages = [0.75, 0.8, 0.85, 0.9, 0.95], [(0.0, 0.0), (1.0, 0.1), (1.0, 0.25),
-                                                                           (2.0, 0.1), (2.0, 0.25)], args.seeds, 500, 8
+    sparsities, noises, seeds, n, stages = [0.75, 0.85, 0.95], [(0.0, 0.0), (1.0, 0.1), (1.0, 0.25),
+                                                                           (2.0, 0.1), (2.0, 0.25)], args.seeds, 500, 5
   variables = jp.load_mlpnet(f"{args.checkpoint_dir}/mlpnet_mnist.npz")
   train = jp.data.load("mnist", "train", data_dir=args.data_dir, source="local")
   test = jp.data.load("mnist", "test", data_dir=args.data_dir, source="local")
@@ -56,6 +56,7 @@ def main():
     rows.append({"sparsity": s, "noise_scale": scale, "noise_fraction": frac, "seed": seed, "method": method,
                  "test_loss": round(ev.loss, 5), "accuracy": round(100 * ev.accuracy, 2),
                  "seconds": round(time.perf_counter() - t0, 2)})
+    print(rows[-1], flush=True)
   out = _common.out_dir(args, "ewr_noise")
   _common.write(out, "noise", rows, {"n_examples": n, "stages": stages, "eps": 1.0, "lam": 0.01, "seeds": seeds})
   summary, table = [], []

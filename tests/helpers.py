@@ -32,3 +32,15 @@ def linen_variables(seed=0):
 def nnx_split(seed=0):
   """``(graphdef, params: nnx.State, rest)`` of the NNX twin."""
   return nnx.split(NNXNet(nnx.Rngs(seed)), nnx.Param, ...)
+
+
+def classification_problem(n=37, seed=0):
+  """``(model, variables, (x, y), loss_fn)``: the linen net on random 4-feature, 3-class data."""
+  import numpy as np
+  from jaxprune import signals
+  rng = np.random.default_rng(seed)
+  x = jnp.asarray(rng.normal(size=(n, 4)), jnp.float32)
+  y = jnp.asarray(rng.integers(0, 3, size=n), jnp.int32)
+  model = LinenNet()
+  v = model.init(jax.random.key(seed), x[:2])
+  return model, v, (x, y), signals.classification_loss(model.apply)

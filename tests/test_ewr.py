@@ -10,7 +10,7 @@ from scipy.optimize import minimize_scalar
 import jaxprune as jp
 from jaxprune import ot, signals
 from jaxprune.ewr import StepConfig, iht_step
-from helpers import LinenNet, NNXNet
+from helpers import NNXNet, classification_problem
 
 
 def _problem(n=30, p=60, seed=0):
@@ -100,12 +100,7 @@ def test_lipschitz_step_is_one_over_l():
 
 
 def _mlp_setup(n=40, seed=0):
-  rng = np.random.default_rng(seed)
-  x = jnp.asarray(rng.normal(size=(n, 4)), jnp.float32)
-  y = jnp.asarray(rng.integers(0, 3, size=n), jnp.int32)
-  model = LinenNet()
-  v = model.init(jax.random.key(seed), x[:2])
-  return v, (x, y), signals.classification_loss(model.apply)
+  return classification_problem(n, seed)[1:]
 
 
 def _identity_plan(y, z):

@@ -6,16 +6,10 @@ from flax import nnx
 
 import jaxprune as jp
 from jaxprune import signals
-from helpers import LinenNet, NNXNet
+from helpers import NNXNet, classification_problem
 
 
-def _setup(n=37, seed=0):
-  rng = np.random.default_rng(seed)
-  x = jnp.asarray(rng.normal(size=(n, 4)), jnp.float32)
-  y = jnp.asarray(rng.integers(0, 3, size=n), jnp.int32)
-  model = LinenNet()
-  v = model.init(jax.random.key(seed), x[:2])
-  return model, v, (x, y), signals.classification_loss(model.apply)
+_setup = classification_problem
 
 
 def test_rows_are_the_gradients_of_single_examples():
