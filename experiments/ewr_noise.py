@@ -73,7 +73,7 @@ def main():
       for m in ("LR", "EWR"):
         (lm, lc), (am, ac) = stats[m]
         cell += [f"{lm:.4f} ± {lc:.4f}", f"{am:.2f} ± {ac:.2f}"]
-      cell.append(f"{100 * (stats['LR'][0][0] - stats['EWR'][0][0]) / stats['LR'][0][0]:+.1f}%")
+      cell.append(f"{100 * (stats['EWR'][0][0] - stats['LR'][0][0]) / stats['LR'][0][0]:+.1f}%")
       table.append(cell)
   _common.write(out, "noise_summary", summary, {})
   series = {f"{m}, noise {nz}": [(r["sparsity"], r["loss_mean"]) for r in summary if r["method"] == m and r["noise"] == nz]
@@ -83,7 +83,7 @@ def main():
   _common.plot_lines(out / "noise.png", series, "sparsity", "test loss", "MLPNet: EWR vs LR under gradient noise",
                      errors=errors)
   print(_common.markdown_table(["sparsity", "noise", "LR loss", "LR acc", "EWR loss", "EWR acc",
-                                "EWR loss vs LR"], table))
+                                "EWR loss vs LR (+ = higher)"], table))
 
 
 if __name__ == "__main__":
