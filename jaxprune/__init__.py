@@ -19,7 +19,7 @@ from jaxprune.trees import (FlatSpec, Prunable, count_prunable, flatten, is_kern
 __version__ = "0.1.0"
 
 __all__ = [
-    "magnitude", "random", "uniform_allocation", "ewr", "lr",
+    "magnitude", "random", "uniform_allocation", "ewr", "lr", "ewr_module",
     "per_example_grads", "gradient_operator", "add_gradient_noise", "classification_loss",
     "sparsity_schedule", "polynomial_sparsity", "ot", "signals",
     "keep_pruned_at_zero", "set_masks", "masks_from_zeros", "MaskedState", "gradual_prune", "GradualResult", "pruner_for",

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -42,7 +42,7 @@ from jaxprune.result import PruneResult
 from jaxprune.schedules import budgets_between, schedule_fractions
 from jaxprune.signals import (LossFn, add_gradient_noise, batch_size, dense_operator, gradient_operator,
                               per_example_grads)
-from jaxprune.trees import FlatSpec, PrunableSpec, PyTree, flat_spec, flatten, unflatten
+from jaxprune.trees import PrunableSpec, PyTree, flat_spec, flatten, unflatten
 
 DIRECTIONS = ("official", "exact")
 SIGNALS = ("materialized", "matrix_free")

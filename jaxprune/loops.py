@@ -143,8 +143,10 @@ def gradual_prune(params: PyTree, train: Dataset, *, pruner: Pruner, loss_fn: Ca
     jax.block_until_ready(current)
     prune_seconds = time.perf_counter() - t0
     after_prune = evaluate_fn(current)
-    state = tx.init(current) if masks is None else set_masks(tx.init(current), masks) if state is None \
-        else set_masks(state, masks)
+    if state is None:
+      state = tx.init(current)          # the optimiser (and its momentum) lives across stages
+    if masks is not None:
+      state = set_masks(state, masks)
     t0 = time.perf_counter()
     seed = int(jax.random.randint(k_shuffle, (), 0, 2**31 - 1))
     for epoch in range(finetune_epochs):

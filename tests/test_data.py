@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-import jaxprune as jp
 from jaxprune import data
 
 

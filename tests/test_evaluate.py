@@ -1,7 +1,4 @@
-import functools
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 

@@ -1,5 +1,4 @@
 """The quickstart notebook runs top to bottom (small settings, local data)."""
-import os
 from pathlib import Path
 
 import nbformat
