@@ -30,23 +30,25 @@ def uniform_allocation(k: int, sizes) -> list[int]:
   return base
 
 
-@functools.partial(jax.jit, static_argnames=("k", "spec", "scope"))
-def keep_from_scores(scores: jax.Array, k: int, spec: FlatSpec, scope: str = "global") -> jax.Array:
-  """Flat ``keep: (p,)`` with exactly ``k`` True: top-``k`` of ``scores: (p,)`` globally, or per leaf
-  with a uniform allocation (``scope="layer"``)."""
-  if scope == "global":
-    return topk_mask(scores, k)
+_global_keep = jax.jit(topk_mask)   # k traced: one compilation for every budget
+
+
+@functools.partial(jax.jit, static_argnames=("k", "spec"))
+def _layer_keep(scores, k, spec):
   sizes = [int(np.prod(s)) for s in spec.shapes]
   parts = [topk_mask(scores[off:off + n], kl)
            for off, n, kl in zip(spec.offsets, sizes, uniform_allocation(k, sizes))]
   return jnp.concatenate(parts)
 
 
-_global_keep = jax.jit(topk_mask)   # k traced: one compilation for every budget
+def keep_from_scores(scores: jax.Array, k: int, spec: FlatSpec, scope: str = "global") -> jax.Array:
+  """Flat ``keep: (p,)`` with exactly ``k`` True: top-``k`` of ``scores: (p,)`` globally, or per leaf
+  with a uniform allocation (``scope="layer"``)."""
+  return _global_keep(scores, k) if scope == "global" else _layer_keep(scores, k, spec)
 
 
 def _prune_by_scores(params, scores, k, spec, scope, info):
-  keep = _global_keep(scores, k) if scope == "global" else keep_from_scores(scores, k, spec, scope)
+  keep = keep_from_scores(scores, k, spec, scope)
   masks = masks_from_flat(keep, params, spec)
   info = dict(info, k=k, p=spec.size, sparsity=1.0 - k / spec.size, scope=scope)
   return PruneResult(apply_masks(params, masks), masks, info)

@@ -83,7 +83,7 @@ def _plan(y, z, cfg: StepConfig):
   return plan, ot.PlanInfo(jnp.asarray(0), jnp.asarray(True), ot.marginal_error(plan))
 
 
-def _top_k_support_kept(w, cand, keep):
+def _top_k_support_kept(cand, keep):
   """Whether the top-|.| k entries of ``cand`` are exactly ``keep`` (strict separation; ties fail)."""
   inside = jnp.min(jnp.where(keep, jnp.abs(cand), jnp.inf))
   outside = jnp.max(jnp.where(keep, -jnp.inf, jnp.abs(cand)))
@@ -97,7 +97,7 @@ def _tau_c(w, d, keep, iterations):
   def body(_, lo_hi):
     lo, hi = lo_hi
     mid = 0.5 * (lo + hi)
-    ok = _top_k_support_kept(w, w - mid * d, keep)
+    ok = _top_k_support_kept(w - mid * d, keep)
     return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
 
   lo, _ = jax.lax.fori_loop(0, iterations, body, (jnp.zeros((), w.dtype), upper.astype(w.dtype)))
@@ -154,26 +154,27 @@ def iht_step(op, w: jax.Array, w_ref: jax.Array, y: jax.Array, k, cfg: StepConfi
 
   keep_w = topk_mask(jnp.abs(w), k)
   tau_c = _tau_c(w, d, keep_w, cfg.bisection_iterations)
-  # Closed-form minimiser of Q(a - tau b), a = H_k(w), b = d on supp(a) (brief section 10).
-  a = jnp.where(keep_w, w, 0.0)
-  b = jnp.where(keep_w, d, 0.0)
-  u, v = op.matvec(a), op.matvec(b)
-  num = cfg.lam * jnp.dot(b, a - w_ref) - jnp.dot(v, plan_t_y) + jnp.dot(col_mass * u, v)
-  den = jnp.dot(col_mass * v, v) + cfg.lam * jnp.dot(b, b)
-  tau_star = jnp.clip(jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), 0.0), 0.0, tau_c)
-
-  # Past tau_c: grow by 1.05 while Q(w - tau d) decreases (unthresholded w, unmasked d).
-  gd = op.matvec(d)
-  q_line = lambda t: objective(z - t * gd, w - t * d)[0]
-
-  def grow_cond(state):
-    t, i = state
-    return (i < cfg.max_growth_steps) & (q_line(cfg.growth * t) < q_line(t))
-
-  tau_grown, _ = jax.lax.while_loop(grow_cond, lambda s: (s[0] * cfg.growth, s[1] + 1), (tau_c, 0))
-  tau = jnp.where(tau_star < tau_c, tau_star, tau_grown)
   if cfg.step == "lipschitz":
     tau = 1.0 / lipschitz
+  else:
+    # Closed-form minimiser of Q(a - tau b), a = H_k(w), b = d on supp(a) (brief section 10).
+    a = jnp.where(keep_w, w, 0.0)
+    b = jnp.where(keep_w, d, 0.0)
+    u, v = op.matvec(a), op.matvec(b)
+    num = cfg.lam * jnp.dot(b, a - w_ref) - jnp.dot(v, plan_t_y) + jnp.dot(col_mass * u, v)
+    den = jnp.dot(col_mass * v, v) + cfg.lam * jnp.dot(b, b)
+    tau_star = jnp.clip(jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), 0.0), 0.0, tau_c)
+
+    # Past tau_c: grow by 1.05 while Q(w - tau d) decreases (unthresholded w, unmasked d).
+    gd = op.matvec(d)
+    q_line = lambda t: objective(z - t * gd, w - t * d)[0]
+
+    def grow_cond(state):
+      t, i = state
+      return (i < cfg.max_growth_steps) & (q_line(cfg.growth * t) < q_line(t))
+
+    tau_grown, _ = jax.lax.while_loop(grow_cond, lambda s: (s[0] * cfg.growth, s[1] + 1), (tau_c, 0))
+    tau = jnp.where(tau_star < tau_c, tau_star, tau_grown)
 
   w_step = w - tau * d
   keep = topk_mask(jnp.abs(w_step), k)
@@ -184,13 +185,18 @@ def iht_step(op, w: jax.Array, w_ref: jax.Array, y: jax.Array, k, cfg: StepConfi
   return w_next, keep, info
 
 
-def _validate(params, batch, k, loss_fn, eps, lam, direction, signals, iterations, stages, noise, key, spec):
+def _validate(batch, k, loss_fn, eps, lam, direction, signals, iterations, stages, noise, key, coupling, step,
+              spec):
   if not callable(loss_fn):
     raise TypeError("loss_fn must be a callable loss_fn(params, batch) -> scalar")
   if direction not in DIRECTIONS:
     raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
   if signals not in SIGNALS:
     raise ValueError(f"signals must be one of {SIGNALS}, got {signals!r}")
+  if step not in STEPS:
+    raise ValueError(f"step must be one of {STEPS}, got {step!r}")
+  if not (coupling in ("entropic", "identity") or callable(coupling)):
+    raise ValueError(f"coupling must be 'entropic', 'identity' or a callable (y, z) -> plan, got {coupling!r}")
   if isinstance(eps, jax.Array) or isinstance(eps, bool) or not isinstance(eps, (int, float)) or math.isnan(eps) or eps < 0:
     raise ValueError(f"eps must be a float >= 0 or inf (0: exact sorted matching), got {eps!r}")
   if isinstance(lam, bool) or not isinstance(lam, (int, float)) or lam < 0:
@@ -255,15 +261,12 @@ def ewr(params: PyTree, batch: Any, k: int, *, loss_fn: LossFn, eps: float = 1.0
     ``info`` with per-step objectives, transport cost, step sizes and Sinkhorn iterations.
   """
   spec = flat_spec(params, prunable)
-  n, k = _validate(params, batch, k, loss_fn, eps, lam, direction, signals, iterations, stages, noise, key, spec)
+  n, k = _validate(batch, k, loss_fn, eps, lam, direction, signals, iterations, stages, noise, key, coupling, step,
+                   spec)
   w_ref_tree = params if w_ref is None else w_ref
   w_ref_vec, _ = flatten(w_ref_tree, spec=spec)
   w_vec, _ = flatten(params, spec=spec)
-  if not (coupling in ("entropic", "identity") or callable(coupling)):
-    raise ValueError(f"coupling must be 'entropic', 'identity' or a callable (y, z) -> plan, got {coupling!r}")
   transport = coupling != "identity"
-  if step not in STEPS:
-    raise ValueError(f"step must be one of {STEPS}, got {step!r}")
   cfg = StepConfig(coupling, float(eps), relative_eps, float(lam), direction, scale_by_n, sinkhorn, step)
 
   p = spec.size

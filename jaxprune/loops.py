@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxprune.budget import check_sparsity
+from jaxprune.budget import check_sparsity, n_pruned_from_sparsity
 from jaxprune.data import Dataset, batches
 from jaxprune.masks import check_masks
 from jaxprune.progress import progress
@@ -134,7 +134,7 @@ def gradual_prune(params: PyTree, train: Dataset, *, pruner: Pruner, loss_fn: Ca
   evaluate_fn = evaluate_fn or (lambda _: {})
   for t, s in enumerate(progress(sparsities, desc="gradual stages", disable=not show_progress)):
     key, k_pick, k_prune, k_shuffle = jax.random.split(key, 4)
-    k_t = p - int(np.floor(s * p + 1e-9)) if t < stages - 1 else p - int(np.floor(target_sparsity * p + 1e-9))
+    k_t = p - n_pruned_from_sparsity(p, target_sparsity if t == stages - 1 else s)
     t0 = time.perf_counter()
     if k_t < p:
       idx = np.asarray(jax.random.choice(k_pick, len(train), (n_examples,), replace=False))

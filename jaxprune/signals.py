@@ -123,10 +123,8 @@ def per_example_grads(loss_fn: LossFn, params: PyTree, batch: Any, *, prunable: 
 def _grads_chunk(w, params, chunk, *, loss_fn, spec, dtype):
   # vmap of the per-example gradient: each example's backward pass sees only that example.
   # Module-level jit: repeated calls (stages, sweeps) with the same loss_fn reuse the compilation.
-  def one(w, params, example):
-    as_batch = jax.tree.map(lambda x: x[None], example)
-    return loss_fn(unflatten(w, params, spec), as_batch)
-  return jax.vmap(jax.grad(one), in_axes=(None, None, 0))(w, params, chunk).astype(dtype)
+  one = _example_loss_fn(loss_fn, params, spec)
+  return jax.vmap(jax.grad(one), in_axes=(None, 0))(w, chunk).astype(dtype)
 
 
 @struct.dataclass
