@@ -13,6 +13,12 @@ from jaxprune.loops import GradualResult, MaskedState, gradual_prune, keep_prune
 from jaxprune.masks import (SparsityReport, apply_masks, check_masks, count_kept, masks_like, sparsity_report,
                             topk_mask)
 from jaxprune.result import PruneResult
+from jaxprune.channel_groups import ChannelGroups, Group, Member, NormLink, make_group
+from jaxprune.tracing import groups
+from jaxprune.surgery import (channel_masks, fold_batchnorm, fuse_channels, select_channels, shrink_channels,
+                              write_channels)
+from jaxprune.importance import magnitude_importance, random_importance, taylor_grads, taylor_importance
+from jaxprune.channels import ChannelResult, prune_channels
 from jaxprune.trees import (FlatSpec, Prunable, count_prunable, flatten, is_kernel, leaves_with_paths,
                             prunable_paths, unflatten)
 
@@ -30,4 +36,8 @@ __all__ = [
     "PruneResult", "evaluate", "Evaluation",
     "load_mlpnet", "load_resnet", "load_resnet20",
     "data", "models",
+    "groups", "ChannelGroups", "Group", "Member", "NormLink", "make_group",
+    "fold_batchnorm", "select_channels", "fuse_channels", "write_channels", "shrink_channels", "channel_masks",
+    "magnitude_importance", "taylor_importance", "random_importance", "taylor_grads",
+    "prune_channels", "ChannelResult",
 ]

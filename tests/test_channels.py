@@ -1,0 +1,140 @@
+"""Default channel pruning: budgets, importances against numpy, the ResNet20 checkpoint on real data."""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxprune as jp
+from jaxprune import models
+
+CIFAR = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
+
+
+@pytest.fixture(scope="module")
+def resnet20_checkpoint(checkpoint_dir):
+  v = jp.load_resnet20(f"{checkpoint_dir}/resnet20_cifar10.npz")
+  return v, jp.groups(models.resnet20().apply, v, CIFAR)
+
+
+def numpy_l1(variables, group, p=1):
+  """Torch-Pruning's MagnitudeImportance written out on NHWC kernels: mean over kernels, / mean."""
+  per_layer = []
+  for m in group.members:
+    if m.kind not in ("kernel", "depthwise"):
+      continue
+    w = np.abs(np.asarray(jp.trees.get_leaf(variables, m.path), np.float64)) ** p
+    w = np.moveaxis(w, m.axis, 0)
+    per_layer.append(w.reshape(w.shape[0], -1).sum(1))
+  imp = np.mean(per_layer, axis=0)
+  return imp / imp.mean()
+
+
+def test_l1_and_l2_importance_match_numpy(resnet20_checkpoint):
+  v, groups = resnet20_checkpoint
+  for i in (0, 4, 8, 11):   # residual groups (several producers and consumers) and an inner group
+    np.testing.assert_allclose(jp.magnitude_importance(v, groups[i], 1), numpy_l1(v, groups[i]), rtol=1e-5)
+    np.testing.assert_allclose(jp.magnitude_importance(v, groups[i], 2), numpy_l1(v, groups[i], 2), rtol=1e-5)
+
+
+def test_prune_channels_keeps_floor_budget_and_the_top_channels(resnet20_checkpoint):
+  v, groups = resnet20_checkpoint
+  res = jp.prune_channels(v, groups, 0.3, fold_bn=False, mode="mask", show_progress=False)
+  for i, g in enumerate(groups):
+    assert res.kept[i].size == int(g.size * 0.7) == res.info["groups"][i]["m"]
+  # group 0 is scored first, on the unpruned tree
+  imp0 = numpy_l1(v, groups[0])
+  np.testing.assert_array_equal(res.kept[0], np.sort(np.argsort(imp0, kind="stable")[-res.kept[0].size:]))
+  # group 1 is scored after group 0 was pruned (its consumer layer3_2/conv2 lost output channels)
+  after0 = jp.write_channels(v, groups[0], res.kept[0])
+  imp1 = numpy_l1(after0, groups[1])
+  np.testing.assert_array_equal(res.kept[1], np.sort(np.argsort(imp1, kind="stable")[-res.kept[1].size:]))
+
+
+def test_pruned_resnet20_rebuilt_from_shrunk_params_matches_mask_mode(resnet20_checkpoint, data_dir):
+  v, groups = resnet20_checkpoint
+  test = jp.data.load("cifar10_png5k", "test", data_dir=data_dir, source="local")
+  x = jnp.asarray(test.x[:32])
+  shrunk = jp.prune_channels(v, groups, 0.3, show_progress=False)
+  masked = jp.prune_channels(v, groups, 0.3, mode="mask", show_progress=False)
+  small = models.CifarResNet.from_params(shrunk.variables)
+  assert small.stage_widths == (11, 22, 44) and small.hidden_widths == (11,) * 3 + (22,) * 3 + (44,) * 3
+  np.testing.assert_allclose(small.apply(shrunk.variables, x), models.resnet20().apply(masked.variables, x),
+                             atol=1e-4, rtol=1e-4)
+  for a, b in zip(shrunk.kept.values(), masked.kept.values()):
+    np.testing.assert_array_equal(a, b)
+  # masks mark exactly the removed channels of the original tree
+  kernel = jp.trees.get_leaf(masked.masks, "params/layer3_0/conv1/kernel")
+  assert kernel.shape == (3, 3, 32, 64)
+  assert int(kernel.sum()) == 9 * 22 * 44
+  assert int(kernel.any(axis=(0, 1, 3)).sum()) == 22 and int(kernel.any(axis=(0, 1, 2)).sum()) == 44
+
+
+def test_real_accuracy_after_pruning_one_inner_group(resnet20_checkpoint, data_dir):
+  v, groups = resnet20_checkpoint
+  test = jp.data.load("cifar10_png5k", "test", data_dir=data_dir, source="local")
+  model = models.resnet20()
+  dense = jp.evaluate(model.apply, v, test.x, test.y, batch_size=500).accuracy
+  same = jp.prune_channels(v, groups, 0.0, show_progress=False)
+  assert jp.evaluate(model.apply, same.variables, test.x, test.y, batch_size=500).accuracy == dense
+  half = jp.prune_channels(v, groups, 0.5, which=11, show_progress=False)
+  small = models.CifarResNet.from_params(half.variables)
+  acc = jp.evaluate(small.apply, half.variables, test.x, test.y, batch_size=500).accuracy
+  assert 0.85 < acc < dense   # half of layer1_0's inner channels removed by l1: a small, real loss
+
+
+def test_taylor_importance_matches_numpy():
+  model = models.MLP(widths=(6, 5), num_classes=3)
+  v = model.init(jax.random.key(0), jnp.zeros((1, 4)))
+  loss = jp.classification_loss(model.apply)
+  rng = np.random.default_rng(0)
+  batches = [(jnp.asarray(rng.normal(size=(8, 4)), jnp.float32), jnp.asarray(rng.integers(0, 3, 8))) for _ in range(3)]
+  grads = jp.taylor_grads(loss, v, batches, show_progress=False)
+  manual = [jax.grad(loss)(v, b) for b in batches]
+  g = jp.groups(model.apply, v, jnp.zeros((1, 4)))[1]          # fc1 -> fc2, 6 channels
+  w1, w2 = (np.asarray(v["params"][k]["kernel"]) for k in ("fc1", "fc2"))
+  g1, g2 = (sum(np.asarray(m["params"][k]["kernel"]) for m in manual) for k in ("fc1", "fc2"))
+  ref = (np.abs(w1 * g1).sum(0) + np.abs(w2 * g2).sum(1)) / 2
+  np.testing.assert_allclose(jp.taylor_importance(v, grads, g), ref / ref.mean(), rtol=1e-4)
+  res = jp.prune_channels(v, [g], 0.5, importance="taylor", loss_fn=loss, batches=batches, show_progress=False)
+  np.testing.assert_array_equal(res.kept[0], np.sort(np.argsort(ref)[-3:]))
+
+
+def test_random_and_callable_importance():
+  model = models.MLP(widths=(10,), num_classes=3)
+  v = model.init(jax.random.key(0), jnp.zeros((1, 4)))
+  g = jp.groups(model.apply, v, jnp.zeros((1, 4)))
+  a = jp.prune_channels(v, g, 0.4, importance="random", key=jax.random.key(3), show_progress=False)
+  b = jp.prune_channels(v, g, 0.4, importance="random", key=jax.random.key(3), show_progress=False)
+  np.testing.assert_array_equal(a.kept[0], b.kept[0])
+  assert a.kept[0].size == 6
+  c = jp.prune_channels(v, g, 0.4, importance=lambda variables, group: np.arange(group.size), show_progress=False)
+  np.testing.assert_array_equal(c.kept[0], np.arange(4, 10))
+
+
+def test_prune_channels_bad_input():
+  model = models.MLP(widths=(10,), num_classes=3)
+  v = model.init(jax.random.key(0), jnp.zeros((1, 4)))
+  g = jp.groups(model.apply, v, jnp.zeros((1, 4)))
+  for bad in (1.0, -0.1, True, "0.5"):
+    with pytest.raises(ValueError, match="sparsity"):
+      jp.prune_channels(v, g, bad, show_progress=False)
+  with pytest.raises(ValueError, match="keeps no channel"):
+    jp.prune_channels(v, g, 0.95, show_progress=False)
+  with pytest.raises(IndexError, match="which: group 3"):
+    jp.prune_channels(v, g, 0.5, which=3, show_progress=False)
+  with pytest.raises(ValueError, match="not prunable"):
+    jp.prune_channels(v, [dataclasses.replace(g[0], prunable=False, reason="test")], 0.5, show_progress=False)
+  with pytest.raises(ValueError, match="mode"):
+    jp.prune_channels(v, g, 0.5, mode="cut", show_progress=False)
+  with pytest.raises(ValueError, match="importance must be one of"):
+    jp.prune_channels(v, g, 0.5, importance="l3", show_progress=False)
+  with pytest.raises(ValueError, match="needs grads="):
+    jp.prune_channels(v, g, 0.5, importance="taylor", show_progress=False)
+  with pytest.raises(ValueError, match="needs a jax.random key"):
+    jp.prune_channels(v, g, 0.5, importance="random", show_progress=False)
+  with pytest.raises(ValueError, match="not both"):
+    jp.prune_channels(v, g, {0: 0.5}, which=0, show_progress=False)
+  with pytest.raises(TypeError, match="groups must be"):
+    jp.prune_channels(v, ["fc1"], 0.5, show_progress=False)

@@ -1,0 +1,158 @@
+"""Surgery (shrink vs mask, fusion maps), BatchNorm folding and default channel pruning."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxprune as jp
+from jaxprune import models
+
+CIFAR = (2, 32, 32, 3)
+
+
+def randomized(variables, seed=1):
+  """Random BatchNorm statistics, offsets and scales so that folding and masking are not trivial."""
+  leaves, tree = jax.tree_util.tree_flatten_with_path(variables)
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  out = []
+  for (path, x), k in zip(leaves, keys):
+    name = jp.trees.path_str(path).rsplit("/", 1)[-1]
+    if name == "var":
+      x = jax.random.uniform(k, x.shape, minval=0.5, maxval=2.0)
+    elif name in ("mean", "bias"):
+      x = 0.3 * jax.random.normal(k, x.shape)
+    elif name == "scale":
+      x = jax.random.uniform(k, x.shape, minval=0.5, maxval=1.5)
+    out.append(x)
+  return jax.tree_util.tree_unflatten(tree, out)
+
+
+MODELS = {
+    "resnet20": (models.resnet20, CIFAR, models.CifarResNet.from_params),
+    "vgg11_bn": (models.vgg11_bn, CIFAR, models.VGG.from_params),
+    "resnet18": (models.resnet18, CIFAR, models.CifarResNet.from_params),
+    "mobilenet_v1": (models.MobileNetV1, CIFAR, models.MobileNetV1.from_params),
+    "mlp": (lambda: models.MLP(widths=(12, 8)), (2, 20), models.MLP.from_params),
+}
+
+
+@pytest.fixture(scope="module", params=list(MODELS))
+def model_case(request):
+  make, shape, rebuild = MODELS[request.param]
+  model = make()
+  v = randomized(model.init(jax.random.key(0), jnp.zeros(shape)))
+  x = jax.random.normal(jax.random.key(2), shape)
+  return request.param, model, v, x, rebuild, jp.groups(model.apply, v, x)
+
+
+def test_masking_equals_removing_channels(model_case):
+  name, model, v, x, rebuild, groups = model_case
+  rng = np.random.default_rng(0)
+  masked, plans = v, []
+  for g in groups:
+    keep = np.sort(rng.choice(g.size, max(1, g.size // 2), replace=False))
+    masked = jp.write_channels(masked, g, keep)
+    plans.append((g, keep))
+  shrunk = jp.shrink_channels(masked, plans)
+  out_mask = model.apply(masked, x)
+  out_shrunk = rebuild(shrunk).apply(shrunk, x)
+  np.testing.assert_allclose(out_shrunk, out_mask, atol=1e-4, rtol=1e-4)
+  assert not np.allclose(out_mask, model.apply(v, x), atol=1e-3)   # pruning did change the model
+  # every group lost exactly half its channels in every member
+  leaves = dict(jp.trees.leaves_with_paths(shrunk))
+  for g, keep in plans:
+    for m in g.members:
+      rows = 1 if m.index is None else m.index.shape[1]
+      other = 0 if m.index is None else np.shape(masked_leaf(masked, m.path))[m.axis] - g.size * rows
+      assert leaves[m.path].shape[m.axis] == keep.size * rows + other
+
+
+def masked_leaf(tree, path):
+  return jp.trees.get_leaf(tree, path)
+
+
+def test_folded_batchnorm_equals_unfolded(model_case):
+  name, model, v, x, rebuild, groups = model_case
+  if not groups.norms:      # the MLP has no BatchNorm: folding is a no-op
+    assert name == "mlp"
+    assert jp.fold_batchnorm(v, groups) is not None
+    for (_, a), (_, b) in zip(jp.trees.leaves_with_paths(v), jp.trees.leaves_with_paths(jp.fold_batchnorm(v, groups))):
+      np.testing.assert_array_equal(a, b)
+    return
+  ref = model.apply(v, x)
+  folded = jp.fold_batchnorm(v, groups)
+  np.testing.assert_allclose(model.apply(folded, x), ref, atol=2e-5 * float(jnp.abs(ref).max()) + 1e-5)
+  official = jp.fold_batchnorm(v, groups, include_eps=False)
+  err = float(jnp.abs(model.apply(official, x) - ref).max())
+  assert err < 1e-3 * float(jnp.abs(ref).max())
+  link = groups.norms[0]
+  assert float(jp.trees.get_leaf(official, link.var)[0]) == 1.0
+  assert float(jp.trees.get_leaf(folded, link.var)[0]) == pytest.approx(1 - link.eps)
+
+
+def test_fold_matches_the_formula():
+  model = models.vgg11_bn()
+  v = randomized(model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))))
+  g = jp.groups(model.apply, v, jnp.zeros((1, 32, 32, 3)))
+  link = next(l for l in g.norms if l.kernel == "params/conv3/kernel")
+  assert link.kernel_bias == "params/conv3/bias" and link.eps == pytest.approx(1e-5)
+  get = lambda tree, p: np.asarray(jp.trees.get_leaf(tree, p), np.float64)
+  s = get(v, link.scale) / np.sqrt(get(v, link.var) + 1e-5)
+  folded = jp.fold_batchnorm(v, g)
+  np.testing.assert_allclose(get(folded, link.kernel), get(v, link.kernel) * s, rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(get(folded, link.kernel_bias),
+                             (get(v, link.kernel_bias) - get(v, link.mean)) * s + get(v, link.offset), rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(get(folded, link.offset), 0.0)
+
+
+def test_sparsity_zero_changes_nothing(model_case):
+  name, model, v, x, rebuild, groups = model_case
+  res = jp.prune_channels(v, groups, 0.0, fold_bn=False, show_progress=False)
+  for (p, a), (_, b) in zip(jp.trees.leaves_with_paths(v), jp.trees.leaves_with_paths(res.variables)):
+    np.testing.assert_array_equal(a, b, err_msg=p)
+  assert all(k.size == g.size for k, g in zip(res.kept.values(), groups))
+  folded = jp.prune_channels(v, groups, 0.0, show_progress=False)
+  ref = model.apply(v, x)
+  np.testing.assert_allclose(model.apply(folded.variables, x), ref, atol=2e-5 * float(jnp.abs(ref).max()) + 1e-5)
+
+
+def test_fusion_map_on_an_mlp_matches_numpy():
+  model = models.MLP(widths=(6,), num_classes=3)
+  v = model.init(jax.random.key(0), jnp.zeros((1, 4)))
+  g = jp.groups(model.apply, v, jnp.zeros((1, 4)))[0]
+  keep = np.array([4, 1])      # any order: row k belongs to keep[k]
+  t = np.random.default_rng(0).uniform(size=(2, 6)).astype(np.float32)
+  out = jp.fuse_channels(v, g, keep, t, mode="shrink")
+  p = {k: np.asarray(x) for k, x in v["params"]["fc1"].items()}
+  q = np.asarray(v["params"]["fc2"]["kernel"])
+  order = np.argsort(keep)       # shrunk channels come in sorted keep order
+  np.testing.assert_allclose(out["params"]["fc1"]["kernel"], (p["kernel"] @ t.T)[:, order], rtol=1e-5)
+  np.testing.assert_allclose(out["params"]["fc1"]["bias"], (t @ p["bias"])[order], rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(out["params"]["fc2"]["kernel"], (t @ q)[order], rtol=1e-5)
+  # a 0/1 selection map is plain pruning
+  sel = np.eye(6, dtype=np.float32)[keep]
+  a = jp.fuse_channels(v, g, keep, sel)
+  b = jp.select_channels(v, g, keep)
+  for (_, x1), (_, x2) in zip(jp.trees.leaves_with_paths(a), jp.trees.leaves_with_paths(b)):
+    np.testing.assert_allclose(x1, x2)
+
+
+def test_surgery_bad_input():
+  model = models.MLP(widths=(6,), num_classes=3)
+  v = model.init(jax.random.key(0), jnp.zeros((1, 4)))
+  g = jp.groups(model.apply, v, jnp.zeros((1, 4)))[0]
+  with pytest.raises(ValueError, match="keep is empty"):
+    jp.select_channels(v, g, np.array([], int))
+  with pytest.raises(ValueError, match="outside"):
+    jp.select_channels(v, g, np.array([0, 6]))
+  with pytest.raises(ValueError, match="repeated"):
+    jp.select_channels(v, g, np.array([1, 1]))
+  with pytest.raises(TypeError, match="int channel indices"):
+    jp.select_channels(v, g, np.array([True, False]))
+  with pytest.raises(ValueError, match="mode"):
+    jp.select_channels(v, g, np.array([1]), mode="cut")
+  with pytest.raises(ValueError, match=r"fusion_map must have shape \(m, n\) = \(2, 6\)"):
+    jp.fuse_channels(v, g, np.array([1, 2]), np.ones((6, 2)))
+  shrunk = jp.select_channels(v, g, np.array([1, 2]))
+  with pytest.raises(ValueError, match="already shrunk"):
+    jp.select_channels(shrunk, g, np.array([1, 2]))
