@@ -12,6 +12,7 @@ SCRIPTS = {
     "experiments/ewr_noise.py": "noise_summary",
     "experiments/ewr_gradual.py": "gradual",
     "experiments/ewr_resnet20_oneshot.py": "resnet20_oneshot",
+    "experiments/channels_resnet20.py": "resnet20_l1",
 }
 
 
@@ -25,7 +26,7 @@ def test_experiment_quick(script, stem, tmp_path, data_dir, checkpoint_dir):
   rows = json.loads((tmp_path / f"{stem}.json").read_text())["rows"]
   assert rows and (tmp_path / f"{stem}.csv").exists()
   assert any(p.suffix == ".png" for p in tmp_path.iterdir())
-  assert "| sparsity |" in proc.stdout or "| target |" in proc.stdout
+  assert any(h in proc.stdout for h in ("| sparsity |", "| target |", "| group |"))
 
 
 @pytest.mark.slow

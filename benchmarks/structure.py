@@ -1,0 +1,80 @@
+"""Tracing channel groups and pruning channels: time per reference model, side by side.
+
+For each model: ``jax.make_jaxpr`` of its inference call alone, ``jaxprune.groups`` (the same
+trace plus the analysis), their ratio, and ``prune_channels`` (l1, every group at 50%, shrink)
+against one jitted forward pass of a 32-image batch. Warm timings are the median of 5 runs
+after one warm-up call.
+"""
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+import jaxprune as jp
+from jaxprune import models
+
+REPO = Path(__file__).resolve().parents[1]
+MODELS = {
+    "MLPNet": (models.mlpnet, (1, 784)),
+    "ResNet20": (models.resnet20, (1, 32, 32, 3)),
+    "VGG11-BN": (models.vgg11_bn, (1, 32, 32, 3)),
+    "ResNet18": (models.resnet18, (1, 32, 32, 3)),
+    "MobileNetV1": (models.MobileNetV1, (1, 32, 32, 3)),
+}
+
+
+def timed(fn, repeats):
+  t0 = time.perf_counter()
+  out = fn()
+  first = time.perf_counter() - t0
+  runs = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn())
+    runs.append(time.perf_counter() - t0)
+  return out, first, statistics.median(runs)
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--quick", action="store_true")
+  p.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+  args = p.parse_args()
+  repeats = 1 if args.quick else 5
+  names = ["MLPNet", "ResNet20"] if args.quick else list(MODELS)
+  rows = []
+  for name in names:
+    make, shape = MODELS[name]
+    model = make()
+    v = model.init(jax.random.key(0), jnp.zeros(shape))
+    x = jax.ShapeDtypeStruct(shape, jnp.float32)
+    _, _, jaxpr_s = timed(lambda: jax.make_jaxpr(model.apply)(v, x), repeats)
+    groups, first_s, groups_s = timed(lambda: jp.groups(model.apply, v, x), repeats)
+    _, _, prune_s = timed(lambda: jp.prune_channels(v, groups, 0.5, show_progress=False).variables, repeats)
+    batch = jnp.zeros((32,) + shape[1:])
+    fwd = jax.jit(model.apply)
+    _, _, fwd_s = timed(lambda: fwd(v, batch), repeats)
+    rows.append({"model": name, "groups": len(groups), "make_jaxpr_s": round(jaxpr_s, 4),
+                 "groups_first_s": round(first_s, 4), "groups_s": round(groups_s, 4),
+                 "groups_over_make_jaxpr": round(groups_s / jaxpr_s, 2), "prune_channels_s": round(prune_s, 4),
+                 "forward32_s": round(fwd_s, 4), "prune_over_forward": round(prune_s / fwd_s, 1)})
+    print(rows[-1], flush=True)
+  header = list(rows[0])
+  table = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+  table += ["| " + " | ".join(str(r[h]) for h in header) + " |" for r in rows]
+  print("\n".join(table))
+  out = Path(args.out)
+  out.mkdir(parents=True, exist_ok=True)
+  stem = "structure_quick" if args.quick else "structure"
+  meta = {"device": str(jax.devices()[0]), "backend": jax.default_backend(), "jax": jax.__version__,
+          "date": time.strftime("%Y-%m-%d"), "repeats": repeats}
+  (out / f"{stem}.json").write_text(json.dumps({**meta, "rows": rows}, indent=1))
+  (out / f"{stem}.md").write_text("\n".join(table) + "\n")
+
+
+if __name__ == "__main__":
+  main()
