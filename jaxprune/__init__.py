@@ -19,6 +19,7 @@ from jaxprune.surgery import (channel_masks, fold_batchnorm, fuse_channels, sele
                               write_channels)
 from jaxprune.importance import magnitude_importance, random_importance, taylor_grads, taylor_importance
 from jaxprune.channels import ChannelResult, prune_channels
+from jaxprune.intrafusion import FusionMap, intra_fusion
 from jaxprune.trees import (FlatSpec, Prunable, count_prunable, flatten, is_kernel, leaves_with_paths,
                             prunable_paths, unflatten)
 
@@ -39,5 +40,5 @@ __all__ = [
     "groups", "ChannelGroups", "Group", "Member", "NormLink", "make_group",
     "fold_batchnorm", "select_channels", "fuse_channels", "write_channels", "shrink_channels", "channel_masks",
     "magnitude_importance", "taylor_importance", "random_importance", "taylor_grads",
-    "prune_channels", "ChannelResult",
+    "prune_channels", "ChannelResult", "intra_fusion", "FusionMap",
 ]

@@ -68,10 +68,12 @@ def identity_plan(n: int, dtype=jnp.float32) -> jax.Array:
   return jnp.eye(n, dtype=dtype) / n
 
 
-def marginal_error(plan: jax.Array) -> jax.Array:
-  """``max(|P 1 - 1/N|, |P^T 1 - 1/M|)``."""
+def marginal_error(plan: jax.Array, a: jax.Array | None = None, b: jax.Array | None = None) -> jax.Array:
+  """``max(|P 1 - a|, |P^T 1 - b|)``; uniform ``a = 1/N``, ``b = 1/M`` by default."""
   n, m = plan.shape
-  return jnp.maximum(jnp.abs(plan.sum(1) - 1.0 / n).max(), jnp.abs(plan.sum(0) - 1.0 / m).max())
+  a = jnp.full((n,), 1.0 / n, plan.dtype) if a is None else a
+  b = jnp.full((m,), 1.0 / m, plan.dtype) if b is None else b
+  return jnp.maximum(jnp.abs(plan.sum(1) - a).max(), jnp.abs(plan.sum(0) - b).max())
 
 
 def entropic_plan_1d(y: jax.Array, z: jax.Array, eps: float, *, relative: bool = False,
@@ -111,8 +113,8 @@ def _check_eps(eps) -> float:
   return eps
 
 
-def round_to_marginals(plan: jax.Array) -> jax.Array:
-  """Projects an approximate plan onto the couplings with marginals ``1/N`` (both sides).
+def round_to_marginals(plan: jax.Array, a: jax.Array | None = None, b: jax.Array | None = None) -> jax.Array:
+  """Projects an approximate plan onto the couplings with marginals ``a``, ``b`` (uniform by default).
 
   The rounding of Altschuler, Weed & Rigollet (2017, Alg. 2): scale down rows and columns
   that carry too much mass, then add the missing mass as a rank-one term. The result has
@@ -121,7 +123,8 @@ def round_to_marginals(plan: jax.Array) -> jax.Array:
   true coupling.
   """
   n, m = plan.shape
-  a, b = jnp.full((n,), 1.0 / n, plan.dtype), jnp.full((m,), 1.0 / m, plan.dtype)
+  a = jnp.full((n,), 1.0 / n, plan.dtype) if a is None else a
+  b = jnp.full((m,), 1.0 / m, plan.dtype) if b is None else b
   rows = plan.sum(1)
   plan = plan * jnp.minimum(1.0, a / jnp.maximum(rows, 1e-30))[:, None]
   cols = plan.sum(0)
@@ -131,15 +134,18 @@ def round_to_marginals(plan: jax.Array) -> jax.Array:
   return plan + jnp.outer(err_a, err_b) / jnp.maximum(err_a.sum(), 1e-30)
 
 
-def _sinkhorn(y, z, eps, relative, options):
-  cost = cost_1d(y, z)
-  geom = geometry.Geometry(cost_matrix=cost, epsilon=eps, relative_epsilon="mean" if relative else None)
+def _solver(options: SinkhornOptions) -> sinkhorn.Sinkhorn:
   kw = {}
   if options.momentum:
     kw["momentum"] = acceleration.Momentum(start=2 * options.inner_iterations, error_threshold=1e-2)
-  solver = sinkhorn.Sinkhorn(lse_mode=True, threshold=options.threshold, max_iterations=options.max_iterations,
-                             inner_iterations=options.inner_iterations, implicit_diff=None, **kw)
-  out = solver(linear_problem.LinearProblem(geom))
+  return sinkhorn.Sinkhorn(lse_mode=True, threshold=options.threshold, max_iterations=options.max_iterations,
+                           inner_iterations=options.inner_iterations, implicit_diff=None, **kw)
+
+
+def _sinkhorn(y, z, eps, relative, options):
+  cost = cost_1d(y, z)
+  geom = geometry.Geometry(cost_matrix=cost, epsilon=eps, relative_epsilon="mean" if relative else None)
+  out = _solver(options)(linear_problem.LinearProblem(geom))
   plan = round_to_marginals(jax.lax.stop_gradient(out.matrix))
   return plan, PlanInfo(out.n_iters, out.converged, marginal_error(plan))
 
@@ -148,3 +154,47 @@ def transport_cost(plan: jax.Array, y: jax.Array, z: jax.Array) -> jax.Array:
   """``<P, C>`` with ``C_ij = (y_i - z_j)^2``, without forming ``C``."""
   a, b = plan.sum(1), plan.sum(0)
   return jnp.dot(a, y * y) - 2.0 * jnp.dot(y, plan @ z) + jnp.dot(b, z * z)
+
+
+# -- general discrete OT (Intra-Fusion): cost C: (n, m), marginals a: (n,), b: (m,) ---------------
+
+def entropic_plan(cost: jax.Array, a: jax.Array, b: jax.Array, eps: float, *, relative: bool = True,
+                  options: SinkhornOptions = SinkhornOptions()) -> tuple[jax.Array, PlanInfo]:
+  """Entropic OT plan ``P: (n, m)`` for a cost matrix, by ott-jax's log-domain Sinkhorn.
+
+  Args:
+    cost: ``C: (n, m)``.
+    a, b: marginals ``(n,)`` and ``(m,)`` summing to 1.
+    eps: regularisation (Python float, static); with ``relative=True`` (default) it is a
+      fraction of ``mean(C)``, so one value suits costs of any scale.
+    options: static :class:`SinkhornOptions`.
+
+  Returns:
+    ``(plan, PlanInfo)``; the plan is rounded onto the exact marginals. Jit- and vmap-safe.
+  """
+  eps = _check_eps(eps)
+  if eps == 0.0 or math.isinf(eps):
+    raise ValueError("eps must be positive and finite for an entropic plan (use exact_plan for eps=0)")
+  geom = geometry.Geometry(cost_matrix=cost, epsilon=eps, relative_epsilon="mean" if relative else None)
+  out = _solver(options)(linear_problem.LinearProblem(geom, a=a, b=b))
+  plan = round_to_marginals(jax.lax.stop_gradient(out.matrix), a, b)
+  return plan, PlanInfo(out.n_iters, out.converged, marginal_error(plan, a, b))
+
+
+def exact_plan(cost, a, b, *, max_iterations: int = 10_000_000):
+  """Exact (unregularised) OT plan ``P: (n, m)`` by POT's network simplex (``ot.emd``), in float64.
+
+  The official Intra-Fusion code calls the same solver (with POT's default iteration cap of
+  1e5, which large groups can hit; here the cap is 1e7 and hitting it raises). Runs on the
+  host (numpy in, numpy out), outside ``jit``.
+  """
+  import numpy as np
+  import ot as pot
+  c = np.asarray(cost, np.float64)
+  a = np.asarray(a, np.float64)
+  b = np.asarray(b, np.float64)
+  a, b = a / a.sum(), b / b.sum()
+  plan, log = pot.emd(a, b, np.ascontiguousarray(c), numItermax=max_iterations, log=True)
+  if log.get("result_code") != 1:
+    raise RuntimeError(f"exact OT did not reach the optimum: {log.get('warning')} (result code {log.get('result_code')})")
+  return plan

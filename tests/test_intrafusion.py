@@ -1,0 +1,187 @@
+"""Intra-Fusion: fusion-map invariants, duplicates, the exact solver against scipy, real MLPNet accuracy."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy.optimize import linprog
+
+import jaxprune as jp
+from jaxprune import models, ot
+from jaxprune.intrafusion import fusion_from_plan, pairing_cost, pairing_vectors
+
+CIFAR = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
+
+
+@pytest.fixture(scope="module")
+def resnet20_checkpoint(checkpoint_dir):
+  v = jp.load_resnet20(f"{checkpoint_dir}/resnet20_cifar10.npz")
+  return v, jp.groups(models.resnet20().apply, v, CIFAR)
+
+
+def test_fusion_map_columns_sum_to_one_and_rows_to_n_over_m(resnet20_checkpoint):
+  v, groups = resnet20_checkpoint
+  res = jp.intra_fusion(v, groups, 0.7, which=[0, 11], mode="mask", show_progress=False)
+  for i in (0, 11):
+    f = res.info["maps"][i]
+    n, m = groups[i].size, int(groups[i].size * 0.3)
+    assert f.fusion_map.shape == (m, n) and f.plan.shape == (n, m)
+    np.testing.assert_allclose(f.fusion_map.sum(0), 1.0, atol=1e-9)
+    np.testing.assert_allclose(f.fusion_map.sum(1), n / m, atol=1e-9)
+    np.testing.assert_allclose(f.plan.sum(1), 1 / n, atol=1e-12)
+    np.testing.assert_allclose(f.plan.sum(0), 1 / m, atol=1e-12)
+    assert res.info["groups"][i]["marginal_error"] < 1e-12
+  avg = jp.intra_fusion(v, groups, 0.7, which=0, mode="mask", semantics="average", show_progress=False)
+  np.testing.assert_allclose(avg.info["maps"][0].producer_map.sum(1), 1.0, atol=1e-9)
+
+
+def test_sparsity_zero_leaves_the_model_unchanged(resnet20_checkpoint, data_dir):
+  v, groups = resnet20_checkpoint
+  test = jp.data.load("cifar10_png5k", "test", data_dir=data_dir, source="local")
+  x = jnp.asarray(test.x[:16])
+  model = models.resnet20()
+  res = jp.intra_fusion(v, groups, 0.0, show_progress=False)
+  for i, g in enumerate(groups):
+    np.testing.assert_allclose(res.info["maps"][i].fusion_map, np.eye(g.size), atol=1e-12)
+  ref = model.apply(v, x)
+  np.testing.assert_allclose(model.apply(res.variables, x), ref, atol=1e-4 * float(jnp.abs(ref).max()))
+
+
+def duplicated_mlp(n_kept=3, copies=2, seed=0):
+  """A 2-layer MLP whose hidden channels come in exact duplicate clusters (producer rows and
+  consumer columns identical within a cluster); the representatives are 0..n_kept-1."""
+  rng = np.random.default_rng(seed)
+  w1 = rng.normal(size=(5, n_kept)).astype(np.float32)
+  b1 = np.abs(rng.normal(size=n_kept)).astype(np.float32)
+  w2 = rng.normal(size=(n_kept, 4)).astype(np.float32)
+  tile = lambda a, axis: np.concatenate([a] * copies, axis=axis)
+  params = {"fc1": {"kernel": tile(w1, 1), "bias": tile(b1, 0)},
+            "fc2": {"kernel": tile(w2, 0), "bias": np.zeros(4, np.float32)}}
+  return models.MLP(widths=(n_kept * copies,), num_classes=4), {"params": params}
+
+
+def test_duplicates_sum_semantics_scales_by_n_over_m_and_average_is_exact():
+  model, v = duplicated_mlp()
+  x = jax.random.normal(jax.random.key(0), (7, 5))
+  g = jp.groups(model.apply, v, x)
+  representatives_first = lambda variables, group: -np.arange(group.size, dtype=float)   # keep 0, 1, 2
+  dense = model.apply(v, x)
+  kw = dict(importance=representatives_first, show_progress=False)
+  fused = jp.intra_fusion(v, g, 0.5, **kw)
+  small = models.MLP.from_params(fused.variables)
+  np.testing.assert_array_equal(fused.kept[0], [0, 1, 2])
+  np.testing.assert_allclose(small.apply(fused.variables, x), 2.0 * dense, rtol=1e-5, atol=1e-5)
+  averaged = jp.intra_fusion(v, g, 0.5, semantics="average", **kw)
+  np.testing.assert_allclose(small.apply(averaged.variables, x), dense, rtol=1e-5, atol=1e-5)
+  plain = jp.prune_channels(v, g, 0.5, **kw)
+  out = small.apply(plain.variables, x)
+  np.testing.assert_allclose(out, 0.5 * dense, rtol=1e-5, atol=1e-5)   # half the mass is gone
+  assert not np.allclose(out, dense, atol=1e-3) and not np.allclose(out, 2.0 * dense, atol=1e-3)
+
+
+def scipy_ot(c, a, b):
+  n, m = c.shape
+  rows = np.kron(np.eye(n), np.ones((1, m)))
+  cols = np.kron(np.ones((1, n)), np.eye(m))
+  res = linprog(c.ravel(), A_eq=np.vstack([rows, cols]), b_eq=np.concatenate([a, b]), bounds=(0, None),
+                method="highs")
+  assert res.status == 0
+  return res.x.reshape(n, m), res.fun
+
+
+@pytest.mark.parametrize("n, m", [(7, 3), (12, 5), (9, 9)])
+def test_exact_solver_matches_scipy_linear_programming(n, m):
+  rng = np.random.default_rng(n * m)
+  c = rng.uniform(size=(n, m))
+  a, b = rng.dirichlet(np.ones(n)), rng.dirichlet(np.ones(m))
+  plan = ot.exact_plan(c, a, b)
+  ref, value = scipy_ot(c, a, b)
+  assert (plan * c).sum() == pytest.approx(value, abs=1e-12)
+  np.testing.assert_allclose(plan, ref, atol=1e-9)   # continuous random costs: a unique optimum
+
+
+def test_entropic_solver_is_close_to_exact_on_a_real_group(resnet20_checkpoint):
+  v, groups = resnet20_checkpoint
+  exact = jp.intra_fusion(v, groups, 0.5, which=4, mode="mask", show_progress=False)
+  ent = jp.intra_fusion(v, groups, 0.5, which=4, mode="mask", solver="entropic", show_progress=False)
+  ce, cs = exact.info["groups"][4]["transport_cost"], ent.info["groups"][4]["transport_cost"]
+  assert ce <= cs <= ce * (1 + 1e-3)
+  assert ent.info["groups"][4]["marginal_error"] < 1e-5
+  np.testing.assert_array_equal(exact.kept[4], ent.kept[4])
+
+
+def test_vmapped_parallel_solves_equal_separate_sequential_ones(resnet20_checkpoint):
+  v, groups = resnet20_checkpoint
+  which = [1, 2, 3]   # three inner groups of 64 channels: one (64, 32) size class, no shared layers
+  par = jp.intra_fusion(v, groups, 0.5, which=which, solver="entropic", order="parallel", mode="mask",
+                        show_progress=False)
+  for i in which:
+    one = jp.intra_fusion(v, groups, 0.5, which=i, solver="entropic", mode="mask", show_progress=False)
+    # a vmapped Sinkhorn loop runs until every member has converged, so plans agree to float32 noise
+    np.testing.assert_allclose(par.info["maps"][i].plan, one.info["maps"][i].plan, atol=1e-5)
+    assert par.info["groups"][i]["transport_cost"] == pytest.approx(one.info["groups"][i]["transport_cost"], rel=1e-5)
+
+
+def test_zero_pairing_vectors_give_no_nan():
+  model = models.MLP(widths=(6,), num_classes=3)
+  v = model.init(jax.random.key(0), jnp.zeros((1, 4)))
+  v["params"]["fc1"]["kernel"] = v["params"]["fc1"]["kernel"].at[:, 2].set(0.0)
+  v["params"]["fc2"]["kernel"] = v["params"]["fc2"]["kernel"].at[2, :].set(0.0)
+  g = jp.groups(model.apply, v, jnp.zeros((1, 4)))
+  x = pairing_vectors(v, g[0])
+  assert float(jnp.abs(x[2]).max()) == 0.0
+  cost = pairing_cost(x, np.array([0, 1, 3]))
+  assert bool(jnp.all(jnp.isfinite(cost)))
+  for solver in ("exact", "entropic"):
+    res = jp.intra_fusion(v, g, 0.5, solver=solver, show_progress=False)
+    assert all(bool(jnp.all(jnp.isfinite(leaf))) for _, leaf in jp.trees.leaves_with_paths(res.variables))
+
+
+def test_fusion_from_plan_zero_mass_source():
+  plan = np.array([[0.5, 0.0], [0.0, 0.5], [0.0, 0.0]])
+  t, tp = fusion_from_plan(plan, np.array([0.5, 0.5, 0.0]))
+  np.testing.assert_allclose(t, [[1, 0, 0], [0, 1, 0]])
+  assert np.all(np.isfinite(tp))
+
+
+def test_taylor_intra_fusion_fuses_the_gradients_too():
+  model = models.MLP(widths=(8, 6), num_classes=3)
+  v = model.init(jax.random.key(0), jnp.zeros((1, 4)))
+  loss = jp.classification_loss(model.apply)
+  rng = np.random.default_rng(0)
+  batches = [(jnp.asarray(rng.normal(size=(16, 4)), jnp.float32), jnp.asarray(rng.integers(0, 3, 16)))]
+  g = jp.groups(model.apply, v, jnp.zeros((1, 4)))
+  res = jp.intra_fusion(v, g, 0.5, importance="taylor", loss_fn=loss, batches=batches, show_progress=False)
+  assert [k.size for k in res.kept.values()] == [3, 4]
+  assert models.MLP.from_params(res.variables).widths == (4, 3)
+
+
+def test_intra_fusion_beats_default_pruning_on_mlpnets_first_hidden_group(checkpoint_dir, data_dir):
+  """Real data, l1, no fine-tuning: fusing fc1's 40 channels (consumer fc2) beats dropping them at
+  every sparsity from 0.4 on (experiment 5a has the full table, including group 0, where fusing the
+  20 channels that feed the classifier loses)."""
+  v = jp.load_mlpnet(f"{checkpoint_dir}/mlpnet_mnist.npz")
+  test = jp.data.load("mnist", "test", data_dir=data_dir, source="local")
+  model = models.mlpnet()
+  g = jp.groups(model.apply, v, jnp.zeros((1, 28, 28, 1)))
+  assert g[1].modules("producer") == ("params/fc1",)
+  acc = lambda vv: jp.evaluate(model.apply, vv, test.x, test.y, batch_size=2000).accuracy
+  for s in (0.4, 0.5, 0.6, 0.7):
+    d = acc(jp.prune_channels(v, g, s, which=1, mode="mask", show_progress=False).variables)
+    f = acc(jp.intra_fusion(v, g, s, which=1, mode="mask", show_progress=False).variables)
+    assert f > d, (s, f, d)
+
+
+def test_intra_fusion_bad_input():
+  model = models.MLP(widths=(6,), num_classes=3)
+  v = model.init(jax.random.key(0), jnp.zeros((1, 4)))
+  g = jp.groups(model.apply, v, jnp.zeros((1, 4)))
+  for kw, match in ((dict(solver="sinkhorn"), "solver"), (dict(semantics="mean"), "semantics"),
+                    (dict(marginals_kind="softmax"), "marginals"), (dict(order="random"), "order"),
+                    (dict(p=0.5), "p must be"), (dict(solver="entropic", epsilon=0.0), "epsilon"),
+                    (dict(mode="cut"), "mode")):
+    with pytest.raises(ValueError, match=match):
+      jp.intra_fusion(v, g, 0.5, show_progress=False, **kw)
+  with pytest.raises(ValueError, match="sparsity"):
+    jp.intra_fusion(v, g, 1.0, show_progress=False)
+  with pytest.raises(ValueError, match="needs grads="):
+    jp.intra_fusion(v, g, 0.5, importance="taylor", show_progress=False)
