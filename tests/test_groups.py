@@ -251,3 +251,30 @@ def test_groups_bad_input():
     jp.groups(None, v, jnp.zeros((1, 784)))
   with pytest.raises(ValueError, match="variables"):
     jp.groups(model.apply, {}, jnp.zeros((1, 784)))
+
+
+@jax.custom_vjp
+def _clipped_relu(x):
+  return jnp.clip(x, 0.0, 6.0)
+
+
+_clipped_relu.defvjp(lambda x: (_clipped_relu(x), x), lambda x, g: (g * ((x > 0) & (x < 6)),))
+
+
+def test_remat_and_custom_vjp_sub_jaxprs_are_followed():
+  class Plain(nn.Module):
+    wrap: bool = False
+
+    @nn.compact
+    def __call__(self, x):
+      dense = nn.remat(nn.Dense) if self.wrap else nn.Dense
+      h = dense(7, name="fc1")(x)
+      h = _clipped_relu(h) if self.wrap else jnp.clip(h, 0.0, 6.0)
+      h = jax.checkpoint(jnp.tanh)(h) if self.wrap else jnp.tanh(h)
+      return nn.Dense(2, name="fc2")(h)
+
+  x = jnp.zeros((2, 3))
+  v = Plain().init(jax.random.key(0), x)
+  plain = jp.groups(Plain().apply, v, x)
+  wrapped = jp.groups(Plain(wrap=True).apply, v, x)
+  assert table_of(wrapped) == table_of(plain) == [(7, ["params/fc1"], ["params/fc2"])]
