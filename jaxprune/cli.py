@@ -24,6 +24,7 @@ from jaxprune.models import mlpnet, MLP
 from jaxprune.progress import progress
 
 DEFAULT_SPARSITIES = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98)
+DEFAULT_CHANNEL_SPARSITIES = (0.1, 0.3, 0.5, 0.7)
 
 
 def train_digits_mlp(train: data.Dataset, *, steps: int = 400, seed: int = 0, show_progress: bool = True):
@@ -54,7 +55,7 @@ def sweep(model, variables, test: data.Dataset, sparsities, method_names, *, see
   """Accuracy and loss of every method at every sparsity (one-shot, no fine-tuning)."""
   params = variables["params"]
   dense = evaluate(model.apply, variables, test.x, test.y)
-  rows = [{"method": "dense", "sparsity": 0.0, "k": budget.count_prunable(params),
+  rows = [{"method": "dense", "kind": "dense", "sparsity": 0.0, "k": budget.count_prunable(params),
            "accuracy": dense.accuracy, "loss": dense.loss, "seconds": 0.0}]
   todo = [(m, s) for m in method_names for s in sparsities]
   for name, s in progress(todo, desc="sweep", disable=not show_progress):
@@ -64,17 +65,41 @@ def sweep(model, variables, test: data.Dataset, sparsities, method_names, *, see
     jax.block_until_ready(result.params)
     seconds = time.perf_counter() - t0
     ev = evaluate(model.apply, dict(variables, params=result.params), test.x, test.y)
-    rows.append({"method": name, "sparsity": s, "k": k, "accuracy": ev.accuracy, "loss": ev.loss,
+    rows.append({"method": name, "kind": "unstructured", "sparsity": s, "k": k, "accuracy": ev.accuracy,
+                 "loss": ev.loss, "seconds": seconds})
+  return rows
+
+
+def structured_sweep(model, variables, test: data.Dataset, sparsities, method_names, *, seed: int = 0,
+                     context: dict | None = None, show_progress: bool = True) -> list[dict]:
+  """Accuracy of every structured method with every channel group at each channel sparsity.
+
+  ``k`` is the number of channels kept over all groups.
+  """
+  from jaxprune.tracing import groups as trace_groups
+  groups = trace_groups(model.apply, variables, test.x[:1])
+  rows = []
+  todo = [(m, s) for m in method_names for s in sparsities]
+  for name, s in progress(todo, desc="structured sweep", disable=not show_progress):
+    t0 = time.perf_counter()
+    result = methods.STRUCTURED[name](variables, groups, s, key=jax.random.key(seed), context=context or {})
+    jax.block_until_ready(jax.tree_util.tree_leaves(result.variables))
+    seconds = time.perf_counter() - t0
+    ev = evaluate(model.apply, result.variables, test.x, test.y)
+    rows.append({"method": name, "kind": "structured", "sparsity": s,
+                 "k": int(sum(k.size for k in result.kept.values())), "accuracy": ev.accuracy, "loss": ev.loss,
                  "seconds": seconds})
   return rows
 
 
-def format_table(rows: list[dict], method_names) -> str:
-  sparsities = sorted({r["sparsity"] for r in rows if r["method"] != "dense"})
+def format_table(rows: list[dict], method_names, kind: str = "unstructured") -> str:
+  sparsities = sorted({r["sparsity"] for r in rows if r["kind"] == kind})
   acc = {(r["method"], r["sparsity"]): r["accuracy"] for r in rows}
   dense = acc[("dense", 0.0)]
   width = max(len(m) for m in list(method_names) + ["sparsity"])
-  lines = [f"dense accuracy: {100 * dense:.2f}%", "accuracy (%) by sparsity, one-shot, no fine-tuning",
+  what = ("accuracy (%) by sparsity, one-shot, no fine-tuning" if kind == "unstructured" else
+          "accuracy (%) by channel sparsity of every group, one-shot, no fine-tuning")
+  lines = [f"dense accuracy: {100 * dense:.2f}%", what,
            f"{'method':<{width}}" + "".join(f"{s:>8.2f}" for s in sparsities)]
   for m in method_names:
     lines.append(f"{m:<{width}}" + "".join(f"{100 * acc[(m, s)]:>8.2f}" for s in sparsities))
@@ -85,17 +110,22 @@ def plot(rows: list[dict], method_names, path: Path, title: str) -> None:
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  fig, ax = plt.subplots(figsize=(6, 4))
+  structured = [m for m in method_names if m in methods.STRUCTURED]
+  panels = [("unstructured", [m for m in method_names if m not in methods.STRUCTURED], "weight sparsity")]
+  if structured:
+    panels.append(("structured", structured, "channel sparsity (every group)"))
+  fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
   dense = next(r["accuracy"] for r in rows if r["method"] == "dense")
-  ax.axhline(100 * dense, color="gray", ls="--", label="dense")
-  for m in method_names:
-    pts = sorted((r["sparsity"], r["accuracy"]) for r in rows if r["method"] == m)
-    ax.plot([s for s, _ in pts], [100 * a for _, a in pts], marker="o", label=m)
-  ax.set_xlabel("sparsity")
-  ax.set_ylabel("test accuracy (%)")
-  ax.set_title(title)
-  ax.grid(alpha=0.3)
-  ax.legend()
+  for ax, (kind, names, xlabel) in zip(axes[0], panels):
+    ax.axhline(100 * dense, color="gray", ls="--", label="dense")
+    for m in names:
+      pts = sorted((r["sparsity"], r["accuracy"]) for r in rows if r["method"] == m)
+      ax.plot([s for s, _ in pts], [100 * a for _, a in pts], marker="o", label=m)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"{title}: {kind}")
+    ax.grid(alpha=0.3)
+    ax.legend()
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
@@ -109,8 +139,10 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--checkpoint", default=None, help="mlpnet_mnist.npz (required with --dataset mnist)")
   p.add_argument("--sparsities", type=float, nargs="+", default=list(DEFAULT_SPARSITIES))
   p.add_argument("--methods", nargs="+", default=None,
-                 help=f"default: all ({', '.join(methods.UNSTRUCTURED)}); lr and ewr run one-shot with "
-                      f"{methods.ONE_SHOT['stages']} stages of one official IHT step (mask only)")
+                 help=f"default: all ({', '.join(list(methods.UNSTRUCTURED) + list(methods.STRUCTURED))}); lr and "
+                      f"ewr run one-shot with {methods.ONE_SHOT['stages']} stages of one official IHT step (mask only)")
+  p.add_argument("--channel-sparsities", type=float, nargs="+", default=list(DEFAULT_CHANNEL_SPARSITIES),
+                 help="per-group channel sparsities of the structured methods (every group pruned)")
   p.add_argument("--out", default="jaxprune_out", help="folder for results.csv, results.json, accuracy.png")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--n-examples", type=int, default=500,
@@ -121,12 +153,18 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
   args = parse_args(argv)
-  names = args.methods or list(methods.UNSTRUCTURED)
-  unknown = [m for m in names if m not in methods.UNSTRUCTURED]
+  available = list(methods.UNSTRUCTURED) + list(methods.STRUCTURED)
+  names = args.methods or available
+  unknown = [m for m in names if m not in available]
   if unknown:
-    sys.exit(f"jaxprune: unknown --methods {unknown}; available: {list(methods.UNSTRUCTURED)}")
+    sys.exit(f"jaxprune: unknown --methods {unknown}; available: {available}")
   for s in args.sparsities:
     budget.check_sparsity(s, "--sparsities")
+  for s in args.channel_sparsities:
+    if not 0.0 <= s < 1.0:
+      raise ValueError(f"--channel-sparsities must be in [0, 1), got {s}")
+  unstructured = [m for m in names if m in methods.UNSTRUCTURED]
+  structured = [m for m in names if m in methods.STRUCTURED]
   show = not args.no_progress
   if args.dataset == "digits":
     train, test = data.digits("train", seed=args.seed), data.digits("test", seed=args.seed)
@@ -147,9 +185,15 @@ def main(argv=None) -> int:
     return optax.softmax_cross_entropy_with_integer_labels(logits, batch[1]).mean()
 
   context = {"loss_fn": loss_fn, "batch": (calibration.x, calibration.y)}
-  rows = sweep(model, variables, test, args.sparsities, names, seed=args.seed, context=context,
+  rows = sweep(model, variables, test, args.sparsities, unstructured, seed=args.seed, context=context,
                show_progress=show)
-  print(format_table(rows, names))
+  if structured:
+    rows += structured_sweep(model, variables, test, args.channel_sparsities, structured, seed=args.seed,
+                             context=context, show_progress=show)
+  if unstructured:
+    print(format_table(rows, unstructured))
+  if structured:
+    print(format_table(rows, structured, kind="structured"))
   out = Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
   with open(out / "results.csv", "w", newline="") as f:

@@ -1,9 +1,11 @@
-"""Registry of unstructured methods for sweeps (the CLI, experiments): name -> pruner.
+"""Registries of methods for sweeps (the CLI, experiments): name -> pruner.
 
-A registered pruner has the signature ``fn(params, k, *, key, context) -> PruneResult``;
+An unstructured pruner has the signature ``fn(params, k, *, key, context) -> PruneResult``;
 ``context`` carries what data-driven methods need: ``batch`` (N examples) and
 ``loss_fn(params, batch)`` over the same params tree the pruner receives.
-Method issues add their entry with :func:`register`.
+A structured pruner has the signature ``fn(variables, groups, sparsity, *, key, context) ->
+ChannelResult`` (``sparsity`` per group, every prunable group, mask mode).
+Method issues add their entry with :func:`register` / :func:`register_structured`.
 """
 from __future__ import annotations
 
@@ -38,3 +40,24 @@ def _ewr_like(name):
 
 register("lr", _ewr_like("lr"))
 register("ewr", _ewr_like("ewr"))
+
+
+STRUCTURED: dict[str, Callable] = {}
+
+
+def register_structured(name: str, fn: Callable) -> None:
+  STRUCTURED[name] = fn
+
+
+def _channels(variables, groups, sparsity, *, key, context):
+  from jaxprune.channels import prune_channels
+  return prune_channels(variables, groups, sparsity, importance="l1", mode="mask", show_progress=False)
+
+
+def _intra_fusion(variables, groups, sparsity, *, key, context):
+  from jaxprune.intrafusion import intra_fusion
+  return intra_fusion(variables, groups, sparsity, importance="l1", mode="mask", show_progress=False)
+
+
+register_structured("channels_l1", _channels)
+register_structured("intra_fusion", _intra_fusion)

@@ -490,7 +490,8 @@ class _Tracer:
         axes.append(self.cls.axis(d))
       else:
         axes.append(x.axes[i])
-    return [_Info(axes=tuple(axes))]
+    # a transposed conv flips its kernel's spatial axes: the kernel stays a kernel
+    return [_Info(axes=tuple(axes), prov=x.prov)]
 
   # -- reductions and pooling ---------------------------------------------------------------------
   def _reduce(self, eqn, infos, out_shapes):

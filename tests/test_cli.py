@@ -13,12 +13,16 @@ def test_default_main_job_on_embedded_digits(tmp_path, capsys):
   out = capsys.readouterr().out
   assert "accuracy (%) by sparsity" in out
   rows = list(csv.DictReader(open(tmp_path / "results.csv")))
-  assert {r["method"] for r in rows} == {"dense", *methods.UNSTRUCTURED}
-  assert len(rows) == 1 + 2 * len(methods.UNSTRUCTURED)
+  assert {r["method"] for r in rows} == {"dense", *methods.UNSTRUCTURED, *methods.STRUCTURED}
+  assert len(rows) == 1 + 2 * len(methods.UNSTRUCTURED) + 4 * len(methods.STRUCTURED)
+  assert "by channel sparsity of every group" in out
   by = {(r["method"], float(r["sparsity"])): float(r["accuracy"]) for r in rows}
   assert by[("dense", 0.0)] > 0.9                       # the MLP really trained
   assert by[("magnitude", 0.5)] > by[("random", 0.5)]   # magnitude beats random
   assert by[("lr", 0.5)] > by[("random", 0.5)] and by[("ewr", 0.5)] > by[("random", 0.5)]
+  assert by[("channels_l1", 0.1)] > 0.5 and by[("intra_fusion", 0.1)] > 0.5   # light channel pruning keeps most
+  kept = {(r["method"], float(r["sparsity"])): int(r["k"]) for r in rows}
+  assert kept[("channels_l1", 0.5)] == kept[("intra_fusion", 0.5)] == 128 + 64   # 256 and 128 hidden channels
   assert (tmp_path / "accuracy.png").stat().st_size > 1000
   assert json.loads((tmp_path / "results.json").read_text())["backend"] == "cpu"
 

@@ -278,3 +278,17 @@ def test_remat_and_custom_vjp_sub_jaxprs_are_followed():
   plain = jp.groups(Plain().apply, v, x)
   wrapped = jp.groups(Plain(wrap=True).apply, v, x)
   assert table_of(wrapped) == table_of(plain) == [(7, ["params/fc1"], ["params/fc2"])]
+
+
+def test_transposed_conv_kernels_keep_their_roles():
+  class Up(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      h = nn.relu(nn.Conv(6, (3, 3), name="enc")(x))
+      h = nn.relu(nn.ConvTranspose(5, (3, 3), strides=(2, 2), name="up")(h))   # flips its kernel (rev)
+      return nn.Conv(2, (1, 1), name="head")(h).mean(axis=(1, 2))
+
+  model = Up()
+  v = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8, 8, 3)))
+  g = jp.groups(model.apply, v, jax.ShapeDtypeStruct((1, 8, 8, 3), jnp.float32))
+  assert table_of(g) == [(5, ["params/up"], ["params/head"]), (6, ["params/enc"], ["params/up"])]

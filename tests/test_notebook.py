@@ -19,3 +19,4 @@ def test_notebook_executes(name, data_dir, monkeypatch):
   assert "dense accuracy 0.9397" in outputs     # the checkpoint is found from the notebook folder
   assert "State" in outputs
   assert "EWR: accuracy" in outputs and "after fine-tuning" in outputs and "sparsity 0.9" in outputs
+  assert "Intra-Fusion: widths (20, 20)" in outputs and "layer3_0/downsample_conv" in outputs
