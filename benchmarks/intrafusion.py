@@ -9,7 +9,6 @@ cost matrix and each solver on synthetic pairing vectors (n, D=4608), m = n/2.
 """
 import argparse
 import json
-import statistics
 import time
 from pathlib import Path
 
@@ -21,17 +20,13 @@ import jaxprune as jp
 from jaxprune import models, ot
 from jaxprune.intrafusion import pairing_cost
 
+from _timing import median_time
+
 REPO = Path(__file__).resolve().parents[1]
 
 
 def timed(fn, repeats):
-  jax.block_until_ready(jax.tree_util.tree_leaves(fn()))
-  runs = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(jax.tree_util.tree_leaves(fn()))
-    runs.append(time.perf_counter() - t0)
-  return statistics.median(runs)
+  return median_time(fn, repeats)[2]
 
 
 def main():

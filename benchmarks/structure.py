@@ -7,7 +7,6 @@ after one warm-up call.
 """
 import argparse
 import json
-import statistics
 import time
 from pathlib import Path
 
@@ -17,6 +16,8 @@ import jax.numpy as jnp
 import jaxprune as jp
 from jaxprune import models
 
+from _timing import median_time as timed
+
 REPO = Path(__file__).resolve().parents[1]
 MODELS = {
     "MLPNet": (models.mlpnet, (1, 784)),
@@ -25,18 +26,6 @@ MODELS = {
     "ResNet18": (models.resnet18, (1, 32, 32, 3)),
     "MobileNetV1": (models.MobileNetV1, (1, 32, 32, 3)),
 }
-
-
-def timed(fn, repeats):
-  t0 = time.perf_counter()
-  out = fn()
-  first = time.perf_counter() - t0
-  runs = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn())
-    runs.append(time.perf_counter() - t0)
-  return out, first, statistics.median(runs)
 
 
 def main():

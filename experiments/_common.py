@@ -82,3 +82,22 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
   lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
   lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
   return "\n".join(lines)
+
+
+def checkpoint_model(name: str, args):
+  """``(variables, train, test, model, example)`` for the shared checkpoints: ``"resnet20"``
+  (cifar10_png5k, lossless) or ``"mlpnet"`` (MNIST); ``example`` is an abstract input for tracing."""
+  import jax.numpy as jnp
+  import jaxprune as jp
+  from jaxprune.models import mlpnet, resnet20
+  if name == "resnet20":
+    v = jp.load_resnet20(f"{args.checkpoint_dir}/resnet20_cifar10.npz")
+    data, model, shape = "cifar10_png5k", resnet20(), (1, 32, 32, 3)
+  elif name == "mlpnet":
+    v = jp.load_mlpnet(f"{args.checkpoint_dir}/mlpnet_mnist.npz")
+    data, model, shape = "mnist", mlpnet(), (1, 28, 28, 1)
+  else:
+    raise ValueError(f"unknown checkpoint model {name!r}")
+  train = jp.data.load(data, "train", data_dir=args.data_dir, source="local")
+  test = jp.data.load(data, "test", data_dir=args.data_dir, source="local")
+  return v, train, test, model, jax.ShapeDtypeStruct(shape, jnp.float32)

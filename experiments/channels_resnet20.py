@@ -11,7 +11,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 import jaxprune as jp
 from jaxprune.models import CifarResNet, resnet20

@@ -11,11 +11,10 @@ their statistics frozen instead, fine-tuning the folded ResNet20 diverged at thi
 import time
 
 import jax
-import jax.numpy as jnp
 import optax
 
 import jaxprune as jp
-from jaxprune.models import MLP, CifarResNet, mlpnet, resnet20
+from jaxprune.models import MLP, CifarResNet
 from jaxprune.train import cifar_augment, train_epochs
 
 import _common
@@ -32,22 +31,13 @@ def main():
   show = not args.no_progress
   rows, dense = [], {}
   for name, cfg in SETUPS.items():
-    if name == "resnet20":
-      v = jp.load_resnet20(f"{args.checkpoint_dir}/resnet20_cifar10.npz")
-      train = jp.data.load("cifar10_png5k", "train", data_dir=args.data_dir, source="local")
-      test = jp.data.load("cifar10_png5k", "test", data_dir=args.data_dir, source="local")
-      model, shape = resnet20(), (1, 32, 32, 3)
-    else:
-      v = jp.load_mlpnet(f"{args.checkpoint_dir}/mlpnet_mnist.npz")
-      train = jp.data.load("mnist", "train", data_dir=args.data_dir, source="local")
-      test = jp.data.load("mnist", "test", data_dir=args.data_dir, source="local")
-      model, shape = mlpnet(), (1, 28, 28, 1)
+    v, train, test, model, example = _common.checkpoint_model(name, args)
     sparsities, epochs = cfg["sparsities"], cfg["epochs"]
     if args.quick:
       sparsities, epochs = sparsities[:1], 1
       train = jp.data.Dataset(train.x[:512], train.y[:512])
       test = jp.data.Dataset(test.x[:300], test.y[:300])
-    groups = jp.groups(model.apply, v, jax.ShapeDtypeStruct(shape, jnp.float32))
+    groups = jp.groups(model.apply, v, example)
     dense[name] = round(100 * jp.evaluate(model.apply, v, test.x, test.y, batch_size=500).accuracy, 2)
     for s in sparsities:
       for method, fn in (("default", jp.prune_channels), ("intra_fusion", jp.intra_fusion)):

@@ -9,31 +9,19 @@ official code). For l1 the non-paper averaging variant is also reported. delta =
 """
 import time
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 import jaxprune as jp
-from jaxprune.models import mlpnet, resnet20
 from jaxprune.progress import progress
 
 import _common
 
 
 def setup(name, args):
-  if name == "resnet20":
-    v = jp.load_resnet20(f"{args.checkpoint_dir}/resnet20_cifar10.npz")
-    train = jp.data.load("cifar10_png5k", "train", data_dir=args.data_dir, source="local")
-    test = jp.data.load("cifar10_png5k", "test", data_dir=args.data_dir, source="local")
-    model, shape = resnet20(), (1, 32, 32, 3)
-  else:
-    v = jp.load_mlpnet(f"{args.checkpoint_dir}/mlpnet_mnist.npz")
-    train = jp.data.load("mnist", "train", data_dir=args.data_dir, source="local")
-    test = jp.data.load("mnist", "test", data_dir=args.data_dir, source="local")
-    model, shape = mlpnet(), (1, 28, 28, 1)
+  v, train, test, model, example = _common.checkpoint_model(name, args)
   if args.quick:
     test = jp.data.Dataset(test.x[:300], test.y[:300])
-  return v, train, test, model, jax.ShapeDtypeStruct(shape, jnp.float32)
+  return v, train, test, model, example
 
 
 def taylor_batches(train, n_batches=5, batch_size=128, seed=0):

@@ -13,6 +13,9 @@ SCRIPTS = {
     "experiments/ewr_gradual.py": "gradual",
     "experiments/ewr_resnet20_oneshot.py": "resnet20_oneshot",
     "experiments/channels_resnet20.py": "resnet20_l1",
+    "experiments/intrafusion_groups.py": "intrafusion_groups",
+    "experiments/intrafusion_all_groups.py": "intrafusion_all_groups",
+    "experiments/intrafusion_cifar_models.py": "vgg11_bn_groups",
 }
 
 
@@ -26,7 +29,7 @@ def test_experiment_quick(script, stem, tmp_path, data_dir, checkpoint_dir):
   rows = json.loads((tmp_path / f"{stem}.json").read_text())["rows"]
   assert rows and (tmp_path / f"{stem}.csv").exists()
   assert any(p.suffix == ".png" for p in tmp_path.iterdir())
-  assert any(h in proc.stdout for h in ("| sparsity |", "| target |", "| group |"))
+  assert any(h in proc.stdout for h in ("| sparsity |", "| target |", "| group |", "| G |"))
 
 
 @pytest.mark.slow
@@ -37,3 +40,14 @@ def test_benchmark_quick(tmp_path):
   rows = json.loads((tmp_path / "ewr_step_quick.json").read_text())["rows"]
   assert {r["what"] for r in rows} == {"G", "lr", "ewr", "lr-mf", "ewr-mf"}
   assert all(r["seconds"] > 0 for r in rows)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script, stem, key", [("benchmarks/structure.py", "structure_quick", "rows"),
+                                               ("benchmarks/intrafusion.py", "intrafusion_quick", "models")])
+def test_structure_benchmarks_quick(script, stem, key, tmp_path):
+  proc = subprocess.run([sys.executable, str(REPO / script), "--quick", "--out", str(tmp_path)],
+                        capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  rows = json.loads((tmp_path / f"{stem}.json").read_text())[key]
+  assert rows and all(v > 0 for r in rows for k, v in r.items() if k.endswith("_s"))
