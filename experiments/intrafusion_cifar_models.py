@@ -9,6 +9,7 @@ dense accuracy (reported) is far below the paper's ~89.5 (VGG11-BN) and ~94.9 (R
 the tables are those of an under-trained network. Trained weights are saved under
 ``experiments/checkpoints/`` (ignored by git).
 """
+import json
 import time
 from pathlib import Path
 
@@ -57,60 +58,73 @@ def main():
   p.add_argument("--lr", type=float, default=0.05)
   p.add_argument("--n-test", type=int, default=2000)
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--sparsities", type=float, nargs="+", default=[0.1, 0.3, 0.5, 0.7])
+  p.add_argument("--importances", nargs="+", default=["l1", "taylor"])
+  p.add_argument("--reuse", action="store_true", help="skip training: load the weights this script saved")
   args = p.parse_args()
   show = not args.no_progress
   model = MODELS[args.model]()
   train_set = jp.data.load("cifar10", "train", data_dir=args.data_dir, source="local")
   test = jp.data.load("cifar10", "test", data_dir=args.data_dir, source="local")
-  sparsities = [0.1, 0.3, 0.5, 0.7]
+  sparsities, importances = args.sparsities, args.importances
   if args.quick:
-    train_set = jp.data.Dataset(train_set.x[:512], train_set.y[:512])
-    args.epochs, args.max_minutes, args.n_test, sparsities = 1, 1.0, 200, [0.5]
+    train_set = jp.data.Dataset(train_set.x[::100], train_set.y[::100])
+    args.epochs, args.max_minutes, args.n_test, sparsities, args.reuse = 1, 1.0, 200, [0.5], False
   ckpt = Path(__file__).resolve().parent / "checkpoints" / f"{args.model}_jpeg60k.npz"
-  v, epochs_done, losses, train_s = train(model, train_set, max_minutes=args.max_minutes, epochs=args.epochs,
-                                          lr=args.lr, seed=args.seed, show=show)
-  if not args.quick:
-    ckpt.parent.mkdir(exist_ok=True)
-    flat = {p: np.asarray(x) for p, x in jp.trees.leaves_with_paths(v)}
-    np.savez(ckpt, **flat)
+  if args.reuse:
+    saved = np.load(ckpt)
+    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+    v = jp.trees.replace_leaves(shapes, {p: jnp.asarray(saved[p]) for p, _ in jp.trees.leaves_with_paths(shapes)})
+    trained = json.loads(ckpt.with_suffix(".json").read_text())
+    epochs_done, losses, train_s = trained["epochs"], trained["losses"], trained["seconds"]
+  else:
+    v, epochs_done, losses, train_s = train(model, train_set, max_minutes=args.max_minutes, epochs=args.epochs,
+                                            lr=args.lr, seed=args.seed, show=show)
+    if not args.quick:
+      ckpt.parent.mkdir(exist_ok=True)
+      np.savez(ckpt, **{p: np.asarray(x) for p, x in jp.trees.leaves_with_paths(v)})
+      ckpt.with_suffix(".json").write_text(json.dumps({"epochs": epochs_done, "losses": losses, "seconds": train_s}))
   full_acc = round(100 * jp.evaluate(model.apply, v, test.x, test.y, batch_size=500).accuracy, 2)
-  test = jp.data.Dataset(test.x[:args.n_test], test.y[:args.n_test])
+  pick = np.random.default_rng(0).permutation(len(test))[:args.n_test]   # jpeg60k's test set is sorted by class
+  test = jp.data.Dataset(test.x[pick], test.y[pick])
   acc = lambda vv: round(100 * jp.evaluate(model.apply, vv, test.x, test.y, batch_size=500).accuracy, 2)
   dense = acc(v)
   print(f"{args.model}: {epochs_done:.2f} epochs in {train_s / 60:.1f} min, test accuracy {full_acc} "
         f"(10,000 images), {dense} on the {len(test)} used below", flush=True)
   groups = jp.groups(model.apply, v, jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32))
   folded = jp.fold_batchnorm(v, groups)
-  idx = np.random.default_rng(0).permutation(len(train_set))[:5 * 128]
-  grads = jp.taylor_grads(jp.classification_loss(model.apply), folded,
-                          [(train_set.x[idx[i:i + 128]], train_set.y[idx[i:i + 128]]) for i in range(0, idx.size, 128)],
-                          show_progress=False)
+  grads = None
+  if "taylor" in importances:
+    idx = np.random.default_rng(0).permutation(len(train_set))[:5 * 128]
+    grads = jp.taylor_grads(jp.classification_loss(model.apply), folded,
+                            [(train_set.x[idx[i:i + 128]], train_set.y[idx[i:i + 128]])
+                             for i in range(0, idx.size, 128)], show_progress=False)
   which = [0, len(groups) - 1] if args.quick else list(range(len(groups)))
   rows = []
   for gi in progress(which, desc="groups", disable=not show):
     for s in sparsities:
-      for imp in ("l1", "taylor"):
+      for imp in importances:
         kw = dict(importance=imp, which=gi, mode="mask", show_progress=False, grads=grads if imp == "taylor" else None)
         d = acc(jp.prune_channels(v, groups, s, **kw).variables)
         f = acc(jp.intra_fusion(v, groups, s, **kw).variables)
         rows.append({"model": args.model, "group": gi, "n": groups[gi].size, "sparsity": s, "importance": imp,
                      "default": d, "intra_fusion": f, "delta": round(f - d, 2)})
         print(rows[-1], flush=True)
-  print("| G | Sp | l1 | IF(l1) | delta | taylor | IF(taylor) | delta |")
-  print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+  print("| G | Sp | " + " | ".join(f"{i} | IF({i}) | delta" for i in importances) + " |")
+  print("| --- | --- | " + " | ".join("--- | --- | ---" for _ in importances) + " |")
   for gi in which:
     for s in sparsities:
       r = {imp: next(x for x in rows if (x["group"], x["sparsity"], x["importance"]) == (gi, s, imp))
-           for imp in ("l1", "taylor")}
-      print(f"| {gi} | {int(100 * s)} | " + " | ".join(f"{r[i]['default']:.2f} | {r[i]['intra_fusion']:.2f} | "
-                                                      f"{r[i]['delta']:+.2f}" for i in ("l1", "taylor")) + " |")
+           for imp in importances}
+      print(f"| {gi} | {int(round(100 * s))} | " + " | ".join(f"{r[i]['default']:.2f} | {r[i]['intra_fusion']:.2f} | "
+                                                             f"{r[i]['delta']:+.2f}" for i in importances) + " |")
   out = _common.out_dir(args, "intrafusion_cifar_models")
   _common.write(out, f"{args.model}_groups", rows,
                 {"model": args.model, "epochs_trained": round(epochs_done, 2), "train_minutes": round(train_s / 60, 1),
                  "planned_epochs": args.epochs, "lr": args.lr, "loss_every_50_steps": losses,
                  "test_accuracy_10000": full_acc, "dense_on_subset": dense, "n_test": len(test)})
   series = {f"{imp} G{gi}": [(r["sparsity"], r["delta"]) for r in rows if r["group"] == gi and r["importance"] == imp]
-            for imp in ("l1", "taylor") for gi in which}
+            for imp in importances for gi in which}
   _common.plot_lines(out / f"{args.model}_delta.png", series, "channel sparsity of the pruned group",
                      "IF - default (accuracy points)", f"{args.model} ({epochs_done:.1f} CPU epochs): IF gain", hline=0.0)
 

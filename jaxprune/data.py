@@ -123,7 +123,9 @@ def load(name: str, split: str = "test", *, data_dir: Optional[Union[str, os.Pat
     source: ``"auto"`` (local files if found, else tfds), ``"local"`` or ``"tfds"``.
     normalization: ``"default"`` (the model zoo's normalisation for this dataset, e.g. MNIST
       (0.1307, 0.3081)), ``(mean, std)``, or ``None`` for the raw uint8 images.
-    limit: keep only the first ``limit`` examples.
+    limit: keep only the first ``limit`` examples. The local ``cifar10`` (jpeg60k) arrays are
+      stored sorted by class, so their first examples are all airplanes: draw a random subset
+      of those instead (``x[np.random.default_rng(0).permutation(len(x))[:n]]``).
     download: let tfds download and prepare the dataset (Colab); ignored for local files.
 
   Returns:
