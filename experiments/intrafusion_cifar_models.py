@@ -84,7 +84,8 @@ def main():
       ckpt.parent.mkdir(exist_ok=True)
       np.savez(ckpt, **{p: np.asarray(x) for p, x in jp.trees.leaves_with_paths(v)})
       ckpt.with_suffix(".json").write_text(json.dumps({"epochs": epochs_done, "losses": losses, "seconds": train_s}))
-  full_acc = round(100 * jp.evaluate(model.apply, v, test.x, test.y, batch_size=500).accuracy, 2)
+  full = test if not args.quick else jp.data.Dataset(test.x[::50], test.y[::50])
+  full_acc = round(100 * jp.evaluate(model.apply, v, full.x, full.y, batch_size=500).accuracy, 2)
   pick = np.random.default_rng(0).permutation(len(test))[:args.n_test]   # jpeg60k's test set is sorted by class
   test = jp.data.Dataset(test.x[pick], test.y[pick])
   acc = lambda vv: round(100 * jp.evaluate(model.apply, vv, test.x, test.y, batch_size=500).accuracy, 2)
