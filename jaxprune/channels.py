@@ -101,8 +101,8 @@ def importance_fn(importance: Importance, *, key: Optional[jax.Array] = None, gr
   if importance == "random":
     if key is None:
       raise ValueError("key: importance='random' needs a jax.random key")
-    keys = iter(jax.random.split(key, 10_000))
-    return lambda v, g: random_importance(next(keys), g)
+    calls = iter(range(2**31 - 1))   # a fresh key for every group scored
+    return lambda v, g: random_importance(jax.random.fold_in(key, next(calls)), g)
   if importance == "taylor":
     if grads is None:
       if loss_fn is None or batches is None:

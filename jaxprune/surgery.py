@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxprune.channel_groups import CONSUMER, ChannelGroups, Group, NormLink
-from jaxprune.trees import leaves_with_paths, replace_leaves
+from jaxprune.trees import leaves_with_paths, path_str, replace_leaves
 
 MODES = ("shrink", "mask")
 
@@ -173,12 +173,7 @@ def channel_masks(variables: Any, plans: Sequence[tuple[Group, Any]]) -> Any:
       idx[mem.axis] = mem.positions(group.size)[removed].ravel()
       mask[tuple(idx)] = False
   return jax.tree_util.tree_map_with_path(
-      lambda p, x: jnp.asarray(masks[_path(p)]) if _path(p) in masks else None, variables)
-
-
-def _path(p) -> str:
-  from jaxprune.trees import path_str
-  return path_str(p)
+      lambda p, x: jnp.asarray(masks[path_str(p)]) if path_str(p) in masks else None, variables)
 
 
 def fold_batchnorm(variables: Any, norms: Union[ChannelGroups, Sequence[NormLink]], *, include_eps: bool = True,

@@ -202,13 +202,11 @@ def _shape(v) -> tuple:
 class _Tracer:
   """Walks a jaxpr and records index classes, kernel roles and per-channel affine chains."""
 
-  def __init__(self, n_params: int):
+  def __init__(self):
     self.cls = _Classes()
-    self.n_params = n_params
     self.roles: dict = {}         # (leaf, axis) -> set of "out" / "in" / "depthwise"
     self.order: dict = {}         # kernel leaf -> index of the op where it is last used
     self.attached: dict = {}      # kernel leaf -> parameter leaves applied per channel after it
-    self.kernel_bias_ops: dict = {}
     self.eps: dict = {}           # leaf -> scalar added to it (a norm's epsilon)
     self.step = 0
 
@@ -668,7 +666,7 @@ def groups(apply_fn: Callable[..., Any], variables: Any, *example_args: Any, exc
   n = len(leaves)
   if len(jaxpr.invars) < n:
     raise ValueError("variables: the traced function has fewer inputs than the tree has leaves")
-  tr = _Tracer(n)
+  tr = _Tracer()
   in_infos = []
   for i, v in enumerate(jaxpr.invars):
     shape = _shape(v)
