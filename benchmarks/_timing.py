@@ -1,6 +1,8 @@
-"""Timing helper shared by the benchmark scripts."""
+"""Timing and result writing shared by the benchmark scripts."""
+import json
 import statistics
 import time
+from pathlib import Path
 
 import jax
 
@@ -17,3 +19,20 @@ def median_time(fn, repeats: int, *, warmup: bool = True):
     jax.block_until_ready(jax.tree_util.tree_leaves(fn()))
     runs.append(time.perf_counter() - t0)
   return out, first, statistics.median(runs)
+
+
+def markdown_table(rows: list) -> list:
+  """Lines of a markdown table with one column per key of the first row."""
+  header = list(rows[0])
+  return (["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+          + ["| " + " | ".join(str(r[h]) for h in header) + " |" for r in rows])
+
+
+def write_results(out: str, stem: str, payload: dict, md: list, repeats: int) -> None:
+  """``{stem}.json`` (payload plus the machine) and ``{stem}.md`` under ``out``."""
+  folder = Path(out)
+  folder.mkdir(parents=True, exist_ok=True)
+  meta = {"device": str(jax.devices()[0]), "backend": jax.default_backend(), "jax": jax.__version__,
+          "date": time.strftime("%Y-%m-%d"), "repeats": repeats}
+  (folder / f"{stem}.json").write_text(json.dumps({**meta, **payload}, indent=1))
+  (folder / f"{stem}.md").write_text("\n".join(md) + "\n")

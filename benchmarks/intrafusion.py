@@ -8,8 +8,6 @@ median of 3 after one warm-up call (compilation excluded). Then the growth with 
 cost matrix and each solver on synthetic pairing vectors (n, D=4608), m = n/2.
 """
 import argparse
-import json
-import time
 from pathlib import Path
 
 import jax
@@ -20,7 +18,7 @@ import jaxprune as jp
 from jaxprune import models, ot
 from jaxprune.intrafusion import pairing_cost
 
-from _timing import median_time
+from _timing import markdown_table, median_time, write_results
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -72,18 +70,10 @@ def main():
     print(growth[-1], flush=True)
   md = []
   for table in (rows, growth):
-    header = list(table[0])
-    md += ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
-    md += ["| " + " | ".join(str(r[h]) for h in header) + " |" for r in table] + [""]
+    md += markdown_table(table) + [""]
   print("\n".join(md))
-  out = Path(args.out)
-  out.mkdir(parents=True, exist_ok=True)
-  stem = "intrafusion_quick" if args.quick else "intrafusion"
-  meta = {"device": str(jax.devices()[0]), "backend": jax.default_backend(), "jax": jax.__version__,
-          "date": time.strftime("%Y-%m-%d"), "repeats": repeats}
-  (out / f"{stem}.json").write_text(json.dumps({**meta, "models": rows, "growth": growth}, indent=1))
-  (out / f"{stem}.md").write_text("\n".join(md) + "\n")
-
+  write_results(args.out, "intrafusion_quick" if args.quick else "intrafusion", {"models": rows, "growth": growth},
+                md, repeats)
 
 if __name__ == "__main__":
   main()

@@ -6,8 +6,6 @@ against one jitted forward pass of a 32-image batch. Warm timings are the median
 after one warm-up call.
 """
 import argparse
-import json
-import time
 from pathlib import Path
 
 import jax
@@ -16,7 +14,7 @@ import jax.numpy as jnp
 import jaxprune as jp
 from jaxprune import models
 
-from _timing import median_time as timed
+from _timing import markdown_table, median_time as timed, write_results
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = {
@@ -52,18 +50,9 @@ def main():
                  "groups_over_make_jaxpr": round(groups_s / jaxpr_s, 2), "prune_channels_s": round(prune_s, 4),
                  "forward32_s": round(fwd_s, 4), "prune_over_forward": round(prune_s / fwd_s, 1)})
     print(rows[-1], flush=True)
-  header = list(rows[0])
-  table = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
-  table += ["| " + " | ".join(str(r[h]) for h in header) + " |" for r in rows]
+  table = markdown_table(rows)
   print("\n".join(table))
-  out = Path(args.out)
-  out.mkdir(parents=True, exist_ok=True)
-  stem = "structure_quick" if args.quick else "structure"
-  meta = {"device": str(jax.devices()[0]), "backend": jax.default_backend(), "jax": jax.__version__,
-          "date": time.strftime("%Y-%m-%d"), "repeats": repeats}
-  (out / f"{stem}.json").write_text(json.dumps({**meta, "rows": rows}, indent=1))
-  (out / f"{stem}.md").write_text("\n".join(table) + "\n")
-
+  write_results(args.out, "structure_quick" if args.quick else "structure", {"rows": rows}, table, repeats)
 
 if __name__ == "__main__":
   main()
