@@ -20,6 +20,10 @@ from jaxprune.surgery import (channel_masks, fold_batchnorm, fuse_channels, sele
 from jaxprune.importance import magnitude_importance, random_importance, taylor_grads, taylor_importance
 from jaxprune.channels import ChannelResult, prune_channels
 from jaxprune.intrafusion import FusionMap, intra_fusion
+from jaxprune import recovery
+from jaxprune.recovery import OutputNorm, RecoveryOptions, Support, recover_support
+from jaxprune.units import Unit, make_unit, two_layer_units
+from jaxprune.ispasp import ispasp, ispasp_sweep
 from jaxprune.trees import (FlatSpec, Prunable, count_prunable, flatten, is_kernel, leaves_with_paths,
                             prunable_paths, unflatten)
 
@@ -41,4 +45,6 @@ __all__ = [
     "fold_batchnorm", "select_channels", "fuse_channels", "write_channels", "shrink_channels", "channel_masks",
     "magnitude_importance", "taylor_importance", "random_importance", "taylor_grads",
     "prune_channels", "ChannelResult", "intra_fusion", "FusionMap",
+    "ispasp", "ispasp_sweep", "recover_support", "RecoveryOptions", "Support", "OutputNorm", "recovery",
+    "Unit", "make_unit", "two_layer_units",
 ]

@@ -1,0 +1,294 @@
+"""i-SpaSP (Wolfe & Kyrillidis, L4DC 2022): structured pruning by sparse signal recovery.
+
+:func:`ispasp` prunes the hidden group of each two-layer unit with the loop of
+:mod:`jaxprune.recovery`, block by block as the official code (``order="sequential"``: each unit
+sees the already pruned network's activations, shallow to deep) or all units from the dense
+network's activations at once (``order="oneshot"``: same-shaped units are solved in one vmapped
+call). Kept channels reuse the dense weights (no refit), as in the official code; BatchNorm
+running statistics are kept too (the official code resets them to 0/1 and relies on the
+fine-tuning after each block to re-estimate them).
+"""
+from __future__ import annotations
+
+import functools
+import numbers
+import time
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxprune.channel_groups import ChannelGroups
+from jaxprune.channels import ChannelResult
+from jaxprune.progress import progress
+from jaxprune.recovery import PROXIES, RecoveryOptions, aggregate_activations, check_options, recover_support
+from jaxprune.surgery import MODES, channel_masks, shrink_channels, write_channels
+from jaxprune.units import Unit, capture_inputs, two_layer_units
+
+ORDERS = ("sequential", "oneshot")
+Keep = Union[float, Mapping[int, float]]
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _hidden(hidden_fn, variables, x):
+  return hidden_fn(variables, x)
+
+
+@functools.partial(jax.jit, static_argnames=("output_fn", "options"))
+def _recover(output_fn, params, hidden, k, norm, options):
+  return recover_support(output_fn, params, hidden, k, norm, options)
+
+
+@functools.partial(jax.jit, static_argnames=("output_fn", "options"))
+def _recover_stacked(output_fn, params, hidden, k, norm, options):
+  return jax.vmap(lambda p, h, kk, nn: recover_support(output_fn, p, h, kk, nn, options))(params, hidden, k, norm)
+
+
+def n_kept(size: int, keep: float) -> int:
+  """``s = int(size * keep)``, as the official code (``int(out_channels * ratio)``)."""
+  return int(size * keep)
+
+
+def unit_labels(units: Sequence[Unit]) -> list:
+  """How results and ``keep`` dicts name units: the group index (derived units), else the name."""
+  labels = [u.group_index if u.group_index is not None else (u.name or i) for i, u in enumerate(units)]
+  if len(set(labels)) != len(labels):
+    raise ValueError("units: give hand-made units distinct names")
+  return labels
+
+
+def plan_keep(units: Sequence[Unit], keep: Keep) -> dict:
+  """``{unit position: (ratio, s)}``; validates every budget before any work.
+
+  ``keep`` is one ratio for every unit or a dict keyed by :func:`unit_labels` (group indices
+  for derived units, names for hand-made ones).
+  """
+  labels = unit_labels(units)
+  if isinstance(keep, Mapping):
+    chosen = {}
+    for key, r in keep.items():
+      if key not in labels:
+        raise IndexError(f"keep: unit {key!r} does not exist; the units are {labels}")
+      chosen[labels.index(key)] = r
+  else:
+    chosen = {i: keep for i in range(len(units))}
+  out = {}
+  for i, r in chosen.items():
+    if isinstance(r, bool) or not isinstance(r, numbers.Real) or not 0.0 < float(r) <= 1.0:
+      raise ValueError(f"keep: the keep ratio of unit {labels[i]!r} must be a float in (0, 1], got {r!r}")
+    s = n_kept(units[i].size, float(r))
+    if s < 1:
+      raise ValueError(f"keep: ratio {r} keeps no channel of unit {labels[i]!r} ({units[i].name}, "
+                       f"{units[i].size} channels)")
+    out[int(i)] = (float(r), s)
+  return dict(sorted(out.items()))
+
+
+def _inputs(batch: Any) -> Any:
+  x = batch[0] if isinstance(batch, (tuple, list)) else batch
+  if not hasattr(x, "shape") or len(x.shape) < 1 or x.shape[0] < 1:
+    raise ValueError("batch: expected model inputs with a leading example axis (or a tuple whose first "
+                     "element is), got " + repr(getattr(x, "shape", type(x).__name__)))
+  return x
+
+
+def _chunked(fn: Callable, x: Any, chunk: Optional[int]) -> Any:
+  n = x.shape[0]
+  if chunk is None or chunk >= n:
+    return fn(x)
+  parts = [fn(x[i:i + chunk]) for i in range(0, n, chunk)]
+  return jax.tree_util.tree_map(lambda *a: jnp.concatenate(a), *parts)
+
+
+def _check_hidden(unit: Unit, hidden: jax.Array) -> None:
+  if hidden.ndim < 2 or hidden.shape[-1] != unit.size:
+    raise ValueError(f"unit {unit.name}: hidden_fn returned shape {hidden.shape}; expected (N, ..., {unit.size})")
+  if not bool(jnp.all(jnp.isfinite(hidden))):
+    raise ValueError(f"unit {unit.name}: the hidden activations contain NaN or inf")
+
+
+def _relative_error(unit: Unit, variables: Any, hidden: jax.Array, mask: jax.Array) -> float:
+  dense = unit.output(variables, hidden)
+  pruned = unit.output(variables, hidden, mask)
+  return float(jnp.linalg.norm(dense - pruned) / jnp.maximum(jnp.linalg.norm(dense), 1e-30))
+
+
+def ispasp(model: Union[Callable, Sequence[Unit]], variables: Any, batch: Any, keep: Keep, *,
+           groups: Optional[ChannelGroups] = None, order: str = "sequential", iterations: int = 20,
+           chunk_size: Optional[int] = 256, bn_mode: str = "eval", aggregate: str = "signed_sum",
+           stop_at_fixed_point: bool = False, exclude_support: bool = False, proxy: str = "auto",
+           mode: str = "shrink",
+           apply_kwargs: Optional[dict] = None, show_progress: bool = True) -> ChannelResult:
+  """Prunes the hidden channels of two-layer units with i-SpaSP.
+
+  Args:
+    model: a linen ``model.apply`` (units derived with :func:`jaxprune.two_layer_units`), or a
+      sequence of :class:`~jaxprune.units.Unit` (pruned in the given order, shallow first).
+    variables: the model's variables.
+    batch: model inputs ``(N, ...)`` (or a tuple whose first element they are); the official code
+      uses N = 1280 training images per unit.
+    keep: keep ratio ``r`` in ``(0, 1]`` of every unit (``s = int(C r)`` channels, the official
+      rounding), or ``{unit: r}`` for some units, keyed by group index (derived units) or name
+      (hand-made units).
+    groups: the model's groups, when ``model`` is an apply function (traced if omitted).
+    order: ``"sequential"`` (official: units shallow to deep, each on the activations of the
+      network pruned so far) or ``"oneshot"`` (every unit on the dense network's activations;
+      same-shaped units are solved in one vmapped call).
+    iterations: ``T`` (official 20).
+    chunk_size: examples per chunk for the proxy and the forward passes (official 256).
+    bn_mode: ``"eval"`` (default; the pruned branch's norm in inference mode, so the loop
+      compares like with like) or ``"train"`` (the official code: the pruned branch normalises
+      each chunk with its batch statistics).
+    aggregate: ``"signed_sum"`` (official), ``"abs_sum"`` or ``"l2"``: the activation score that
+      thresholds the merged set.
+    stop_at_fixed_point: stop a unit's loop once its support repeats (same result, less work).
+    exclude_support: rank the proxy outside the support only (not the official code).
+    proxy: ``"examples"`` (the official computation: every example through the second layer,
+      in chunks), ``"reduced"`` (the same proxy from the summed activations, exact for an affine
+      second layer in inference mode) or ``"auto"``: reduced where it is exact (the unit is
+      ``affine`` and ``bn_mode="eval"``), examples elsewhere.
+    mode: ``"shrink"`` (smaller arrays; rebuild the model with ``from_params``) or ``"mask"``.
+    apply_kwargs: extra keyword arguments for ``apply_fn``.
+    show_progress: a progress bar over units.
+
+  Returns:
+    :class:`~jaxprune.ChannelResult`: ``kept`` maps each pruned unit's group index (derived
+    units) or name (hand-made units) to its sorted kept channels; ``info["units"]`` holds per unit
+    ``n``, ``m``, ``keep``, ``iterations``, ``converged`` (the support reached a fixed point),
+    ``relative_error`` (``||U - U_pruned|| / ||U||`` on the batch, inference-mode norm) and
+    ``seconds``.
+  """
+  if proxy not in ("auto",) + PROXIES:
+    raise ValueError(f"proxy must be 'auto' or one of {PROXIES}, got {proxy!r}")
+  options = check_options(RecoveryOptions(iterations=iterations, chunk_size=chunk_size, bn_mode=bn_mode,
+                                          aggregate=aggregate, stop_at_fixed_point=stop_at_fixed_point,
+                                          exclude_support=exclude_support,
+                                          proxy="examples" if proxy == "auto" else proxy))
+  if order not in ORDERS:
+    raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
+  if mode not in MODES:
+    raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+  x = _inputs(batch)
+  apply_kwargs = dict(apply_kwargs or {})
+  if callable(model):
+    units = two_layer_units(model, variables, jax.ShapeDtypeStruct((1,) + tuple(x.shape[1:]), x.dtype), groups,
+                            **apply_kwargs)
+    units = units[::-1]   # groups run output to input; the official loop goes shallow to deep
+  else:
+    units = tuple(model)
+    if not units or not all(isinstance(u, Unit) for u in units):
+      raise TypeError("model must be a linen apply function or a non-empty sequence of Unit")
+  budgets = plan_keep(units, keep)
+  labels = unit_labels(units)
+  for i in budgets:   # fail before any work
+    _resolve(options, proxy, units[i])
+
+  original, v = variables, variables
+  kept, plans, per_unit = {}, [], {}
+
+  def finish(i, mask, support, hidden, t0):
+    nonlocal v
+    keep_idx = np.flatnonzero(np.asarray(mask))
+    unit = units[i]
+    err = _relative_error(unit, v, hidden, jnp.asarray(mask))
+    v = write_channels(v, unit.group, keep_idx)
+    kept[labels[i]] = keep_idx
+    plans.append((unit.group, keep_idx))
+    per_unit[labels[i]] = {"name": unit.name, "n": unit.size, "m": int(keep_idx.size), "keep": budgets[i][0],
+                           "iterations": int(support.iterations), "converged": not bool(support.changed),
+                           "relative_error": err, "seconds": round(time.perf_counter() - t0, 4)}
+
+  if order == "sequential":
+    for i in progress(list(budgets), desc="i-SpaSP units", disable=not show_progress):
+      t0 = time.perf_counter()
+      unit = units[i]
+      hidden = _chunked(lambda xx: _hidden(unit.hidden_fn, v, xx), x, chunk_size)
+      _check_hidden(unit, hidden)
+      sup = _recover(unit.output_fn, unit.params_fn(v), hidden, budgets[i][1], unit.output_norm(v),
+                     _resolve(options, proxy, unit))
+      finish(i, sup.mask, sup, hidden, t0)
+  else:
+    t0 = time.perf_counter()
+    hiddens = _dense_hiddens(units, list(budgets), variables, x, chunk_size, apply_kwargs, model)
+    for i in budgets:
+      _check_hidden(units[i], hiddens[i])
+    batches = {}
+    for i in budgets:
+      u = units[i]
+      sig = (u.output_fn, u.affine, hiddens[i].shape, u.norm is not None,
+             jax.tree_util.tree_structure(u.params_fn(variables)),
+             tuple(np.shape(a) for a in jax.tree_util.tree_leaves(u.params_fn(variables))))
+      batches.setdefault(sig, []).append(i)
+    for idx in progress(list(batches.values()), desc="i-SpaSP unit batches", disable=not show_progress):
+      u0 = units[idx[0]]
+      stack = lambda trees: jax.tree_util.tree_map(lambda *a: jnp.stack(a), *trees)
+      params = stack([units[i].params_fn(variables) for i in idx])
+      norms = None if u0.norm is None else stack([units[i].output_norm(variables) for i in idx])
+      ks = jnp.asarray([budgets[i][1] for i in idx])
+      sup = _recover_stacked(u0.output_fn, params, jnp.stack([hiddens[i] for i in idx]), ks, norms,
+                             _resolve(options, proxy, u0))
+      for j, i in enumerate(idx):
+        one = jax.tree_util.tree_map(lambda a: a[j], sup)
+        finish(i, one.mask, one, hiddens[i], t0)
+
+  masks = channel_masks(original, plans)
+  if mode == "shrink":
+    v = shrink_channels(v, plans)
+  info = {"method": "ispasp", "order": order, "mode": mode, "options": options._asdict(), "units": per_unit}
+  return ChannelResult(variables=v, kept=kept, masks=masks, info=info)
+
+
+def _resolve(options: RecoveryOptions, proxy: str, unit: Unit) -> RecoveryOptions:
+  if proxy != "auto":
+    if proxy == "reduced" and not unit.affine:
+      raise ValueError(f"proxy='reduced' needs an affine second layer; unit {unit.name} is not marked affine")
+    return options
+  exact = unit.affine and options.bn_mode == "eval"
+  return options._replace(proxy="reduced" if exact else "examples")
+
+
+def _dense_hiddens(units, indices, variables, x, chunk_size, apply_kwargs, apply_fn) -> dict:
+  """Every unit's hidden activations from the dense network (one forward pass for derived units)."""
+  derived = [i for i in indices if units[i].capture is not None and callable(apply_fn)]
+  out = {}
+  if derived:
+    paths = [units[i].capture for i in derived]
+    fn = jax.jit(lambda vv, xx: capture_inputs(apply_fn, vv, xx, paths, **apply_kwargs))
+    got = _chunked(lambda xx: fn(variables, xx), x, chunk_size)
+    out.update({i: got[units[i].capture] for i in derived})
+  for i in indices:
+    if i not in out:
+      out[i] = _chunked(lambda xx: _hidden(units[i].hidden_fn, variables, xx), x, chunk_size)
+  return out
+
+
+def ispasp_sweep(unit: Unit, variables: Any, hidden: jax.Array, keep: Sequence[float], *,
+                 options: RecoveryOptions = RecoveryOptions(), proxy: str = "auto") -> jax.Array:
+  """Supports of one unit for many keep ratios in one compiled, vmapped call.
+
+  Args:
+    unit: the unit.
+    variables: the tree its ``params_fn`` and norm read.
+    hidden: ``H: (N, ..., C)`` (e.g. ``unit.hidden_fn(variables, x)``).
+    keep: keep ratios in ``(0, 1]``.
+    options: :class:`~jaxprune.recovery.RecoveryOptions` (its ``proxy`` is used when ``proxy``
+      is not ``"auto"``).
+    proxy: ``"auto"`` (reduced where exact, as in :func:`ispasp`), ``"examples"`` or ``"reduced"``.
+
+  Returns:
+    ``(len(keep), C)`` bool masks, row ``i`` with ``int(C keep[i])`` channels.
+  """
+  budgets = [plan_keep([unit], r)[0][1] for r in keep]
+  ks = jnp.asarray(budgets)
+  options = check_options(options if proxy == "auto" else options._replace(proxy=proxy))
+  return _sweep(unit.output_fn, unit.params_fn(variables), hidden, ks, unit.output_norm(variables),
+                _resolve(options, proxy, unit))
+
+
+@functools.partial(jax.jit, static_argnames=("output_fn", "options"))
+def _sweep(output_fn, params, hidden, ks, norm, options):
+  return jax.vmap(lambda k: recover_support(output_fn, params, hidden, k, norm, options).mask)(ks)
+
+
+__all__ = ["ispasp", "ispasp_sweep", "plan_keep", "n_kept", "aggregate_activations"]

@@ -1,0 +1,296 @@
+"""i-SpaSP: the loop against a numpy port of the official set-based loop, sweeps, fixed points, units."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxprune as jp
+from jaxprune import models
+from jaxprune.recovery import RecoveryOptions, proxy, reduced_proxy
+from jaxprune.units import ModuleOutput
+
+EPS = 1e-5
+
+
+# ---- an independent float64 numpy port of the official prune_basic_block loop ----------------
+
+def np_conv3x3(h, w):
+  """SAME 3x3 convolution, stride 1: h (B, Y, X, C), w (3, 3, C, O)."""
+  hp = np.pad(h, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  y, x = h.shape[1:3]
+  return sum(hp[:, dy:dy + y, dx:dx + x, :] @ w[dy, dx] for dy in range(3) for dx in range(3))
+
+
+def np_conv3x3_input_grad(g, w, shape):
+  """Gradient of <g, conv(h)> with respect to h."""
+  out = np.zeros((shape[0], shape[1] + 2, shape[2] + 2, shape[3]))
+  y, x = shape[1:3]
+  for dy in range(3):
+    for dx in range(3):
+      out[:, dy:dy + y, dx:dx + x, :] += g @ w[dy, dx].T
+  return out[:, 1:-1, 1:-1, :]
+
+
+def np_reference(h, w, bias, bn, s, iterations, chunk, bn_mode, conv):
+  """Official loop: sets, argsort descending, Python chunks; returns the sorted support."""
+  h = np.asarray(h, np.float64)
+  w = np.asarray(w, np.float64)
+  layer = (lambda x, ww: np_conv3x3(x, ww)) if conv else (lambda x, ww: x @ ww)
+  reduce_axes = (0, 1, 2) if conv else (0,)
+  agg = h.sum(axis=reduce_axes)
+  support = set()
+  for _ in range(iterations):
+    importance = np.zeros(h.shape[-1])
+    for i in range(0, h.shape[0], chunk):
+      hb = h[i:i + chunk]
+      z = layer(hb, w) + bias
+      if bn is None:
+        u, scale = z, np.ones(z.shape[-1])
+      else:
+        scale = bn["scale"] / np.sqrt(bn["var"] + EPS)
+        u = (z - bn["mean"]) * scale + bn["offset"]
+      if support:
+        idx = sorted(support)
+        wp = w[..., idx, :]
+        zp = layer(hb[..., idx], wp) + bias
+        if bn is None:
+          up = zp
+        elif bn_mode == "eval":
+          up = (zp - bn["mean"]) * scale + bn["offset"]
+        else:   # a fresh torch BatchNorm in train mode: this chunk's statistics
+          mu = zp.mean(axis=reduce_axes)
+          var = zp.var(axis=reduce_axes)
+          up = (zp - mu) / np.sqrt(var + EPS) * bn["scale"] + bn["offset"]
+        v = u - up
+      else:
+        v = u
+      gz = v * scale   # d(1/2 ||v||^2)/dz through the dense branch's eval-mode norm
+      gh = np_conv3x3_input_grad(gz, w, hb.shape) if conv else gz @ w.T
+      importance += gh.sum(axis=0).reshape(-1, h.shape[-1]).sum(axis=0)
+    top = np.argsort(-importance, kind="stable")[:2 * s]
+    indexer = np.array(sorted(set(top.tolist()) | support))
+    best = np.argsort(-agg[indexer], kind="stable")[:s]
+    support = set(indexer[best].tolist())
+  return np.array(sorted(support))
+
+
+def random_unit(conv, with_bn, seed=0, n=40, c=12, o=7):
+  rng = np.random.default_rng(seed)
+  shape = (n, 5, 5, c) if conv else (n, c)
+  h = np.maximum(rng.normal(size=shape) + 0.3 * rng.normal(size=c), 0).astype(np.float32)
+  w = rng.normal(size=(3, 3, c, o) if conv else (c, o)).astype(np.float32) / np.sqrt(c)
+  bias = (np.zeros(o) if conv else rng.normal(size=o)).astype(np.float32)
+  bn = None
+  if with_bn:
+    bn = {"scale": rng.uniform(0.5, 1.5, o), "offset": rng.normal(size=o), "mean": rng.normal(size=o),
+          "var": rng.uniform(0.5, 2.0, o)}
+    bn = {k: v.astype(np.float32) for k, v in bn.items()}
+  if conv:
+    module = nn.Conv(o, (3, 3), padding=((1, 1), (1, 1)), use_bias=False)
+    params = {"kernel": jnp.asarray(w)}
+  else:
+    module = nn.Dense(o)
+    params = {"kernel": jnp.asarray(w), "bias": jnp.asarray(bias)}
+  norm = None if bn is None else jp.OutputNorm(*(jnp.asarray(bn[k]) for k in ("scale", "offset", "mean", "var")),
+                                               jnp.asarray(EPS, jnp.float32))
+  return dict(h=h, w=w, bias=bias, bn=bn, fn=ModuleOutput(module), params=params, norm=norm)
+
+
+CASES = [(conv, bn, mode, proxy_kind) for conv in (False, True) for bn in (False, True)
+         for mode in ("eval", "train") for proxy_kind in ("examples", "reduced")
+         if not (mode == "train" and (proxy_kind == "reduced" or not bn))]
+
+
+@pytest.mark.parametrize("conv,with_bn,bn_mode,proxy_kind", CASES)
+@pytest.mark.parametrize("keep", [0.1, 0.25, 0.4])
+def test_selection_equals_numpy_reference_of_the_official_loop(conv, with_bn, bn_mode, proxy_kind, keep):
+  u = random_unit(conv, with_bn, seed=int(keep * 100) + 7 * conv + 3 * with_bn)
+  c = u["h"].shape[-1]
+  s = int(c * keep)
+  opts = RecoveryOptions(iterations=6, chunk_size=16, bn_mode=bn_mode, proxy=proxy_kind)
+  got = jp.recover_support(u["fn"], u["params"], jnp.asarray(u["h"]), s, u["norm"], opts)
+  ref = np_reference(u["h"], u["w"], u["bias"], u["bn"], s, 6, 16, bn_mode, conv)
+  assert int(got.mask.sum()) == s
+  np.testing.assert_array_equal(np.flatnonzero(np.asarray(got.mask)), ref)
+
+
+def test_reduced_proxy_equals_per_example_proxy_for_any_support():
+  u = random_unit(conv=True, with_bn=True, seed=3)
+  h = jnp.asarray(u["h"])
+  rng = np.random.default_rng(0)
+  for mask in [np.zeros(12, bool), rng.random(12) < 0.3, rng.random(12) < 0.7]:
+    mask = jnp.asarray(mask)
+    full = proxy(u["fn"], u["params"], h, mask, u["norm"], chunk_size=16)
+    red = reduced_proxy(u["fn"], u["params"], h.sum(0, keepdims=True), h.shape[0], mask, u["norm"])
+    np.testing.assert_allclose(red, full, rtol=2e-4, atol=1e-3 * float(jnp.abs(full).max()))
+
+
+def test_vmapped_sweep_equals_separate_calls(resnet20):
+  v, model, x = resnet20
+  unit = jp.two_layer_units(model.apply, v, x[:1])[-1]   # layer1_0: the first block
+  hidden = unit.hidden_fn(v, x[:40])
+  keeps = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]
+  recover = jax.jit(jp.recover_support, static_argnums=0, static_argnames="options")
+  for proxy_kind in ("examples", "reduced"):
+    opts = RecoveryOptions(proxy=proxy_kind, chunk_size=16)
+    swept = np.asarray(jp.ispasp_sweep(unit, v, hidden, keeps, options=opts, proxy=proxy_kind))
+    for row, r in zip(swept, keeps):
+      one = recover(unit.output_fn, unit.params_fn(v), hidden, int(16 * r), unit.output_norm(v), options=opts)
+      np.testing.assert_array_equal(row, np.asarray(one.mask))
+      assert row.sum() == int(16 * r)
+
+
+@pytest.mark.parametrize("conv", [False, True])
+def test_fixed_point_stop_equals_the_full_iterations(conv):
+  for seed in range(3):
+    u = random_unit(conv, with_bn=True, seed=seed, c=24)
+    h = jnp.asarray(u["h"])
+    for s in (3, 6):
+      full = jp.recover_support(u["fn"], u["params"], h, s, u["norm"], RecoveryOptions(iterations=20))
+      early = jp.recover_support(u["fn"], u["params"], h, s, u["norm"],
+                                 RecoveryOptions(iterations=20, stop_at_fixed_point=True))
+      np.testing.assert_array_equal(early.mask, full.mask)
+      assert not bool(full.changed) and not bool(early.changed)
+      assert int(early.iterations) < 20
+
+
+def test_support_is_monotone_in_aggregated_activation():
+  u = random_unit(conv=False, with_bn=False, seed=5, c=30)
+  h = jnp.asarray(u["h"])
+  a = np.asarray(h.sum(0))
+  totals = []
+  for t in range(1, 8):
+    m = jp.recover_support(u["fn"], u["params"], h, 5, None, RecoveryOptions(iterations=t)).mask
+    totals.append(a[np.asarray(m)].sum())
+  assert all(b >= x - 1e-6 for x, b in zip(totals, totals[1:]))
+
+
+# ---- units and the whole-network driver ------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def resnet20(checkpoint_dir, data_dir):
+  v = jp.load_resnet20(f"{checkpoint_dir}/resnet20_cifar10.npz")
+  test = jp.data.load("cifar10_png5k", "test", data_dir=data_dir, source="local")
+  idx = np.random.default_rng(0).permutation(len(test.y))[:96]
+  return v, models.resnet20(), jnp.asarray(test.x[idx])
+
+
+def test_units_of_resnet20_mlpnet_and_mobilenet(resnet20, mlpnet_variables):
+  v, model, x = resnet20
+  units = jp.two_layer_units(model.apply, v, x[:1])
+  assert [u.name for u in units] == [f"layer{s}_{b}/conv2" for s in (3, 2, 1) for b in (2, 1, 0)]
+  assert all(u.norm.scale == f"params/{u.name.split('/')[0]}/bn2/scale" for u in units)
+  assert all(u.affine and u.norm.eps == pytest.approx(1e-5) for u in units)
+  mlp = jp.two_layer_units(models.mlpnet().apply, mlpnet_variables, jnp.zeros((1, 28, 28, 1)))
+  assert [(u.name, u.size, u.norm) for u in mlp] == [("fc3", 20, None), ("fc2", 40, None)]
+  mb = models.MobileNetV1(stem_width=8, widths=(16, 16, 32), strides=(1, 2, 1))
+  mv = mb.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+  mb_units = jp.two_layer_units(mb.apply, mv, jnp.zeros((1, 32, 32, 3)))
+  # the pointwise convs read the depthwise channels; the classifier reads the last block's (after pooling)
+  assert [u.name for u in mb_units] == ["fc", "block2/pw", "block1/pw", "block0/pw"]
+  # the MobileNet hidden group holds the depthwise conv and both norms before the pointwise conv
+  first = mb_units[-1]
+  assert {m.kind for m in first.group.producers} >= {"kernel", "depthwise", "norm"}
+
+
+@pytest.mark.parametrize("mode", ["shrink", "mask"])
+def test_keep_ratio_one_changes_nothing(resnet20, mode):
+  v, model, x = resnet20
+  res = jp.ispasp(model.apply, v, x, 1.0, mode=mode, show_progress=False)
+  for a, b in zip(jax.tree_util.tree_leaves(res.variables), jax.tree_util.tree_leaves(v)):
+    np.testing.assert_array_equal(a, b)
+  assert all(k.size == 16 or k.size == 32 or k.size == 64 for k in res.kept.values())
+
+
+def test_sequential_prunes_each_unit_on_the_pruned_network(mlpnet_variables, mnist_test):
+  model = models.mlpnet()
+  x = jnp.asarray(mnist_test.x[:300])
+  both = jp.ispasp(model.apply, mlpnet_variables, x, 0.3, mode="mask", show_progress=False)
+  # the same by hand: the shallow unit (group 1) first, then the deep one on the result
+  first = jp.ispasp(model.apply, mlpnet_variables, x, {1: 0.3}, mode="mask", show_progress=False)
+  second = jp.ispasp(model.apply, first.variables, x, {0: 0.3}, mode="mask", show_progress=False)
+  assert set(both.kept) == {0, 1}
+  np.testing.assert_array_equal(both.kept[1], first.kept[1])
+  np.testing.assert_array_equal(both.kept[0], second.kept[0])
+  assert both.kept[0].size == 6 and both.kept[1].size == 12
+  # one-shot: the deep unit sees dense activations instead
+  oneshot = jp.ispasp(model.apply, mlpnet_variables, x, 0.3, order="oneshot", mode="mask", show_progress=False)
+  np.testing.assert_array_equal(oneshot.kept[1], both.kept[1])
+  dense_only = jp.ispasp(model.apply, mlpnet_variables, x, {0: 0.3}, mode="mask", show_progress=False)
+  np.testing.assert_array_equal(oneshot.kept[0], dense_only.kept[0])
+
+
+def test_oneshot_vmapped_units_equal_unit_by_unit(resnet20):
+  v, model, x = resnet20
+  x = x[:48]
+  for proxy_kind, blocks in (("reduced", (1, 2, 3)), ("examples", (2,))):
+    kw = dict(order="oneshot", mode="mask", proxy=proxy_kind, chunk_size=32, show_progress=False)
+    together = jp.ispasp(model.apply, v, x, 0.4, **kw)
+    assert len(together.kept) == 9
+    for gi in blocks:   # stage 3 blocks share shapes: solved in one vmapped call above
+      alone = jp.ispasp(model.apply, v, x, {gi: 0.4}, **kw)
+      np.testing.assert_array_equal(together.kept[gi], alone.kept[gi])
+
+
+def test_shrunk_network_equals_masked_and_reports_the_unit_error(resnet20):
+  v, model, x = resnet20
+  res = jp.ispasp(model.apply, v, x, 0.5, mode="shrink", show_progress=False)
+  masked = jp.ispasp(model.apply, v, x, 0.5, mode="mask", show_progress=False)
+  small = models.CifarResNet.from_params(res.variables)
+  np.testing.assert_allclose(small.apply(res.variables, x), model.apply(masked.variables, x), rtol=1e-4, atol=1e-4)
+  # the reported error of the first unit, recomputed by hand from its hidden activations
+  unit = jp.two_layer_units(model.apply, v, x[:1])[-1]
+  h = unit.hidden_fn(v, x)
+  keep = np.zeros(16, bool)
+  keep[res.kept[unit.group_index]] = True
+  dense, pruned = unit.output(v, h), unit.output(v, h, jnp.asarray(keep))
+  err = float(jnp.linalg.norm(dense - pruned) / jnp.linalg.norm(dense))
+  assert res.info["units"][unit.group_index]["relative_error"] == pytest.approx(err, rel=1e-5)
+
+
+def test_hand_made_unit_equals_the_derived_one(mlpnet_variables, mnist_test):
+  model = models.mlpnet()
+  v = mlpnet_variables
+  x = jnp.asarray(mnist_test.x[:200])
+  g = jp.make_group(v, producers=[("params/fc1/kernel", 1)], consumers=[("params/fc2/kernel", 0)])
+  unit = jp.make_unit(g, hidden_fn=lambda vv, xx: jax.nn.relu(xx.reshape(len(xx), -1) @ vv["params"]["fc1"]["kernel"]),
+                      output_fn=lambda p, h: h @ p["kernel"], params_fn=lambda vv: vv["params"]["fc2"], name="fc1")
+  by_hand = jp.ispasp([unit], v, x, 0.25, mode="mask", show_progress=False)
+  derived = jp.ispasp(model.apply, v, x, {1: 0.25}, mode="mask", show_progress=False)
+  np.testing.assert_array_equal(by_hand.kept["fc1"], derived.kept[1])
+  assert by_hand.info["units"]["fc1"]["iterations"] == 20
+
+
+def test_train_mode_norm_runs_and_keeps_the_budget(resnet20):
+  v, model, x = resnet20
+  res = jp.ispasp(model.apply, v, x[:64], {3: 0.5}, bn_mode="train", chunk_size=32, mode="mask", show_progress=False)
+  (gi,) = res.kept
+  assert res.kept[gi].size == 32 and res.info["options"]["proxy"] == "examples"
+
+
+def test_bad_input_fails_clearly(resnet20, mlpnet_variables):
+  v, model, x = resnet20
+  for keep, match in [(0.0, "keep"), (1.5, "keep"), (True, "keep"), (0.01, "keeps no channel"), ({42: 0.5}, "unit 42")]:
+    with pytest.raises((ValueError, IndexError), match=match):
+      jp.ispasp(model.apply, v, x, keep, show_progress=False)
+  with pytest.raises(ValueError, match="order"):
+    jp.ispasp(model.apply, v, x, 0.5, order="parallel", show_progress=False)
+  with pytest.raises(ValueError, match="bn_mode"):
+    jp.ispasp(model.apply, v, x, 0.5, bn_mode="frozen", show_progress=False)
+  with pytest.raises(ValueError, match="reduced"):
+    jp.ispasp(model.apply, v, x, 0.5, bn_mode="train", proxy="reduced", show_progress=False)
+  with pytest.raises(ValueError, match="iterations"):
+    jp.ispasp(model.apply, v, x, 0.5, iterations=0, show_progress=False)
+  with pytest.raises(ValueError, match="batch"):
+    jp.ispasp(model.apply, v, jnp.float32(1.0), 0.5, show_progress=False)
+  with pytest.raises(ValueError, match="NaN"):
+    jp.ispasp(model.apply, v, x.at[0, 0, 0, 0].set(jnp.nan), 0.5, show_progress=False)
+  with pytest.raises(TypeError, match="model"):
+    jp.ispasp([], v, x, 0.5, show_progress=False)
+  g = jp.make_group(mlpnet_variables, producers=[("params/fc1/kernel", 1)], consumers=[("params/fc2/kernel", 0)])
+  unit = jp.make_unit(g, hidden_fn=lambda vv, xx: xx[:, :39], output_fn=lambda p, h: h, name="bad")
+  with pytest.raises(ValueError, match="expected"):
+    jp.ispasp([unit], mlpnet_variables, jnp.ones((4, 784)), 0.5, show_progress=False)
+  with pytest.raises(ValueError, match="affine"):
+    jp.ispasp([unit], mlpnet_variables, jnp.ones((4, 784)), 0.5, proxy="reduced", show_progress=False)
