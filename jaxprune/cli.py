@@ -184,7 +184,7 @@ def main(argv=None) -> int:
     logits = model.apply({"params": params, **others}, batch[0])
     return optax.softmax_cross_entropy_with_integer_labels(logits, batch[1]).mean()
 
-  context = {"loss_fn": loss_fn, "batch": (calibration.x, calibration.y)}
+  context = {"loss_fn": loss_fn, "batch": (calibration.x, calibration.y), "apply_fn": model.apply}
   rows = sweep(model, variables, test, args.sparsities, unstructured, seed=args.seed, context=context,
                show_progress=show)
   if structured:

@@ -187,11 +187,11 @@ def ispasp(model: Union[Callable, Sequence[Unit]], variables: Any, batch: Any, k
   original, v = variables, variables
   kept, plans, per_unit = {}, [], {}
 
-  def finish(i, mask, support, hidden, t0):
+  def finish(i, mask, support, hidden, t0, solved_on):
     nonlocal v
     keep_idx = np.flatnonzero(np.asarray(mask))
     unit = units[i]
-    err = _relative_error(unit, v, hidden, jnp.asarray(mask))
+    err = _relative_error(unit, solved_on, hidden, jnp.asarray(mask))
     v = write_channels(v, unit.group, keep_idx)
     kept[labels[i]] = keep_idx
     plans.append((unit.group, keep_idx))
@@ -207,7 +207,7 @@ def ispasp(model: Union[Callable, Sequence[Unit]], variables: Any, batch: Any, k
       _check_hidden(unit, hidden)
       sup = _recover(unit.output_fn, unit.params_fn(v), hidden, budgets[i][1], unit.output_norm(v),
                      _resolve(options, proxy, unit))
-      finish(i, sup.mask, sup, hidden, t0)
+      finish(i, sup.mask, sup, hidden, t0, v)
   else:
     t0 = time.perf_counter()
     hiddens = _dense_hiddens(units, list(budgets), variables, x, chunk_size, apply_kwargs, model)
@@ -230,7 +230,7 @@ def ispasp(model: Union[Callable, Sequence[Unit]], variables: Any, batch: Any, k
                              _resolve(options, proxy, u0))
       for j, i in enumerate(idx):
         one = jax.tree_util.tree_map(lambda a: a[j], sup)
-        finish(i, one.mask, one, hiddens[i], t0)
+        finish(i, one.mask, one, hiddens[i], t0, variables)
 
   masks = channel_masks(original, plans)
   if mode == "shrink":

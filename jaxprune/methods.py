@@ -4,7 +4,8 @@ An unstructured pruner has the signature ``fn(params, k, *, key, context) -> Pru
 ``context`` carries what data-driven methods need: ``batch`` (N examples) and
 ``loss_fn(params, batch)`` over the same params tree the pruner receives.
 A structured pruner has the signature ``fn(variables, groups, sparsity, *, key, context) ->
-ChannelResult`` (``sparsity`` per group, every prunable group, mask mode).
+ChannelResult`` (``sparsity`` per group, every prunable group, mask mode); ``context`` also
+carries ``apply_fn`` (i-SpaSP runs the model to read hidden activations).
 Method issues add their entry with :func:`register` / :func:`register_structured`.
 """
 from __future__ import annotations
@@ -59,5 +60,14 @@ def _intra_fusion(variables, groups, sparsity, *, key, context):
   return intra_fusion(variables, groups, sparsity, importance="l1", mode="mask", show_progress=False)
 
 
+def _ispasp(variables, groups, sparsity, *, key, context):
+  # i-SpaSP prunes the two-layer units (every hidden layer of an MLP) to int(n (1 - sparsity))
+  # channels, the same count as the others; it needs the model and a batch of inputs.
+  from jaxprune.ispasp import ispasp
+  return ispasp(context["apply_fn"], variables, context["batch"], 1.0 - sparsity, groups=groups, mode="mask",
+                show_progress=False)
+
+
 register_structured("channels_l1", _channels)
 register_structured("intra_fusion", _intra_fusion)
+register_structured("ispasp", _ispasp)

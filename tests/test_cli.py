@@ -22,7 +22,8 @@ def test_default_main_job_on_embedded_digits(tmp_path, capsys):
   assert by[("lr", 0.5)] > by[("random", 0.5)] and by[("ewr", 0.5)] > by[("random", 0.5)]
   assert by[("channels_l1", 0.1)] > 0.5 and by[("intra_fusion", 0.1)] > 0.5   # light channel pruning keeps most
   kept = {(r["method"], float(r["sparsity"])): int(r["k"]) for r in rows}
-  assert kept[("channels_l1", 0.5)] == kept[("intra_fusion", 0.5)] == 128 + 64   # 256 and 128 hidden channels
+  assert kept[("channels_l1", 0.5)] == kept[("intra_fusion", 0.5)] == kept[("ispasp", 0.5)] == 128 + 64  # 256, 128 hidden
+  assert by[("ispasp", 0.1)] > 0.5
   assert (tmp_path / "accuracy.png").stat().st_size > 1000
   assert json.loads((tmp_path / "results.json").read_text())["backend"] == "cpu"
 

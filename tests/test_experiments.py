@@ -16,6 +16,8 @@ SCRIPTS = {
     "experiments/intrafusion_groups.py": "intrafusion_groups",
     "experiments/intrafusion_all_groups.py": "intrafusion_all_groups",
     "experiments/intrafusion_cifar_models.py": "vgg11_bn_groups",
+    "experiments/ispasp_two_layer.py": "ispasp_two_layer",
+    "experiments/ispasp_blocks.py": "ispasp_blocks",
 }
 
 
@@ -29,7 +31,7 @@ def test_experiment_quick(script, stem, tmp_path, data_dir, checkpoint_dir):
   rows = json.loads((tmp_path / f"{stem}.json").read_text())["rows"]
   assert rows and (tmp_path / f"{stem}.csv").exists()
   assert any(p.suffix == ".png" for p in tmp_path.iterdir())
-  assert any(h in proc.stdout for h in ("| sparsity |", "| target |", "| group |", "| G |"))
+  assert any(h in proc.stdout for h in ("| sparsity |", "| target |", "| group |", "| G |", "| kept |", "| model |"))
 
 
 @pytest.mark.slow
@@ -44,7 +46,8 @@ def test_benchmark_quick(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("script, stem, key", [("benchmarks/structure.py", "structure_quick", "rows"),
-                                               ("benchmarks/intrafusion.py", "intrafusion_quick", "models")])
+                                               ("benchmarks/intrafusion.py", "intrafusion_quick", "models"),
+                                               ("benchmarks/ispasp.py", "ispasp_quick", "block")])
 def test_structure_benchmarks_quick(script, stem, key, tmp_path):
   proc = subprocess.run([sys.executable, str(REPO / script), "--quick", "--out", str(tmp_path)],
                         capture_output=True, text=True, timeout=900)

@@ -219,6 +219,14 @@ def test_sequential_prunes_each_unit_on_the_pruned_network(mlpnet_variables, mni
   np.testing.assert_array_equal(oneshot.kept[1], both.kept[1])
   dense_only = jp.ispasp(model.apply, mlpnet_variables, x, {0: 0.3}, mode="mask", show_progress=False)
   np.testing.assert_array_equal(oneshot.kept[0], dense_only.kept[0])
+  # one-shot errors are those of each unit on the dense network (fc2 is unit 1's layer and group 0's producer)
+  unit = jp.two_layer_units(model.apply, mlpnet_variables, x[:1])[1]
+  h = unit.hidden_fn(mlpnet_variables, x)
+  keep = np.zeros(40, bool)
+  keep[oneshot.kept[1]] = True
+  dense, pruned = unit.output(mlpnet_variables, h), unit.output(mlpnet_variables, h, jnp.asarray(keep))
+  assert oneshot.info["units"][1]["relative_error"] == pytest.approx(
+      float(jnp.linalg.norm(dense - pruned) / jnp.linalg.norm(dense)), rel=1e-5)
 
 
 def test_oneshot_vmapped_units_equal_unit_by_unit(resnet20):
