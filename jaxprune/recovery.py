@@ -29,6 +29,7 @@ from jaxprune.masks import topk_mask
 AGGREGATES = ("signed_sum", "abs_sum", "l2")
 BN_MODES = ("eval", "train")
 PROXIES = ("examples", "reduced")
+MAX_UNROLLED_CHUNKS = 32   # more chunks than this run in a lax.map loop (compile time stays bounded)
 
 
 class OutputNorm(NamedTuple):
@@ -59,6 +60,9 @@ class RecoveryOptions(NamedTuple):
       chunks, any ``output_fn``; ``"reduced"``: the same proxy from the summed activations
       ``sum_b H_b`` through the layer once (exact when ``output_fn`` is affine and ``bn_mode`` is
       ``"eval"``, since the support is shared by all examples; the brief's section 7.1).
+    unroll: unroll the ``T`` iterations in the compiled program. ``None`` (default): only for the
+      per-example proxy on CPU, where XLA ran the convolutions inside a loop body about 8x slower
+      than unrolled (measured on ResNet20 blocks). Results are identical either way.
   """
   iterations: int = 20
   chunk_size: Optional[int] = 256
@@ -67,6 +71,7 @@ class RecoveryOptions(NamedTuple):
   stop_at_fixed_point: bool = False
   exclude_support: bool = False
   proxy: str = "examples"
+  unroll: Optional[bool] = None
 
 
 class Support(NamedTuple):
@@ -143,15 +148,20 @@ def proxy(output_fn: Callable, params: Any, hidden: jax.Array, mask: jax.Array, 
   """The signed proxy ``g: (C,)`` for a support ``mask: (C,)``: the gradient of
   ``1/2 ||U - U_hat||^2`` with respect to ``hidden: (N, ..., C)``, summed over all but channels.
 
-  Chunks of ``chunk_size`` examples run one after another (``lax.map``), a last partial chunk
-  on its own, so that train-mode statistics are per chunk as in the official loader.
+  Chunks of ``chunk_size`` examples run one after another (unrolled up to
+  ``MAX_UNROLLED_CHUNKS``, else in ``lax.map``), a last partial chunk on its own, so that
+  train-mode statistics are per chunk as in the official loader.
   """
   fn = functools.partial(_chunk_proxy, output_fn, params, norm, bn_mode, mask)
   n = hidden.shape[0]
   c = n if chunk_size is None else min(chunk_size, n)
   full, rest = divmod(n, c)
-  head = hidden[: full * c].reshape((full, c) + hidden.shape[1:])
-  g = jnp.sum(jax.lax.map(fn, head), axis=0)
+  if full <= MAX_UNROLLED_CHUNKS:
+    # Static slices: on XLA:CPU a convolution inside lax.map's loop ran 4-5x slower than unrolled.
+    g = sum(fn(hidden[i * c:(i + 1) * c]) for i in range(full))
+  else:
+    head = hidden[: full * c].reshape((full, c) + hidden.shape[1:])
+    g = jnp.sum(jax.lax.map(fn, head), axis=0)
   if rest:
     g = g + fn(hidden[full * c:])
   return g
@@ -211,7 +221,10 @@ def recover_support(output_fn: Callable, params: Any, hidden: jax.Array, k: Any,
       mask, _changed = carry
       new = step(mask)
       return new, jnp.any(new != mask)
-    mask, changed = jax.lax.fori_loop(0, options.iterations, body, (empty, jnp.asarray(True)))
+    unroll = options.unroll
+    if unroll is None:
+      unroll = options.proxy == "examples" and jax.default_backend() == "cpu"
+    mask, changed = jax.lax.fori_loop(0, options.iterations, body, (empty, jnp.asarray(True)), unroll=bool(unroll) or 1)
     return Support(mask, jnp.asarray(options.iterations), changed)
 
   def cond(carry):
