@@ -1,10 +1,22 @@
 """Timing and result writing shared by the benchmark scripts."""
+import argparse
 import json
 import statistics
 import time
 from pathlib import Path
 
 import jax
+
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def parse_args(description: str) -> argparse.Namespace:
+  """``--quick`` (small settings, CI) and ``--out`` (default ``benchmarks/results``)."""
+  p = argparse.ArgumentParser(description=description)
+  p.add_argument("--quick", action="store_true")
+  p.add_argument("--out", default=str(RESULTS))
+  return p.parse_args()
 
 
 def median_time(fn, repeats: int, *, warmup: bool = True):

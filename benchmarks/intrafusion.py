@@ -7,7 +7,6 @@ sequential (official order) and parallel (one vmapped Sinkhorn per (n, m) shape)
 median of 3 after one warm-up call (compilation excluded). Then the growth with group size: the
 cost matrix and each solver on synthetic pairing vectors (n, D=4608), m = n/2.
 """
-import argparse
 from pathlib import Path
 
 import jax
@@ -18,7 +17,7 @@ import jaxprune as jp
 from jaxprune import models, ot
 from jaxprune.intrafusion import pairing_cost
 
-from _timing import markdown_table, median_time, write_results
+from _timing import parse_args, markdown_table, median_time, write_results
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -28,10 +27,7 @@ def timed(fn, repeats):
 
 
 def main():
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--quick", action="store_true")
-  p.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
-  args = p.parse_args()
+  args = parse_args(__doc__.splitlines()[0])
   repeats = 1 if args.quick else 3
   rows = []
   cases = {"ResNet20": models.resnet20} if args.quick else {"VGG11-BN": models.vgg11_bn, "ResNet18": models.resnet18}

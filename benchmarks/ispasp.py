@@ -17,7 +17,6 @@ with the official train-mode BatchNorm.
 Warm timings (compiled), median of ``repeats``; the per-example loop runs once (its one small
 compilation is included).
 """
-import argparse
 import time
 from pathlib import Path
 
@@ -28,7 +27,7 @@ import numpy as np
 import jaxprune as jp
 from jaxprune import models
 
-from _timing import markdown_table, median_time, write_results
+from _timing import parse_args, markdown_table, median_time, write_results
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -63,10 +62,7 @@ def official_loop(unit, variables, hidden, s, iterations, chunk):
 
 
 def main():
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--quick", action="store_true")
-  p.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
-  args = p.parse_args()
+  args = parse_args(__doc__.splitlines()[0])
   repeats = 1 if args.quick else 3
   n, iterations = (64, 4) if args.quick else (1280, 20)
   v = jp.load_resnet20(str(SHARED / "checkpoints" / "resnet20_cifar10.npz"))

@@ -5,7 +5,6 @@ trace plus the analysis), their ratio, and ``prune_channels`` (l1, every group a
 against one jitted forward pass of a 32-image batch. Warm timings are the median of 5 runs
 after one warm-up call.
 """
-import argparse
 from pathlib import Path
 
 import jax
@@ -14,7 +13,7 @@ import jax.numpy as jnp
 import jaxprune as jp
 from jaxprune import models
 
-from _timing import markdown_table, median_time as timed, write_results
+from _timing import parse_args, markdown_table, median_time as timed, write_results
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = {
@@ -27,10 +26,7 @@ MODELS = {
 
 
 def main():
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--quick", action="store_true")
-  p.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
-  args = p.parse_args()
+  args = parse_args(__doc__.splitlines()[0])
   repeats = 1 if args.quick else 5
   names = ["MLPNet", "ResNet20"] if args.quick else list(MODELS)
   rows = []
