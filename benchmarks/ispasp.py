@@ -35,8 +35,6 @@ SHARED = REPO.parent / "shared"
 
 def official_loop(unit, variables, hidden, s, iterations, chunk):
   """The official prune_basic_block loop, host-side sets; gradients jitted per chunk."""
-  params, norm = unit.params_fn(variables), unit.output_norm(variables)
-
   @jax.jit
   def chunk_grad(h, keep_mask, empty):
     dense = lambda x: unit.output(variables, x)
@@ -44,7 +42,6 @@ def official_loop(unit, variables, hidden, s, iterations, chunk):
     u_hat = jnp.where(empty, 0.0, unit.output(variables, h, keep_mask))
     return jnp.sum(pullback(u - u_hat)[0], axis=(0, 1, 2))
 
-  del params, norm
   agg = np.asarray(jnp.sum(hidden, axis=(0, 1, 2)))
   support = set()
   for _ in range(iterations):

@@ -272,8 +272,8 @@ def ispasp_sweep(unit: Unit, variables: Any, hidden: jax.Array, keep: Sequence[f
     variables: the tree its ``params_fn`` and norm read.
     hidden: ``H: (N, ..., C)`` (e.g. ``unit.hidden_fn(variables, x)``).
     keep: keep ratios in ``(0, 1]``.
-    options: :class:`~jaxprune.recovery.RecoveryOptions` (its ``proxy`` is used when ``proxy``
-      is not ``"auto"``).
+    options: :class:`~jaxprune.recovery.RecoveryOptions`; its ``proxy`` field is replaced by
+      the ``proxy`` argument.
     proxy: ``"auto"`` (reduced where exact, as in :func:`ispasp`), ``"examples"`` or ``"reduced"``.
 
   Returns:

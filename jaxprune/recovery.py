@@ -118,7 +118,8 @@ def aggregate_activations(hidden: jax.Array, how: str = "signed_sum") -> jax.Arr
   raise ValueError(f"aggregate must be one of {AGGREGATES}, got {how!r}")
 
 
-def _norm_eval(z, norm):
+def norm_eval(z: jax.Array, norm: Optional[OutputNorm]) -> jax.Array:
+  """The norm in inference mode (running statistics); identity for ``None``."""
   if norm is None:
     return z
   return (z - norm.mean) * jax.lax.rsqrt(norm.var + norm.eps) * norm.scale + norm.offset
@@ -134,10 +135,10 @@ def _norm_batch(z, norm):
 
 def _chunk_proxy(output_fn, params, norm, bn_mode, mask, h):
   """``sum_{examples, positions} dR/dH`` on one chunk: ``(C,)``."""
-  dense = lambda x: _norm_eval(output_fn(params, x), norm)
+  dense = lambda x: norm_eval(output_fn(params, x), norm)
   u, pullback = jax.vjp(dense, h)
   z = output_fn(params, h * mask.astype(h.dtype))
-  u_hat = _norm_batch(z, norm) if (bn_mode == "train" and norm is not None) else _norm_eval(z, norm)
+  u_hat = _norm_batch(z, norm) if (bn_mode == "train" and norm is not None) else norm_eval(z, norm)
   u_hat = jnp.where(jnp.any(mask), u_hat, 0.0)   # the official pruned output is 0 before any channel is chosen
   (grad,) = pullback(u - jax.lax.stop_gradient(u_hat))
   return jnp.sum(grad, axis=tuple(range(grad.ndim - 1)))
@@ -176,7 +177,7 @@ def reduced_proxy(output_fn: Callable, params: Any, summed: jax.Array, n: Any, m
   empty one (pruned output 0, as the official code) ``sum_b V_b = L summed + n c``. The proxy is
   ``L^T`` of that sum, summed over positions: two passes of the layer over one example.
   """
-  dense = lambda x: _norm_eval(output_fn(params, x), norm)
+  dense = lambda x: norm_eval(output_fn(params, x), norm)
   offset = dense(jnp.zeros_like(summed))
   removed, pullback = jax.vjp(dense, summed * (1 - mask.astype(summed.dtype)))
   v_sum = removed - offset + jnp.where(jnp.any(mask), 0.0, n * offset)

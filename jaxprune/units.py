@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxprune.channel_groups import ChannelGroups, Group, NormLink
-from jaxprune.recovery import OutputNorm
+from jaxprune.recovery import OutputNorm, norm_eval
 from jaxprune.trees import get_leaf, leaves_with_paths
 
 
@@ -88,11 +88,7 @@ class Unit:
     """The unit output ``U`` (norm in inference mode) from ``hidden``, restricted to ``mask``."""
     if mask is not None:
       hidden = hidden * jnp.asarray(mask, hidden.dtype)
-    z = self.output_fn(self.params_fn(variables), hidden)
-    norm = self.output_norm(variables)
-    if norm is None:
-      return z
-    return (z - norm.mean) * jax.lax.rsqrt(norm.var + norm.eps) * norm.scale + norm.offset
+    return norm_eval(self.output_fn(self.params_fn(variables), hidden), self.output_norm(variables))
 
 
 def make_unit(group: Group, hidden_fn: Callable, output_fn: Callable, *, params_fn: Optional[Callable] = None,
