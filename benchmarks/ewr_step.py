@@ -28,9 +28,9 @@ def run_one(model: str, n: int, what: str, repeats: int) -> dict:
   import jax.numpy as jnp
   import numpy as np
   import jaxprune as jp
-  from jaxprune.ewr import StepConfig, iht_step
+  from jaxprune.methods._ewr import StepConfig, iht_step
   from jaxprune.models import mlpnet, resnet20
-  from jaxprune.ot import SinkhornOptions
+  from jaxprune.ot.plans import SinkhornOptions
 
   if model == "mlpnet":
     v = jp.load_mlpnet(SHARED / "checkpoints/mlpnet_mnist.npz")

@@ -15,7 +15,7 @@ import numpy as np
 
 import jaxprune as jp
 from jaxprune import models, ot
-from jaxprune.intrafusion import pairing_cost
+from jaxprune.methods._intrafusion import pairing_cost
 
 from _timing import parse_args, markdown_table, median_time, write_results
 

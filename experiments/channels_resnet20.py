@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 import jaxprune as jp
 from jaxprune.models import CifarResNet, resnet20
-from jaxprune.progress import progress
+from jaxprune.core.progress import progress
 
 import _common
 

@@ -14,7 +14,7 @@ import numpy as np
 
 import jaxprune as jp
 from jaxprune.models import mlpnet
-from jaxprune.progress import progress
+from jaxprune.core.progress import progress
 
 import _common
 

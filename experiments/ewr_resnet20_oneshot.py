@@ -13,7 +13,7 @@ import numpy as np
 
 import jaxprune as jp
 from jaxprune.models import resnet20
-from jaxprune.progress import progress
+from jaxprune.core.progress import progress
 
 import _common
 

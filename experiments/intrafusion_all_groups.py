@@ -15,7 +15,7 @@ import optax
 
 import jaxprune as jp
 from jaxprune.models import MLP, CifarResNet
-from jaxprune.train import cifar_augment, train_epochs
+from jaxprune.training.train import cifar_augment, train_epochs
 
 import _common
 

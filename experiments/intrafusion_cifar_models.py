@@ -21,8 +21,8 @@ import optax
 import jaxprune as jp
 from jaxprune import models
 from jaxprune.data import batches
-from jaxprune.progress import progress
-from jaxprune.train import _step, cifar_augment
+from jaxprune.core.progress import progress
+from jaxprune.training.train import _step, cifar_augment
 
 import _common
 

@@ -12,7 +12,7 @@ import time
 import numpy as np
 
 import jaxprune as jp
-from jaxprune.progress import progress
+from jaxprune.core.progress import progress
 
 import _common
 

@@ -25,7 +25,7 @@ import optax
 
 import jaxprune as jp
 from jaxprune.models import two_layer_mlp
-from jaxprune.train import train_epochs
+from jaxprune.training.train import train_epochs
 
 import _common
 

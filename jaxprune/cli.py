@@ -17,11 +17,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxprune import budget, data, methods
+from jaxprune import data
+from jaxprune.core import budget
+from jaxprune.training import registry as methods
 from jaxprune.checkpoints import load_mlpnet
-from jaxprune.evaluate import evaluate
+from jaxprune.training.evaluate import evaluate
 from jaxprune.models import mlpnet, MLP
-from jaxprune.progress import progress
+from jaxprune.core.progress import progress
 
 DEFAULT_SPARSITIES = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98)
 DEFAULT_CHANNEL_SPARSITIES = (0.1, 0.3, 0.5, 0.7)
@@ -76,7 +78,7 @@ def structured_sweep(model, variables, test: data.Dataset, sparsities, method_na
 
   ``k`` is the number of channels kept over all groups.
   """
-  from jaxprune.tracing import groups as trace_groups
+  from jaxprune.structure.trace import groups as trace_groups
   groups = trace_groups(model.apply, variables, test.x[:1])
   rows = []
   todo = [(m, s) for m in method_names for s in sparsities]

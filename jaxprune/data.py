@@ -15,9 +15,11 @@ import gzip
 import os
 import struct
 from pathlib import Path
-from typing import Iterator, NamedTuple, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
 import numpy as np
+
+from jaxprune.training.batches import Dataset, batches
 
 ENV_VAR = "JAXPRUNE_DATA_DIR"
 
@@ -33,15 +35,6 @@ _LOCAL_FILES = {
     "cifar10_png5k": "cifar10/cifar10_png5k.npz",
 }
 _MNIST_SPLITS = {"train": "train", "test": "t10k"}
-
-
-class Dataset(NamedTuple):
-  """``x: (N, H, W, C)`` (float32 normalised, or uint8 raw) and ``y: (N,)`` int32 labels."""
-  x: np.ndarray
-  y: np.ndarray
-
-  def __len__(self) -> int:   # noqa: D105  (number of examples, not of fields)
-    return int(self.y.shape[0])
 
 
 def resolve_data_dir(data_dir: Optional[Union[str, os.PathLike]] = None) -> Optional[Path]:
@@ -90,11 +83,23 @@ def _local(name: str, split: str, root: Path) -> Optional[Dataset]:
     return Dataset(f[f"{split}_x"], f[f"{split}_y"].astype(np.int32))
 
 
+def _missing(name: str, split: str, root: Optional[Path], why: str) -> str:
+  where = f"data_dir={str(root)!r}" if root is not None else f"data_dir=None and ${ENV_VAR} unset"
+  return (f"dataset {name!r} split {split!r}: no local files ({where}) and {why}. Pass data_dir= or set "
+          f"${ENV_VAR} to the folder holding the files, or download=True to let tensorflow-datasets fetch it")
+
+
 def _tfds(name: str, split: str, data_dir: Optional[Path], download: bool,
-          image_key: str, label_key: str) -> Dataset:
+          image_key: str, label_key: str, local_root: Optional[Path]) -> Dataset:
   import tensorflow_datasets as tfds  # imported lazily: heavy, and only needed here
-  source = tfds.data_source(name, split=split, data_dir=None if data_dir is None else str(data_dir),
-                            download=download)
+  tfds_dir = None if data_dir is None else str(data_dir)
+  try:
+    source = tfds.data_source(name, split=split, data_dir=tfds_dir, download=download)
+  except Exception as err:   # without download: not prepared (tfds raises KeyError/AssertionError), or unknown
+    if download:
+      raise
+    raise FileNotFoundError(_missing(name, split, local_root,
+                                     f"no prepared tensorflow-datasets copy ({type(err).__name__}: {err})")) from None
   records = [source[i] for i in range(len(source))]
   x = np.stack([np.asarray(r[image_key]) for r in records])
   y = np.asarray([r[label_key] for r in records], dtype=np.int32)
@@ -109,9 +114,9 @@ def normalize(x: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.
   return ((x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)).astype(np.float32)
 
 
-def load(name: str, split: str = "test", *, data_dir: Optional[Union[str, os.PathLike]] = None,
-         source: str = "auto", normalization: Union[str, None, tuple] = "default", limit: Optional[int] = None,
-         download: bool = True, image_key: str = "image", label_key: str = "label") -> Dataset:
+def load(name: str, split: str = "test", data_dir: Optional[Union[str, os.PathLike]] = None, *,
+         download: bool = False, source: str = "auto", normalization: Union[str, None, tuple] = "default",
+         limit: Optional[int] = None, image_key: str = "image", label_key: str = "label") -> Dataset:
   """Loads an image-classification split as numpy arrays.
 
   Args:
@@ -126,7 +131,9 @@ def load(name: str, split: str = "test", *, data_dir: Optional[Union[str, os.Pat
     limit: keep only the first ``limit`` examples. The local ``cifar10`` (jpeg60k) arrays are
       stored sorted by class, so their first examples are all airplanes: draw a random subset
       of those instead (``x[np.random.default_rng(0).permutation(len(x))[:n]]``).
-    download: let tfds download and prepare the dataset (Colab); ignored for local files.
+    download: let tfds download and prepare the dataset (Colab). Off by default: without local
+      files or a prepared tfds copy, ``load`` raises ``FileNotFoundError`` within seconds, naming
+      ``data_dir`` and ``$JAXPRUNE_DATA_DIR``, instead of reaching for the network.
 
   Returns:
     :class:`Dataset` ``(x: (N, H, W, C), y: (N,) int32)``.
@@ -147,7 +154,7 @@ def load(name: str, split: str = "test", *, data_dir: Optional[Union[str, os.Pat
     raise ValueError(f"no local format for dataset {name!r}; local names: {sorted(NORMALIZATION)}")
   if data is None:
     tfds_name = "cifar10" if name == "cifar10_png5k" else name
-    data = _tfds(tfds_name, split, root if source == "tfds" else None, download, image_key, label_key)
+    data = _tfds(tfds_name, split, root if source == "tfds" else None, download, image_key, label_key, root)
   x, y = data
   if limit is not None:
     x, y = x[:limit], y[:limit]
@@ -160,19 +167,6 @@ def load(name: str, split: str = "test", *, data_dir: Optional[Union[str, os.Pat
   else:
     mean, std = normalization
   return Dataset(normalize(x, mean, std), y)
-
-
-def batches(data: Dataset, batch_size: int, *, shuffle: bool = False, seed: int = 0,
-            drop_remainder: bool = False) -> Iterator[Dataset]:
-  """Iterates over ``data`` in batches of ``batch_size`` (the last one smaller unless dropped)."""
-  if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size <= 0:
-    raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-  n = len(data)
-  order = np.random.default_rng(seed).permutation(n) if shuffle else np.arange(n)
-  stop = n - n % batch_size if drop_remainder else n
-  for start in range(0, stop, batch_size):
-    idx = order[start:start + batch_size]
-    yield Dataset(data.x[idx], data.y[idx])
 
 
 def digits(split: str = "train", test_fraction: float = 0.25, seed: int = 0) -> Dataset:

@@ -5,7 +5,8 @@ import sys
 
 import pytest
 
-from jaxprune import cli, methods
+from jaxprune import cli
+from jaxprune.training import registry as methods
 
 
 def test_default_main_job_on_embedded_digits(tmp_path, capsys):

@@ -54,12 +54,12 @@ def test_missing_local_files_are_a_clear_error(tmp_path):
 
 def test_tfds_path_with_mock_data(tmp_path):
   with tfds.testing.mock_data(num_examples=12):
-    ds = data.load("mnist", "train", source="tfds")
+    ds = data.load("mnist", "train", source="tfds", download=True)
     assert ds.x.shape == (12, 28, 28, 1) and ds.y.shape == (12,) and ds.y.dtype == np.int32
     # auto falls back to tfds when no local file exists
-    auto = data.load("cifar10", "test", data_dir=tmp_path, normalization=None)
+    auto = data.load("cifar10", "test", data_dir=tmp_path, normalization=None, download=True)
     assert auto.x.shape == (12, 32, 32, 3) and auto.x.dtype == np.uint8
-    other = data.load("fashion_mnist", "test", limit=5)
+    other = data.load("fashion_mnist", "test", limit=5, download=True)
     assert other.x.shape == (5, 28, 28, 1)
 
 
@@ -78,3 +78,12 @@ def test_digits_is_embedded_and_split():
   assert len(tr) + len(te) == 1797 and tr.x.shape[1:] == (8, 8, 1)
   with pytest.raises(ValueError, match="split"):
     data.digits("val")
+
+
+def test_offline_load_fails_fast_naming_data_dir_and_the_variable(tmp_path, monkeypatch):
+  # No local files and no prepared tfds copy: a FileNotFoundError that says where to point, no download.
+  monkeypatch.delenv("JAXPRUNE_DATA_DIR", raising=False)
+  for kwargs in ({}, {"data_dir": tmp_path}, {"data_dir": tmp_path, "source": "tfds"}):
+    with pytest.raises(FileNotFoundError, match="JAXPRUNE_DATA_DIR") as err:
+      data.load("mnist", "test", **kwargs)
+    assert "data_dir" in str(err.value) and "download=True" in str(err.value)

@@ -9,7 +9,7 @@ from scipy.optimize import minimize_scalar
 
 import jaxprune as jp
 from jaxprune import ot, signals
-from jaxprune.ewr import StepConfig, iht_step
+from jaxprune.methods._ewr import StepConfig, iht_step
 from helpers import NNXNet, classification_problem
 
 

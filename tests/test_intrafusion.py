@@ -7,7 +7,7 @@ from scipy.optimize import linprog
 
 import jaxprune as jp
 from jaxprune import models, ot
-from jaxprune.intrafusion import fusion_from_plan, pairing_cost, pairing_vectors
+from jaxprune.methods._intrafusion import fusion_from_plan, pairing_cost, pairing_vectors
 
 CIFAR = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
 

@@ -7,8 +7,8 @@ import pytest
 
 import jaxprune as jp
 from jaxprune import models
-from jaxprune.recovery import RecoveryOptions, proxy, reduced_proxy
-from jaxprune.units import ModuleOutput
+from jaxprune.methods._recovery import RecoveryOptions, proxy, reduced_proxy
+from jaxprune.structure.units import ModuleOutput
 
 EPS = 1e-5
 

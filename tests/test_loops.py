@@ -5,7 +5,8 @@ import optax
 import pytest
 
 import jaxprune as jp
-from jaxprune import loops, signals
+from jaxprune import signals
+from jaxprune.training import gradual as loops
 from jaxprune.data import Dataset
 from jaxprune.models import mlpnet
 from helpers import linen_variables

@@ -7,7 +7,7 @@ import pytest
 
 import jaxprune as jp
 from jaxprune import models
-from jaxprune.train import cifar_augment, train_epochs
+from jaxprune.training.train import cifar_augment, train_epochs
 
 
 def test_training_lowers_the_loss_and_updates_batch_stats():

@@ -19,9 +19,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxprune.channel_groups import Group
-from jaxprune.progress import progress
-from jaxprune.trees import leaves_with_paths
+from jaxprune.structure.channel_groups import Group
+from jaxprune.core.progress import progress
+from jaxprune.core.trees import leaves_with_paths
 
 REDUCTIONS = ("mean", "sum", "max")
 

@@ -7,10 +7,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxprune.budget import check_k
-from jaxprune.masks import apply_masks, masks_from_flat, topk_mask
-from jaxprune.result import PruneResult
-from jaxprune.trees import FlatSpec, PrunableSpec, PyTree, flat_spec, flatten
+from jaxprune.core.budget import check_k
+from jaxprune.core.masks import apply_masks, masks_from_flat, topk_mask
+from jaxprune.core.results import PruneResult
+from jaxprune.core.trees import FlatSpec, PrunableSpec, PyTree, flat_spec, flatten
 
 SCOPES = ("global", "layer")
 

@@ -19,12 +19,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxprune.channel_groups import ChannelGroups
-from jaxprune.channels import ChannelResult
-from jaxprune.progress import progress
-from jaxprune.recovery import PROXIES, RecoveryOptions, aggregate_activations, check_options, recover_support
-from jaxprune.surgery import MODES, channel_masks, shrink_channels, write_channels
-from jaxprune.units import Unit, capture_inputs, two_layer_units
+from jaxprune.structure.channel_groups import ChannelGroups
+from jaxprune.methods._channels import ChannelResult
+from jaxprune.core.progress import progress
+from jaxprune.methods._recovery import PROXIES, RecoveryOptions, aggregate_activations, check_options, recover_support
+from jaxprune.structure.surgery import MODES, channel_masks, shrink_channels, write_channels
+from jaxprune.structure.units import Unit, capture_inputs, two_layer_units
 
 ORDERS = ("sequential", "oneshot")
 Keep = Union[float, Mapping[int, float]]

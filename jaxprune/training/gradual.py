@@ -16,13 +16,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxprune.budget import check_sparsity, n_pruned_from_sparsity
-from jaxprune.data import Dataset, batches
-from jaxprune.masks import check_masks
-from jaxprune.progress import progress
-from jaxprune.result import PruneResult
-from jaxprune.schedules import sparsity_schedule
-from jaxprune.trees import PrunableSpec, PyTree, count_prunable, map_with_paths, prunable_paths
+from jaxprune.core.budget import check_sparsity, n_pruned_from_sparsity
+from jaxprune.training.batches import Dataset, batches
+from jaxprune.core.masks import check_masks
+from jaxprune.core.progress import progress
+from jaxprune.core.results import PruneResult
+from jaxprune.core.schedules import sparsity_schedule
+from jaxprune.core.trees import PrunableSpec, PyTree, count_prunable, map_with_paths, prunable_paths
 
 _is_none = lambda x: x is None
 
@@ -159,8 +159,8 @@ def gradual_prune(params: PyTree, train: Dataset, *, pruner: Pruner, loss_fn: Ca
 
 def pruner_for(method: str, *, loss_fn: Optional[Callable] = None, **options) -> Pruner:
   """A :data:`Pruner` for :func:`gradual_prune` from a method name (``magnitude``, ``random``, ``ewr``, ``lr``)."""
-  from jaxprune import baselines
-  from jaxprune.ewr import ewr, lr
+  from jaxprune.methods import _baselines as baselines
+  from jaxprune.methods._ewr import ewr, lr
   if method == "magnitude":
     return lambda params, batch, k, *, w_ref, key: baselines.magnitude(params, k, **options)
   if method == "random":

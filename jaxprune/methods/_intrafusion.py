@@ -30,12 +30,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxprune import ot
-from jaxprune.channel_groups import ChannelGroups, Group
-from jaxprune.channels import ChannelResult, _as_groups, importance_fn, keep_top, plan_budgets
-from jaxprune.importance import taylor_grads, taylor_importance
-from jaxprune.progress import progress
-from jaxprune.surgery import MODES, channel_masks, fold_batchnorm, shrink_channels, write_channels
-from jaxprune.trees import leaves_with_paths
+from jaxprune.structure.channel_groups import ChannelGroups, Group
+from jaxprune.methods._channels import ChannelResult, _as_groups, importance_fn, keep_top, plan_budgets
+from jaxprune.structure.importance import taylor_grads, taylor_importance
+from jaxprune.core.progress import progress
+from jaxprune.structure.surgery import MODES, channel_masks, fold_batchnorm, shrink_channels, write_channels
+from jaxprune.core.trees import leaves_with_paths
 
 SOLVERS = ("exact", "entropic")
 SEMANTICS = ("sum", "average")

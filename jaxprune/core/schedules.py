@@ -5,7 +5,7 @@ from typing import Callable
 
 import numpy as np
 
-from jaxprune.budget import check_sparsity
+from jaxprune.core.budget import check_sparsity
 
 KINDS = ("cubic", "linear", "polynomial")
 

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxprune.progress import progress
+from jaxprune.core.progress import progress
 
 
 class Evaluation(NamedTuple):

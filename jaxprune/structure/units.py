@@ -15,16 +15,31 @@ by hand, e.g. for NNX models or layers that tracing does not see.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxprune.channel_groups import ChannelGroups, Group, NormLink
-from jaxprune.recovery import OutputNorm, norm_eval
-from jaxprune.trees import get_leaf, leaves_with_paths
+from jaxprune.structure.channel_groups import ChannelGroups, Group, NormLink
+from jaxprune.core.trees import get_leaf, leaves_with_paths
+
+
+class OutputNorm(NamedTuple):
+  """A BatchNorm after the unit's second layer, as arrays: ``(C_out,)`` each, ``eps`` a scalar."""
+  scale: jax.Array
+  offset: jax.Array
+  mean: jax.Array
+  var: jax.Array
+  eps: jax.Array
+
+
+def norm_eval(z: jax.Array, norm: Optional[OutputNorm]) -> jax.Array:
+  """The norm in inference mode (running statistics); identity for ``None``."""
+  if norm is None:
+    return z
+  return (z - norm.mean) * jax.lax.rsqrt(norm.var + norm.eps) * norm.scale + norm.offset
 
 
 @dataclasses.dataclass(frozen=True)
@@ -199,7 +214,7 @@ def two_layer_units(apply_fn: Callable, variables: Any, example: Any, groups: Op
     a tuple of :class:`Unit` with ``group_index`` and ``capture`` set.
   """
   if groups is None:
-    from jaxprune.tracing import groups as trace_groups
+    from jaxprune.structure.trace import groups as trace_groups
     groups = trace_groups(apply_fn, variables, example, **apply_kwargs)
   if not isinstance(groups, ChannelGroups):
     raise TypeError("groups must be the ChannelGroups of this model (jaxprune.groups)")

@@ -18,8 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxprune.channel_groups import CONSUMER, ChannelGroups, Group, NormLink
-from jaxprune.trees import leaves_with_paths, path_str, replace_leaves
+from jaxprune.structure.channel_groups import CONSUMER, ChannelGroups, Group, NormLink
+from jaxprune.core.trees import leaves_with_paths, path_str, replace_leaves
 
 MODES = ("shrink", "mask")
 

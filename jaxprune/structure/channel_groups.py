@@ -16,7 +16,7 @@ from typing import Any, Iterator, Optional, Sequence, Union
 
 import numpy as np
 
-from jaxprune.trees import leaves_with_paths
+from jaxprune.core.trees import leaves_with_paths
 
 PRODUCER, CONSUMER = "producer", "consumer"
 # kernel: a Dense/Conv kernel; depthwise: a depthwise kernel's output axis (ties in and out);

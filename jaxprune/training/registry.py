@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from jaxprune import baselines
+from jaxprune.methods import _baselines as baselines
 
 UNSTRUCTURED: dict[str, Callable] = {}
 
@@ -33,7 +33,7 @@ ONE_SHOT = dict(stages=10, iterations=1, update_weights=False)
 
 def _ewr_like(name):
   def run(params, k, *, key, context):
-    from jaxprune.ewr import ewr, lr
+    from jaxprune.methods._ewr import ewr, lr
     fn = ewr if name == "ewr" else lr
     return fn(params, context["batch"], k, loss_fn=context["loss_fn"], key=key, show_progress=False, **ONE_SHOT)
   return run
@@ -51,19 +51,19 @@ def register_structured(name: str, fn: Callable) -> None:
 
 
 def _channels(variables, groups, sparsity, *, key, context):
-  from jaxprune.channels import prune_channels
+  from jaxprune.methods._channels import prune_channels
   return prune_channels(variables, groups, sparsity, importance="l1", mode="mask", show_progress=False)
 
 
 def _intra_fusion(variables, groups, sparsity, *, key, context):
-  from jaxprune.intrafusion import intra_fusion
+  from jaxprune.methods._intrafusion import intra_fusion
   return intra_fusion(variables, groups, sparsity, importance="l1", mode="mask", show_progress=False)
 
 
 def _ispasp(variables, groups, sparsity, *, key, context):
   # i-SpaSP prunes the two-layer units (every hidden layer of an MLP) to int(n (1 - sparsity))
   # channels, the same count as the others; it needs the model and a batch of inputs.
-  from jaxprune.ispasp import ispasp
+  from jaxprune.methods._ispasp import ispasp
   return ispasp(context["apply_fn"], variables, context["batch"], 1.0 - sparsity, groups=groups, mode="mask",
                 show_progress=False)
 

@@ -18,8 +18,8 @@ import numpy as np
 import optax
 from flax import struct
 
-from jaxprune.progress import progress
-from jaxprune.trees import FlatSpec, PrunableSpec, PyTree, flat_spec, flatten, unflatten
+from jaxprune.core.progress import progress
+from jaxprune.core.trees import FlatSpec, PrunableSpec, PyTree, flat_spec, flatten, unflatten
 
 LossFn = Callable[[PyTree, Any], jax.Array]
 

@@ -35,14 +35,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxprune import ot
-from jaxprune.budget import check_k
-from jaxprune.masks import apply_masks, masks_from_flat, topk_mask
-from jaxprune.progress import progress
-from jaxprune.result import PruneResult
-from jaxprune.schedules import budgets_between, schedule_fractions
-from jaxprune.signals import (LossFn, add_gradient_noise, batch_size, dense_operator, gradient_operator,
+from jaxprune.core.budget import check_k
+from jaxprune.core.masks import apply_masks, masks_from_flat, topk_mask
+from jaxprune.core.progress import progress
+from jaxprune.core.results import PruneResult
+from jaxprune.core.schedules import budgets_between, schedule_fractions
+from jaxprune.signals.gradients import (LossFn, add_gradient_noise, batch_size, dense_operator, gradient_operator,
                               per_example_grads)
-from jaxprune.trees import PrunableSpec, PyTree, flat_spec, flatten, unflatten
+from jaxprune.core.trees import PrunableSpec, PyTree, flat_spec, flatten, unflatten
 
 DIRECTIONS = ("official", "exact")
 SIGNALS = ("materialized", "matrix_free")

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxprune.trees import (FlatSpec, PrunableSpec, PyTree, leaves_with_paths, map_with_paths,
+from jaxprune.core.trees import (FlatSpec, PrunableSpec, PyTree, leaves_with_paths, map_with_paths,
                             path_str, prunable_paths)
 
 

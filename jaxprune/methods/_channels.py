@@ -7,9 +7,9 @@ from typing import Any, Callable, Iterable, Mapping, NamedTuple, Optional, Seque
 import jax
 import numpy as np
 
-from jaxprune.channel_groups import ChannelGroups, Group
-from jaxprune.importance import magnitude_importance, random_importance, taylor_grads, taylor_importance
-from jaxprune.surgery import MODES, channel_masks, fold_batchnorm, shrink_channels, write_channels
+from jaxprune.structure.channel_groups import ChannelGroups, Group
+from jaxprune.structure.importance import magnitude_importance, random_importance, taylor_grads, taylor_importance
+from jaxprune.structure.surgery import MODES, channel_masks, fold_batchnorm, shrink_channels, write_channels
 
 IMPORTANCES = ("l1", "l2", "taylor", "random")
 Importance = Union[str, Callable[[Any, Group], Any]]
@@ -159,7 +159,7 @@ def prune_channels(variables: Any, groups: Union[ChannelGroups, Sequence[Group]]
   original = variables
   if fold_bn and norms:
     variables = fold_batchnorm(variables, norms, include_eps=include_eps)
-  from jaxprune.progress import progress
+  from jaxprune.core.progress import progress
   kept, plans, per_group = {}, [], {}
   for i in progress(list(budgets), desc="groups", disable=not show_progress):
     s, m = budgets[i]

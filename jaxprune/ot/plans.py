@@ -19,9 +19,6 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-from ott.geometry import geometry
-from ott.problems.linear import linear_problem
-from ott.solvers.linear import acceleration, sinkhorn
 
 
 class SinkhornOptions(NamedTuple):
@@ -134,7 +131,17 @@ def round_to_marginals(plan: jax.Array, a: jax.Array | None = None, b: jax.Array
   return plan + jnp.outer(err_a, err_b) / jnp.maximum(err_a.sum(), 1e-30)
 
 
-def _solver(options: SinkhornOptions) -> sinkhorn.Sinkhorn:
+def _ott():
+  """ott-jax's geometry, problem and solver modules, imported on first use (ott-jax and jaxopt
+  take seconds to import, which ``import jaxprune`` should not pay)."""
+  from ott.geometry import geometry
+  from ott.problems.linear import linear_problem
+  from ott.solvers.linear import acceleration, sinkhorn
+  return geometry, linear_problem, acceleration, sinkhorn
+
+
+def _solver(options: SinkhornOptions):
+  _, _, acceleration, sinkhorn = _ott()
   kw = {}
   if options.momentum:
     kw["momentum"] = acceleration.Momentum(start=2 * options.inner_iterations, error_threshold=1e-2)
@@ -144,6 +151,7 @@ def _solver(options: SinkhornOptions) -> sinkhorn.Sinkhorn:
 
 def _sinkhorn(y, z, eps, relative, options):
   cost = cost_1d(y, z)
+  geometry, linear_problem, _, _ = _ott()
   geom = geometry.Geometry(cost_matrix=cost, epsilon=eps, relative_epsilon="mean" if relative else None)
   out = _solver(options)(linear_problem.LinearProblem(geom))
   plan = round_to_marginals(jax.lax.stop_gradient(out.matrix))
@@ -175,6 +183,7 @@ def entropic_plan(cost: jax.Array, a: jax.Array, b: jax.Array, eps: float, *, re
   eps = _check_eps(eps)
   if eps == 0.0 or math.isinf(eps):
     raise ValueError("eps must be positive and finite for an entropic plan (use exact_plan for eps=0)")
+  geometry, linear_problem, _, _ = _ott()
   geom = geometry.Geometry(cost_matrix=cost, epsilon=eps, relative_epsilon="mean" if relative else None)
   out = _solver(options)(linear_problem.LinearProblem(geom, a=a, b=b))
   plan = round_to_marginals(jax.lax.stop_gradient(out.matrix), a, b)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 import numbers
 
-from jaxprune.trees import PrunableSpec, PyTree, count_prunable
+from jaxprune.core.trees import PrunableSpec, PyTree, count_prunable
 
 
 def check_k(k, p: int, name: str = "k") -> int:

@@ -8,8 +8,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxprune.data import Dataset, batches
-from jaxprune.progress import progress
+from jaxprune.training.batches import Dataset, batches
+from jaxprune.core.progress import progress
 
 
 class TrainResult(NamedTuple):

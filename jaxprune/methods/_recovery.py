@@ -24,21 +24,13 @@ from typing import Any, Callable, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
-from jaxprune.masks import topk_mask
+from jaxprune.core.masks import topk_mask
+from jaxprune.structure.units import OutputNorm, norm_eval
 
 AGGREGATES = ("signed_sum", "abs_sum", "l2")
 BN_MODES = ("eval", "train")
 PROXIES = ("examples", "reduced")
 MAX_UNROLLED_CHUNKS = 32   # more chunks than this run in a lax.map loop (compile time stays bounded)
-
-
-class OutputNorm(NamedTuple):
-  """A BatchNorm after the unit's second layer, as arrays: ``(C_out,)`` each, ``eps`` a scalar."""
-  scale: jax.Array
-  offset: jax.Array
-  mean: jax.Array
-  var: jax.Array
-  eps: jax.Array
 
 
 class RecoveryOptions(NamedTuple):
@@ -116,13 +108,6 @@ def aggregate_activations(hidden: jax.Array, how: str = "signed_sum") -> jax.Arr
   if how == "l2":
     return jnp.sqrt(jnp.sum(jnp.square(hidden), axis=axes))
   raise ValueError(f"aggregate must be one of {AGGREGATES}, got {how!r}")
-
-
-def norm_eval(z: jax.Array, norm: Optional[OutputNorm]) -> jax.Array:
-  """The norm in inference mode (running statistics); identity for ``None``."""
-  if norm is None:
-    return z
-  return (z - norm.mean) * jax.lax.rsqrt(norm.var + norm.eps) * norm.scale + norm.offset
 
 
 def _norm_batch(z, norm):

@@ -1,0 +1,1 @@
+"""Layer 5: the pruning methods, private modules behind this face."""
