@@ -35,7 +35,7 @@ def main():
     model = make()
     v = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
     g = jp.groups(model.apply, v, jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32))
-    run = lambda fn, **kw: (lambda: fn(v, g, 0.5, show_progress=False, **kw).variables)
+    run = lambda fn, **kw: (lambda: fn(v, g, 0.5, show_progress=False, **kw).params)
     base = timed(run(jp.prune_channels), repeats)
     row = {"model": name, "groups": len(g), "default_s": round(base, 3)}
     for label, kw in (("exact", dict(solver="exact")), ("entropic", dict(solver="entropic")),

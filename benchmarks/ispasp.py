@@ -97,7 +97,8 @@ def main():
   for k, n_sweep in (("reduced", n), ("examples", min(n, 256))):
     h = hidden[:n_sweep]
     o = jp.RecoveryOptions(iterations=iterations, proxy=k)
-    _, _, vmapped = median_time(lambda: jp.ispasp_sweep(unit, v, h, keeps, options=o, proxy=k), repeats)
+    _, _, vmapped = median_time(lambda: jp.ispasp_sweep(unit, v, h, [1 - r for r in keeps], proxy=k,
+                                                         iterations=iterations, rounding="truncate"), repeats)
     one = lambda r: recover(unit.output_fn, unit.params_fn(v), h, int(unit.size * r), unit.output_norm(v), options=o).mask
     _, _, separate = median_time(lambda: [one(r) for r in keeps], repeats)
     sweep_rows.append({"proxy": k, "N": n_sweep, "ratios": len(keeps), "vmapped_s": round(vmapped, 4),
@@ -106,7 +107,7 @@ def main():
   network_rows = []
   for label, kw in (("eval BN, reduced proxy (default)", {}), ("eval BN, per-example proxy", {"proxy": "examples"}),
                     ("train-mode BN (official), per-example proxy", {"bn_mode": "train"})):
-    run = lambda: jp.ispasp(model.apply, v, x, 0.5, iterations=iterations, show_progress=False, **kw)[:2]
+    run = lambda: jp.ispasp(v, None, 0.5, apply_fn=model.apply, batch=x, iterations=iterations, show_progress=False, **kw)[:2]
     (_, kept), first, warm = median_time(run, 1)
     network_rows.append({"whole ResNet20, sequential, keep 0.5": label, "N": n, "T": iterations,
                          "first_call_s": round(first, 2), "warm_s": round(warm, 2),

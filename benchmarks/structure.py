@@ -37,7 +37,7 @@ def main():
     x = jax.ShapeDtypeStruct(shape, jnp.float32)
     _, _, jaxpr_s = timed(lambda: jax.make_jaxpr(model.apply)(v, x), repeats)
     groups, first_s, groups_s = timed(lambda: jp.groups(model.apply, v, x), repeats)
-    _, _, prune_s = timed(lambda: jp.prune_channels(v, groups, 0.5, show_progress=False).variables, repeats)
+    _, _, prune_s = timed(lambda: jp.prune_channels(v, groups, 0.5, show_progress=False).params, repeats)
     batch = jnp.zeros((32,) + shape[1:])
     fwd = jax.jit(model.apply)
     _, _, fwd_s = timed(lambda: fwd(v, batch), repeats)

@@ -52,16 +52,16 @@ def main():
   which = [[i] for i in range(len(groups))] + [list(range(len(groups)))]
   for grp in progress(which, desc="groups", disable=not show):
     for s in sparsities:
-      res = jp.prune_channels(variables, groups, s, importance=args.importance, which=grp, mode="mask",
-                              show_progress=False)
+      res = jp.prune_channels(variables, groups, {g: s for g in grp}, importance=args.importance, mode="mask",
+                              rounding="truncate", show_progress=False)
       m = res.info["groups"][grp[0]]["m"]
       rows.append({"group": grp[0] if len(grp) == 1 else "all", "n": groups[grp[0]].size if len(grp) == 1 else "",
-                   "sparsity": s, "kept": m if len(grp) == 1 else "", "accuracy": acc(res.variables)})
+                   "sparsity": s, "kept": m if len(grp) == 1 else "", "accuracy": acc(res.params)})
       print(rows[-1], flush=True)
   # shrink mode on one case: same accuracy with a rebuilt smaller network
   res = jp.prune_channels(variables, groups, 0.5, importance=args.importance, mode="shrink", show_progress=False)
-  small = CifarResNet.from_params(res.variables)
-  shrunk_acc = round(100 * jp.evaluate(small.apply, res.variables, test.x, test.y, batch_size=500).accuracy, 2)
+  small = CifarResNet.from_params(res.params)
+  shrunk_acc = round(100 * jp.evaluate(small.apply, res.params, test.x, test.y, batch_size=500).accuracy, 2)
   masked_acc = next(r["accuracy"] for r in rows if r["group"] == "all" and r["sparsity"] == 0.5)
   print(f"all groups at 0.5: mask {masked_acc} shrink {shrunk_acc}")
   print_table(rows, sparsities, groups)

@@ -29,7 +29,7 @@ def main():
   import optax
   for target in targets:
     for method in ("magnitude", "LR", "EWR"):
-      pruner = jp.pruner_for(method.lower(), loss_fn=loss, show_progress=False) if method != "magnitude" \
+      pruner = jp.pruner_for(method.lower(), show_progress=False) if method != "magnitude" \
           else jp.pruner_for("magnitude")
       out = jp.gradual_prune(variables, train, pruner=pruner, loss_fn=loss, target_sparsity=target, stages=stages,
                              n_examples=n, optimizer=optax.sgd(1e-3, momentum=0.5), batch_size=64,

@@ -42,15 +42,15 @@ def main():
     for s in sparsities:
       for method, fn in (("default", jp.prune_channels), ("intra_fusion", jp.intra_fusion)):
         res = fn(v, groups, s, importance="l1", show_progress=False)
-        small = cfg["rebuild"](res.variables)
+        small = cfg["rebuild"](res.params)
         acc = lambda vv: round(100 * jp.evaluate(small.apply, vv, test.x, test.y, batch_size=500).accuracy, 2)
-        before = acc(res.variables)
+        before = acc(res.params)
         t0 = time.perf_counter()
-        tuned = train_epochs(small.apply, res.variables, train, epochs=epochs, optimizer=optax.sgd(0.01, momentum=0.9),
+        tuned = train_epochs(small.apply, res.params, train, epochs=epochs, optimizer=optax.sgd(0.01, momentum=0.9),
                              batch_size=128, augment=cfg["augment"], show_progress=show)
         rows.append({"model": name, "sparsity": s, "method": method, "params": int(sum(
-            x.size for x in jax.tree_util.tree_leaves(res.variables["params"]))), "no_finetune": before,
-            "finetuned": acc(tuned.variables), "finetune_epochs": epochs,
+            x.size for x in jax.tree_util.tree_leaves(res.params["params"]))), "no_finetune": before,
+            "finetuned": acc(tuned.params), "finetune_epochs": epochs,
             "finetune_seconds": round(time.perf_counter() - t0, 1)})
         print(rows[-1], flush=True)
   print("| model | sparsity | params | default | IF | default + FT | IF + FT |")

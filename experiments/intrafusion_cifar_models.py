@@ -105,9 +105,10 @@ def main():
   for gi in progress(which, desc="groups", disable=not show):
     for s in sparsities:
       for imp in importances:
-        kw = dict(importance=imp, which=gi, mode="mask", show_progress=False, grads=grads if imp == "taylor" else None)
-        d = acc(jp.prune_channels(v, groups, s, **kw).variables)
-        f = acc(jp.intra_fusion(v, groups, s, **kw).variables)
+        kw = dict(importance=imp, mode="mask", rounding="truncate", show_progress=False,
+                  grads=grads if imp == "taylor" else None)
+        d = acc(jp.prune_channels(v, groups, {gi: s}, **kw).params)
+        f = acc(jp.intra_fusion(v, groups, {gi: s}, **kw).params)
         rows.append({"model": args.model, "group": gi, "n": groups[gi].size, "sparsity": s, "importance": imp,
                      "default": d, "intra_fusion": f, "delta": round(f - d, 2)})
         print(rows[-1], flush=True)

@@ -66,18 +66,19 @@ def main():
     for gi in progress(which, desc=name, disable=not show):
       for s in sparsities:
         for imp in importances:
-          kw = dict(importance=imp, which=gi, mode="mask", show_progress=False, grads=grads if imp == "taylor" else None)
-          default = jp.prune_channels(v, groups, s, **kw)
+          kw = dict(importance=imp, mode="mask", rounding="truncate", show_progress=False,
+                  grads=grads if imp == "taylor" else None)
+          default = jp.prune_channels(v, groups, {gi: s}, **kw)
           t0 = time.perf_counter()
-          fused = jp.intra_fusion(v, groups, s, **kw)
+          fused = jp.intra_fusion(v, groups, {gi: s}, **kw)
           secs = time.perf_counter() - t0
           row = {"model": name, "group": gi, "n": groups[gi].size, "sparsity": s, "importance": imp,
-                 "kept": int(default.kept[gi].size), "default": round(acc(default.variables), 2),
-                 "intra_fusion": round(acc(fused.variables), 2), "if_seconds": round(secs, 3)}
+                 "kept": int(default.kept[gi].size), "default": round(acc(default.params), 2),
+                 "intra_fusion": round(acc(fused.params), 2), "if_seconds": round(secs, 3)}
           row["delta"] = round(row["intra_fusion"] - row["default"], 2)
           if imp == "l1":
-            avg = jp.intra_fusion(v, groups, s, semantics="average", **kw)
-            row["if_average"] = round(acc(avg.variables), 2)
+            avg = jp.intra_fusion(v, groups, {gi: s}, semantics="average", **kw)
+            row["if_average"] = round(acc(avg.params), 2)
           else:
             row["if_average"] = ""
           rows.append(row)

@@ -60,18 +60,19 @@ def main():
     dense[name] = acc(model, v)
     print(f"{name}: dense {dense[name]}, units on groups {unit_groups}", flush=True)
     for r in ratios:
-      runs = {"ispasp": lambda: jp.ispasp(model.apply, v, x_prune, r, groups=groups, show_progress=show),
+      runs = {"ispasp": lambda: jp.ispasp(v, groups, 1 - r, apply_fn=model.apply, batch=x_prune, rounding="truncate",
+                                          show_progress=show),
               "default": lambda: jp.prune_channels(v, groups, {g: 1 - r for g in unit_groups}, importance="l1",
-                                                   show_progress=False),
+                                                   rounding="truncate", show_progress=False),
               "intra_fusion": lambda: jp.intra_fusion(v, groups, {g: 1 - r for g in unit_groups}, importance="l1",
-                                                      show_progress=False),
+                                                      rounding="truncate", show_progress=False),
               "default_bn_kept": lambda: jp.prune_channels(v, groups, {g: 1 - r for g in unit_groups}, importance="l1",
-                                                           fold_bn=False, show_progress=False)}
+                                                           fold_bn=False, rounding="truncate", show_progress=False)}
       if name == "mlpnet":   # no BatchNorm: the same as default
         del runs["default_bn_kept"]
       if args.train_bn_ratio and abs(r - args.train_bn_ratio) < 1e-9 and name == "resnet20":
-        runs["ispasp_train_bn"] = lambda: jp.ispasp(model.apply, v, x_prune, r, groups=groups, bn_mode="train",
-                                                    show_progress=show)
+        runs["ispasp_train_bn"] = lambda: jp.ispasp(v, groups, 1 - r, apply_fn=model.apply, batch=x_prune,
+                                                    rounding="truncate", bn_mode="train", show_progress=show)
       sizes = None
       for method, run in runs.items():
         t0 = time.perf_counter()
@@ -81,13 +82,13 @@ def main():
         if sizes is None:
           sizes = kept
         assert kept == sizes, f"{method} kept {kept}, i-SpaSP {sizes}"
-        small = cfg["rebuild"](res.variables)
-        before = acc(small, res.variables)
-        tuned = train_epochs(small.apply, res.variables, train, epochs=epochs, optimizer=optax.sgd(0.01, momentum=0.9),
+        small = cfg["rebuild"](res.params)
+        before = acc(small, res.params)
+        tuned = train_epochs(small.apply, res.params, train, epochs=epochs, optimizer=optax.sgd(0.01, momentum=0.9),
                              batch_size=128, augment=cfg["augment"], show_progress=show)
         row = {"model": name, "keep": r, "method": method, "params": int(sum(
-            x.size for x in jax.tree_util.tree_leaves(res.variables["params"]))), "no_finetune": before,
-            "finetuned": acc(small, tuned.variables), "finetune_epochs": epochs, "prune_seconds": round(seconds, 2)}
+            x.size for x in jax.tree_util.tree_leaves(res.params["params"]))), "no_finetune": before,
+            "finetuned": acc(small, tuned.params), "finetune_epochs": epochs, "prune_seconds": round(seconds, 2)}
         if method.startswith("ispasp"):
           errs = [u["relative_error"] for u in res.info["units"].values()]
           row["mean_unit_error"] = round(float(np.mean(errs)), 4)

@@ -86,7 +86,7 @@ def main():
   model = two_layer_mlp(hidden_width)
   v = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
   v = train_epochs(model.apply, v, train, epochs=epochs, optimizer=optax.adam(1e-3), batch_size=128,
-                   show_progress=not args.no_progress).variables
+                   show_progress=not args.no_progress).params
   dense_acc = jp.evaluate(model.apply, v, test.x, test.y, batch_size=1000).accuracy
   print(f"dense test accuracy {dense_acc:.4f}")
 

@@ -19,6 +19,9 @@ import optax
 
 from jaxprune import data
 from jaxprune.core import budget
+from jaxprune.core.forms import classification_loss
+from jaxprune.core.trees import count_prunable
+from jaxprune.structure.trace import groups as trace_groups
 from jaxprune.training import registry as methods
 from jaxprune.checkpoints import load_mlpnet
 from jaxprune.training.evaluate import evaluate
@@ -52,42 +55,50 @@ def train_digits_mlp(train: data.Dataset, *, steps: int = 400, seed: int = 0, sh
   return model, {"params": params}
 
 
-def sweep(model, variables, test: data.Dataset, sparsities, method_names, *, seed: int = 0,
-          context: dict | None = None, show_progress: bool = True) -> list[dict]:
+# One-shot EWR/LR as the CLI runs them: the official per-stage step (one IHT step, mask only)
+# over several stages with G recomputed at the current weights. A single step from the dense
+# point is magnitude pruning (the residual is zero there), hence the stages.
+ONE_SHOT = {"stages": 10, "iterations": 1, "update_weights": False}
+PRESETS = {"lr": ONE_SHOT, "ewr": ONE_SHOT}
+
+
+def sweep(model, variables, test: data.Dataset, sparsities, method_names, *, batch, seed: int = 0,
+          show_progress: bool = True) -> list[dict]:
   """Accuracy and loss of every method at every sparsity (one-shot, no fine-tuning)."""
-  params = variables["params"]
   dense = evaluate(model.apply, variables, test.x, test.y)
-  rows = [{"method": "dense", "kind": "dense", "sparsity": 0.0, "k": budget.count_prunable(params),
+  rows = [{"method": "dense", "kind": "dense", "sparsity": 0.0, "k": count_prunable(variables),
            "accuracy": dense.accuracy, "loss": dense.loss, "seconds": 0.0}]
+  loss_fn = classification_loss(model.apply)
   todo = [(m, s) for m in method_names for s in sparsities]
   for name, s in progress(todo, desc="sweep", disable=not show_progress):
-    k = budget.k_from_sparsity(params, s)
+    k = budget.k_from_sparsity(variables, s)
+    prune = methods.pruner_for(name, **PRESETS.get(name, {}))
     t0 = time.perf_counter()
-    result = methods.UNSTRUCTURED[name](params, k, key=jax.random.key(seed), context=context or {})
+    result = prune(variables, batch, k, key=jax.random.key(seed), loss_fn=loss_fn)
     jax.block_until_ready(result.params)
     seconds = time.perf_counter() - t0
-    ev = evaluate(model.apply, dict(variables, params=result.params), test.x, test.y)
+    ev = evaluate(model.apply, result.params, test.x, test.y)
     rows.append({"method": name, "kind": "unstructured", "sparsity": s, "k": k, "accuracy": ev.accuracy,
                  "loss": ev.loss, "seconds": seconds})
   return rows
 
 
-def structured_sweep(model, variables, test: data.Dataset, sparsities, method_names, *, seed: int = 0,
-                     context: dict | None = None, show_progress: bool = True) -> list[dict]:
+def structured_sweep(model, variables, test: data.Dataset, sparsities, method_names, *, batch, seed: int = 0,
+                     show_progress: bool = True) -> list[dict]:
   """Accuracy of every structured method with every channel group at each channel sparsity.
 
   ``k`` is the number of channels kept over all groups.
   """
-  from jaxprune.structure.trace import groups as trace_groups
   groups = trace_groups(model.apply, variables, test.x[:1])
   rows = []
   todo = [(m, s) for m in method_names for s in sparsities]
   for name, s in progress(todo, desc="structured sweep", disable=not show_progress):
     t0 = time.perf_counter()
-    result = methods.STRUCTURED[name](variables, groups, s, key=jax.random.key(seed), context=context or {})
-    jax.block_until_ready(jax.tree_util.tree_leaves(result.variables))
+    result = methods.pruner_for(name)(variables, groups, s, key=jax.random.key(seed), apply_fn=model.apply,
+                                      batch=batch[0])
+    jax.block_until_ready(jax.tree_util.tree_leaves(result.params))
     seconds = time.perf_counter() - t0
-    ev = evaluate(model.apply, result.variables, test.x, test.y)
+    ev = evaluate(model.apply, result.params, test.x, test.y)
     rows.append({"method": name, "kind": "structured", "sparsity": s,
                  "k": int(sum(k.size for k in result.kept.values())), "accuracy": ev.accuracy, "loss": ev.loss,
                  "seconds": seconds})
@@ -133,38 +144,80 @@ def plot(rows: list[dict], method_names, path: Path, title: str) -> None:
   plt.close(fig)
 
 
+class _Parser(argparse.ArgumentParser):
+  """argparse with one-line errors that name the flag (no usage dump)."""
+
+  def error(self, message: str):
+    self.exit(2, f"jaxprune: error: {message} (see jaxprune --help)\n")
+
+
+def _fraction(flag: str):
+  def parse(text: str) -> float:
+    try:
+      value = float(text)
+    except ValueError:
+      raise argparse.ArgumentTypeError(f"{flag} takes numbers in [0, 1), got {text!r}") from None
+    if not 0.0 <= value < 1.0:
+      raise argparse.ArgumentTypeError(f"{flag} takes numbers in [0, 1), got {value}")
+    return value
+  return parse
+
+
+def _positive_int(flag: str):
+  def parse(text: str) -> int:
+    try:
+      value = int(text)
+    except ValueError:
+      raise argparse.ArgumentTypeError(f"{flag} takes a positive integer, got {text!r}") from None
+    if value < 1:
+      raise argparse.ArgumentTypeError(f"{flag} takes a positive integer, got {value}")
+    return value
+  return parse
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(prog="jaxprune", description=__doc__.splitlines()[0])
+  available = list(methods.UNSTRUCTURED) + list(methods.STRUCTURED)
+  p = _Parser(prog="jaxprune", description=__doc__.splitlines()[0],
+              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
   p.add_argument("--dataset", default="digits", choices=["digits", "mnist"],
                  help="digits: embedded, trains a small MLP; mnist: the MLPNet checkpoint benchmark")
-  p.add_argument("--data-dir", default=None, help=f"local data folder (default ${data.ENV_VAR})")
+  p.add_argument("--data-dir", default=None, help=f"local data folder (None: ${data.ENV_VAR})")
   p.add_argument("--checkpoint", default=None, help="mlpnet_mnist.npz (required with --dataset mnist)")
-  p.add_argument("--sparsities", type=float, nargs="+", default=list(DEFAULT_SPARSITIES))
-  p.add_argument("--methods", nargs="+", default=None,
-                 help=f"default: all ({', '.join(list(methods.UNSTRUCTURED) + list(methods.STRUCTURED))}); lr and "
-                      f"ewr run one-shot with {methods.ONE_SHOT['stages']} stages of one official IHT step (mask only)")
-  p.add_argument("--channel-sparsities", type=float, nargs="+", default=list(DEFAULT_CHANNEL_SPARSITIES),
+  p.add_argument("--sparsities", type=_fraction("--sparsities"), nargs="+", default=list(DEFAULT_SPARSITIES),
+                 help="weight sparsities of the unstructured methods")
+  p.add_argument("--methods", nargs="+", default=available, choices=available, metavar="METHOD",
+                 help=f"methods to run, of {', '.join(available)}; lr and ewr run one-shot with "
+                      f"{ONE_SHOT['stages']} stages of one official IHT step (mask only)")
+  p.add_argument("--channel-sparsities", type=_fraction("--channel-sparsities"), nargs="+",
+                 default=list(DEFAULT_CHANNEL_SPARSITIES),
                  help="per-group channel sparsities of the structured methods (every group pruned)")
-  p.add_argument("--out", default="jaxprune_out", help="folder for results.csv, results.json, accuracy.png")
+  p.add_argument("--out", default=None,
+                 help="folder for results.csv, results.json, accuracy.png (None: a new jaxprune_out/run-* folder)")
   p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--n-examples", type=int, default=500,
-                 help="training examples whose per-example gradients EWR/LR use (default 500)")
+  p.add_argument("--n-examples", type=_positive_int("--n-examples"), default=500,
+                 help="training examples whose per-example gradients EWR/LR use")
   p.add_argument("--no-progress", action="store_true", help="no progress bars")
-  return p.parse_args(argv)
+  args = p.parse_args(argv)
+  if args.dataset == "mnist" and not args.checkpoint:
+    p.error("--checkpoint PATH (mlpnet_mnist.npz) is required with --dataset mnist")
+  return args
+
+
+def _out_dir(out) -> Path:
+  """``--out`` as given, else a fresh ``jaxprune_out/run-YYYYmmdd-HHMMSS[-n]`` (no run overwrites another)."""
+  if out is not None:
+    return Path(out)
+  stamp = time.strftime("%Y%m%d-%H%M%S")
+  path, n = Path("jaxprune_out") / f"run-{stamp}", 1
+  while path.exists():
+    n += 1
+    path = Path("jaxprune_out") / f"run-{stamp}-{n}"
+  return path
 
 
 def main(argv=None) -> int:
   args = parse_args(argv)
-  available = list(methods.UNSTRUCTURED) + list(methods.STRUCTURED)
-  names = args.methods or available
-  unknown = [m for m in names if m not in available]
-  if unknown:
-    sys.exit(f"jaxprune: unknown --methods {unknown}; available: {available}")
-  for s in args.sparsities:
-    budget.check_sparsity(s, "--sparsities")
-  for s in args.channel_sparsities:
-    if not 0.0 <= s < 1.0:
-      raise ValueError(f"--channel-sparsities must be in [0, 1), got {s}")
+  names = list(dict.fromkeys(args.methods))
   unstructured = [m for m in names if m in methods.UNSTRUCTURED]
   structured = [m for m in names if m in methods.STRUCTURED]
   show = not args.no_progress
@@ -174,29 +227,26 @@ def main(argv=None) -> int:
     title = "digits MLP 64-256-128-10"
     calibration = data.Dataset(train.x[:args.n_examples], train.y[:args.n_examples])
   else:
-    if not args.checkpoint:
-      sys.exit("jaxprune: --dataset mnist needs --checkpoint PATH (mlpnet_mnist.npz)")
-    test = data.load("mnist", "test", data_dir=args.data_dir, source="local")
-    calibration = data.load("mnist", "train", data_dir=args.data_dir, source="local", limit=args.n_examples)
+    try:
+      test = data.load("mnist", "test", data_dir=args.data_dir, source="local")
+      calibration = data.load("mnist", "train", data_dir=args.data_dir, source="local", limit=args.n_examples)
+    except FileNotFoundError as err:
+      sys.exit(f"jaxprune: error: --data-dir: {err}")
     model, variables = mlpnet(), load_mlpnet(args.checkpoint)
     title = "MLPNet on MNIST (one-shot)"
-  others = {name: value for name, value in variables.items() if name != "params"}
-
-  def loss_fn(params, batch):   # the methods prune variables["params"]
-    logits = model.apply({"params": params, **others}, batch[0])
-    return optax.softmax_cross_entropy_with_integer_labels(logits, batch[1]).mean()
-
-  context = {"loss_fn": loss_fn, "batch": (calibration.x, calibration.y), "apply_fn": model.apply}
-  rows = sweep(model, variables, test, args.sparsities, unstructured, seed=args.seed, context=context,
+  batch = (calibration.x, calibration.y)
+  rows = sweep(model, variables, test, args.sparsities, unstructured, batch=batch, seed=args.seed,
                show_progress=show)
   if structured:
-    rows += structured_sweep(model, variables, test, args.channel_sparsities, structured, seed=args.seed,
-                             context=context, show_progress=show)
+    rows += structured_sweep(model, variables, test, args.channel_sparsities, structured, batch=batch,
+                             seed=args.seed, show_progress=show)
+  # Tables only after every progress bar has closed (tqdm writes to stderr; flush it first).
+  sys.stderr.flush()
   if unstructured:
     print(format_table(rows, unstructured))
   if structured:
     print(format_table(rows, structured, kind="structured"))
-  out = Path(args.out)
+  out = _out_dir(args.out)
   out.mkdir(parents=True, exist_ok=True)
   with open(out / "results.csv", "w", newline="") as f:
     writer = csv.DictWriter(f, fieldnames=list(rows[0]))

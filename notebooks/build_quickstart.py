@@ -19,11 +19,15 @@ Colab GPU or a Colab TPU:
 5. do the same on a Flax NNX model.
 
 Set `JAXPRUNE_QUICK=1` for small settings (CI does)."""),
-code("""# Install (Colab): skipped when jaxprune is already importable.
-import importlib.util
+code("""# Install: jaxprune is installed from your copy of the repository (it is not on PyPI).
+# - from a clone, run this notebook from its notebooks/ folder: the cell installs the checkout above it;
+# - in Colab, upload the repository (or a wheel built with `pip wheel .`) and point JAXPRUNE_SOURCE at it,
+#   e.g. os.environ["JAXPRUNE_SOURCE"] = "/content/jaxprune" or "/content/jaxprune-0.2.0-py3-none-any.whl".
+# Skipped when jaxprune is already importable.
+import importlib.util, os
 if importlib.util.find_spec("jaxprune") is None:
-    # From a checkout or wheel of jaxprune; replace the spec with your copy's path or git URL.
-    get_ipython().run_line_magic("pip", "install -q jaxprune")"""),
+    source = os.environ.get("JAXPRUNE_SOURCE", "..")
+    get_ipython().run_line_magic("pip", f"install -q {source}")"""),
 code("""import os
 from pathlib import Path
 
@@ -85,7 +89,7 @@ code("""# Leave the first and last layer dense, prune per layer, or pick leaves 
 skip = jp.Prunable(skip_first=True, skip_last=True)
 r = jp.magnitude(params, jp.k_from_sparsity(params, 0.5, prunable=skip), prunable=skip)
 print(jp.sparsity_report(r.params, r.masks))
-r = jp.random(params, k, jax.random.key(0), scope="layer")
+r = jp.random(params, k, key=jax.random.key(0), scope="layer")
 print(jp.sparsity_report(r.params, r.masks))"""),
 md("## 4. Sweep"),
 code("""import matplotlib.pyplot as plt
@@ -94,7 +98,7 @@ sparsities = [0.5, 0.8, 0.9, 0.95] if QUICK else [0.5, 0.6, 0.7, 0.8, 0.9, 0.95,
 methods = {
     "magnitude (global)": lambda p, k: jp.magnitude(p, k),
     "magnitude (layer)": lambda p, k: jp.magnitude(p, k, scope="layer"),
-    "random": lambda p, k: jp.random(p, k, jax.random.key(0)),
+    "random": lambda p, k: jp.random(p, k, key=jax.random.key(0)),
 }
 curves = {}
 for name, prune in methods.items():
@@ -109,7 +113,8 @@ plt.axhline(100 * dense.accuracy, color="gray", ls="--", label="dense")
 plt.xlabel("sparsity"); plt.ylabel("test accuracy (%)"); plt.legend(); plt.grid(alpha=0.3)
 plt.show()"""),
 md("""## 5. EWR and LR (per-example gradients + optimal transport)
-`jp.ewr(params, batch, k, loss_fn=...)` regresses the per-example gradients of `loss_fn` with an
+`jp.ewr(params, batch, k, apply_fn=...)` regresses the per-example gradients of the loss (softmax
+cross-entropy of `apply_fn`, or your own `loss_fn=`) with an
 entropic OT fit (ott-jax Sinkhorn); `jp.lr` is its Euclidean twin. A single step from the dense
 weights is magnitude pruning (the residual is zero there), so we prune over a few stages, each
 recomputing the gradients at the current weights (the official step: mask only)."""),
@@ -118,7 +123,7 @@ batch = (train.x[:256], train.y[:256]) if QUICK else (train.x[:1000], train.y[:1
 loss_fn = jp.classification_loss(model.apply)          # loss_fn(variables, (x, y)) -> mean cross-entropy
 stages = 3 if QUICK else 10
 for name, method in (("LR", jp.lr), ("EWR", jp.ewr)):
-    res = method(variables, batch, k, loss_fn=loss_fn, stages=stages)
+    res = method(variables, batch, k, apply_fn=model.apply, stages=stages)
     acc = jp.evaluate(model.apply, res.params, test.x, test.y).accuracy
     print(f"{name}: accuracy {acc:.4f} at sparsity 0.9 | last step:",
           {key: round(v, 4) for key, v in res.info["steps"][-1].items() if key in ("objective_after", "tau", "sinkhorn_iterations")})"""),
@@ -148,9 +153,9 @@ OT map. Both shrink the arrays; `from_params` rebuilds the smaller network."""),
 code("""groups = jp.groups(model.apply, variables, test.x[:1])
 print(groups)                                                   # group 0 is nearest the output
 for name, method in (("default", jp.prune_channels), ("Intra-Fusion", jp.intra_fusion)):
-    res = method(variables, groups, 0.5, which=1, importance="l1", show_progress=False)   # fc1 -> fc2, 40 -> 20
-    small = type(model).from_params(res.variables)
-    acc = jp.evaluate(small.apply, res.variables, test.x, test.y).accuracy
+    res = method(variables, groups, {1: 0.5}, importance="l1", show_progress=False)   # fc1 -> fc2, 40 -> 20
+    small = type(model).from_params(res.params)
+    acc = jp.evaluate(small.apply, res.params, test.x, test.y).accuracy
     print(f"{name}: widths {small.widths}, accuracy {acc:.4f}")"""),
 code("""# The same on a CIFAR ResNet20: 12 groups, residual streams merged across blocks.
 from jaxprune.models import resnet20
@@ -163,11 +168,11 @@ MLP hidden layers, ResNet BasicBlocks, MobileNet blocks) and prunes each with th
 residual between dense and pruned unit output, signed proxy from its gradient, top-2s merged with
 the support, thresholded to the s channels with the most activation, T = 20 iterations; block by
 block, shallow to deep, on the pruned network's own activations. The support is a mask with
-rank-based top-k, so `jp.ispasp_sweep` solves many keep ratios in one vmapped call."""),
+rank-based top-k, so `jp.ispasp_sweep` solves many sparsities in one vmapped call."""),
 code("""x_prune = train.x[:256] if QUICK else train.x[:1280]            # the official code uses 1280 images
-res = jp.ispasp(model.apply, variables, x_prune, 0.5, show_progress=False)
-small = type(model).from_params(res.variables)
-acc = jp.evaluate(small.apply, res.variables, test.x, test.y).accuracy
+res = jp.ispasp(variables, None, 0.5, apply_fn=model.apply, batch=x_prune, show_progress=False)
+small = type(model).from_params(res.params)
+acc = jp.evaluate(small.apply, res.params, test.x, test.y).accuracy
 print(f"i-SpaSP: widths {small.widths}, accuracy {acc:.4f}")
 for g, u in res.info["units"].items():
     print(f"  group {g} ({u['name']} reads it): kept {u['m']}/{u['n']}, output error {u['relative_error']:.3f}, "
@@ -175,8 +180,8 @@ for g, u in res.info["units"].items():
 
 units = jp.two_layer_units(model.apply, variables, test.x[:1])
 hidden = units[1].hidden_fn(variables, x_prune)                 # fc1's 40 hidden neurons, read by fc2
-masks = jp.ispasp_sweep(units[1], variables, hidden, [0.1, 0.25, 0.5, 0.75])
-print("vmapped sweep, kept per ratio:", masks.sum(axis=1))"""),
+masks = jp.ispasp_sweep(units[1], variables, hidden, [0.9, 0.75, 0.5, 0.25])   # sparsities
+print("vmapped sweep, kept per sparsity:", masks.sum(axis=1))"""),
 md("""## 9. Flax NNX
 The same functions take an `nnx.State` from `nnx.split` and return one: merge it back into the model."""),
 code("""from flax import nnx
@@ -192,7 +197,13 @@ graphdef, nnx_params, rest = nnx.split(TinyMLP(nnx.Rngs(0)), nnx.Param, ...)
 res = jp.magnitude(nnx_params, jp.k_from_sparsity(nnx_params, 0.8))
 pruned_model = nnx.merge(graphdef, res.params, rest)
 print(type(res.params).__name__, jp.sparsity_report(res.params, res.masks).sparsity)
-print(pruned_model(jnp.asarray(test.x[:4])).shape)"""),
+print(pruned_model(jnp.asarray(test.x[:4])).shape)
+
+# Or pass the module itself: it is its own apply function, and the result is its pruned nnx.State.
+module = TinyMLP(nnx.Rngs(0))
+res = jp.lr(module, batch, jp.k_from_sparsity(nnx.state(module), 0.8), stages=2, show_progress=False)
+nnx.update(module, res.params)
+print("NNX module after LR:", type(res.params).__name__, module(jnp.asarray(test.x[:4])).shape)"""),
 ]
 nb["cells"] = cells
 nb["metadata"] = {"kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"},

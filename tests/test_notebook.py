@@ -20,4 +20,4 @@ def test_notebook_executes(name, data_dir, monkeypatch):
   assert "State" in outputs
   assert "EWR: accuracy" in outputs and "after fine-tuning" in outputs and "sparsity 0.9" in outputs
   assert "Intra-Fusion: widths (20, 20)" in outputs and "layer3_0/downsample_conv" in outputs
-  assert "i-SpaSP: widths (20, 10)" in outputs and "kept per ratio: [ 4 10 20 30]" in outputs
+  assert "i-SpaSP: widths (20, 10)" in outputs and "kept per sparsity: [ 4 10 20 30]" in outputs

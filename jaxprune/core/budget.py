@@ -71,3 +71,27 @@ def sparsity_from_k(params: PyTree, k: int, prunable: PrunableSpec = None) -> fl
   p = count_prunable(params, prunable)
   k = check_k(k, p)
   return 1.0 - k / p
+
+
+CHANNEL_ROUNDINGS = ("floor", "truncate")
+
+
+def n_kept_channels(n: int, sparsity: float, rounding: str = "floor") -> int:
+  """Channels a group of ``n`` keeps at a channel ``sparsity``: the one rule of every structured method.
+
+  ``"floor"`` (default) is the rule of the weight budgets (:func:`k_from_sparsity`): prune
+  ``floor(sparsity * n)`` channels, so never more than asked (0.3 of 16 keeps 12).
+  ``"truncate"`` is the official codes' ``int(n * (1 - sparsity))`` (Intra-Fusion's MetaPruner;
+  i-SpaSP's ``int(n * keep_ratio)``), which keeps one channel fewer whenever ``sparsity * n`` is
+  not an integer (0.3 of 16 keeps 11). Both count products within 1e-9 of an integer as that
+  integer, so 40 channels at 0.9 keep 4 under either rule, as ``int(40 * 0.1)`` does in the
+  i-SpaSP code (the float ``int(40 * (1 - 0.9))`` would give 3).
+  """
+  s = check_sparsity(sparsity)
+  if rounding == "floor":
+    return n - n_pruned_from_sparsity(n, s, "floor")
+  if rounding != "truncate":
+    raise ValueError(f"rounding must be one of {CHANNEL_ROUNDINGS}, got {rounding!r}")
+  exact = (1.0 - s) * n
+  near = round(exact)
+  return int(near) if abs(exact - near) <= 1e-9 * max(1.0, exact) else int(math.floor(exact))

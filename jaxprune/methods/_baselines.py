@@ -1,15 +1,21 @@
 """Unstructured baselines: magnitude (global or per layer) and random pruning."""
 from __future__ import annotations
 
+import dataclasses
 import functools
+import time
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxprune.core.budget import check_k
+from jaxprune.core.checks import check_key
+from jaxprune.core.forms import as_model
+from jaxprune.core.options import Options, resolve
 from jaxprune.core.masks import apply_masks, masks_from_flat, topk_mask
-from jaxprune.core.results import PruneResult
+from jaxprune.core.results import PruneResult, make_info
 from jaxprune.core.trees import FlatSpec, PrunableSpec, PyTree, flat_spec, flatten
 
 SCOPES = ("global", "layer")
@@ -47,49 +53,62 @@ def keep_from_scores(scores: jax.Array, k: int, spec: FlatSpec, scope: str = "gl
   return _global_keep(scores, k) if scope == "global" else _layer_keep(scores, k, spec)
 
 
-def _prune_by_scores(params, scores, k, spec, scope, info):
-  keep = keep_from_scores(scores, k, spec, scope)
-  masks = masks_from_flat(keep, params, spec)
-  info = dict(info, k=k, p=spec.size, sparsity=1.0 - k / spec.size, scope=scope)
-  return PruneResult(apply_masks(params, masks), masks, info)
+@dataclasses.dataclass(frozen=True)
+class MagnitudeOptions(Options):
+  """Options of :func:`magnitude` and :func:`random`.
+
+  Attributes:
+    scope: ``"global"`` (one ranking over all leaves, the MP of the CBS/CHITA/EWR tables) or
+      ``"layer"`` (each leaf keeps its proportional share of ``k``).
+  """
+  scope: str = "global"
+
+  def check(self) -> None:
+    if self.scope not in SCOPES:
+      raise ValueError(f"scope must be one of {SCOPES}, got {self.scope!r}")
 
 
-def _check_scope(scope):
-  if scope not in SCOPES:
-    raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
+def _prune_by_scores(tree, scores, k, spec, opts, method, started):
+  keep = keep_from_scores(scores, k, spec, opts.scope)
+  masks = masks_from_flat(keep, tree, spec)
+  info = make_info(method, opts, started, k=k, p=spec.size, sparsity=1.0 - k / spec.size)
+  return PruneResult(apply_masks(tree, masks), masks, info)
 
 
-def magnitude(params: PyTree, k: int, *, prunable: PrunableSpec = None, scope: str = "global") -> PruneResult:
+def magnitude(params: PyTree, k: int, *, prunable: PrunableSpec = None, options: Optional[MagnitudeOptions] = None,
+              official: bool = False, **overrides) -> PruneResult:
   """Magnitude pruning: keep the ``k`` weights of largest ``|w|``.
 
   Args:
-    params: parameter tree (linen dict or NNX state); only the ``prunable`` leaves are pruned.
+    params: the model's tree (params dict, linen ``variables``, ``nnx.State``) or an ``nnx.Module``;
+      only the ``prunable`` leaves are pruned.
     k: number of prunable weights kept (exactly; ties keep the lower flat index).
     prunable: leaf selection (default: Dense/Conv kernels); see :class:`jaxprune.Prunable`.
-    scope: ``"global"`` (one ranking over all leaves, the MP of CBS/CHITA/EWR tables) or
-      ``"layer"`` (each leaf keeps its proportional share of ``k``).
+    options, official, overrides: :class:`MagnitudeOptions` (``scope="global" | "layer"``).
 
   Returns:
     :class:`PruneResult` with the pruned params, the masks and ``info``.
   """
-  _check_scope(scope)
-  spec = flat_spec(params, prunable)
+  started = time.perf_counter()
+  opts = resolve(MagnitudeOptions, options, official, overrides)
+  tree = as_model(params).tree
+  spec = flat_spec(tree, prunable)
   k = check_k(k, spec.size)
-  w, _ = flatten(params, spec=spec)
-  return _prune_by_scores(params, jnp.abs(w), k, spec, scope, {"method": "magnitude"})
+  w, _ = flatten(tree, spec=spec)
+  return _prune_by_scores(tree, jnp.abs(w), k, spec, opts, "magnitude", started)
 
 
-def random(params: PyTree, k: int, key: jax.Array, *, prunable: PrunableSpec = None,
-           scope: str = "global") -> PruneResult:
+def random(params: PyTree, k: int, *, key: jax.Array, prunable: PrunableSpec = None,
+           options: Optional[MagnitudeOptions] = None, official: bool = False, **overrides) -> PruneResult:
   """Random pruning: keep ``k`` prunable weights chosen uniformly at random with ``key``.
 
   Same arguments and result as :func:`magnitude`, plus a ``jax.random`` key.
   """
-  _check_scope(scope)
-  if not (isinstance(key, jax.Array) and (jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
-                                          or (key.dtype == jnp.uint32 and key.shape == (2,)))):
-    raise TypeError(f"key must be a jax.random key (jax.random.key(seed)), got {type(key).__name__}")
-  spec = flat_spec(params, prunable)
+  started = time.perf_counter()
+  opts = resolve(MagnitudeOptions, options, official, overrides)
+  check_key(key)
+  tree = as_model(params).tree
+  spec = flat_spec(tree, prunable)
   k = check_k(k, spec.size)
   scores = jax.random.uniform(key, (spec.size,))
-  return _prune_by_scores(params, scores, k, spec, scope, {"method": "random"})
+  return _prune_by_scores(tree, scores, k, spec, opts, "random", started)

@@ -1,40 +1,26 @@
 """Default structured pruning: keep each group's most important channels, delete the rest."""
 from __future__ import annotations
 
+import dataclasses
 import numbers
-from typing import Any, Callable, Iterable, Mapping, NamedTuple, Optional, Sequence, Union
+import time
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 
 import jax
 import numpy as np
 
+from jaxprune.core.budget import CHANNEL_ROUNDINGS, n_kept_channels
+from jaxprune.core.checks import check_choice
+from jaxprune.core.forms import Model, as_model, user_loss
+from jaxprune.core.options import Options, resolve
+from jaxprune.core.progress import progress
+from jaxprune.core.results import ChannelResult, make_info
 from jaxprune.structure.channel_groups import ChannelGroups, Group
 from jaxprune.structure.importance import magnitude_importance, random_importance, taylor_grads, taylor_importance
 from jaxprune.structure.surgery import MODES, channel_masks, fold_batchnorm, shrink_channels, write_channels
 
 IMPORTANCES = ("l1", "l2", "taylor", "random")
 Importance = Union[str, Callable[[Any, Group], Any]]
-
-
-class ChannelResult(NamedTuple):
-  """Output of a structured pruning method.
-
-  Attributes:
-    variables: the pruned tree: smaller arrays (``mode="shrink"``; rebuild the model with
-      ``from_params``) or the original shapes with removed channels zeroed (``mode="mask"``).
-    kept: ``{group index: sorted kept channel indices}`` for every pruned group.
-    masks: bool tree shaped like the *input* variables (True = kept) on the pruned groups'
-      parameter members, ``None`` elsewhere.
-    info: ``method``, ``importance``, ``mode``, ``fold_bn``, per group ``n``/``m``/``sparsity``.
-  """
-  variables: Any
-  kept: dict
-  masks: Any
-  info: dict
-
-
-def n_kept_channels(n: int, sparsity: float) -> int:
-  """``m = floor(n * (1 - sparsity))`` as the official code (``int(n * (1 - s))``)."""
-  return int(n * (1 - sparsity))
 
 
 def _as_groups(groups: Union[ChannelGroups, Sequence[Group]]) -> tuple[tuple[Group, ...], tuple]:
@@ -49,34 +35,54 @@ def _as_groups(groups: Union[ChannelGroups, Sequence[Group]]) -> tuple[tuple[Gro
 
 
 def plan_budgets(groups: Sequence[Group], sparsity: Union[float, Mapping[int, float]],
-                 which: Optional[Union[int, Iterable[int]]] = None) -> dict:
-  """``{group index: (sparsity, m)}`` for the groups to prune; validates every budget first."""
+                 rounding: str = "floor") -> dict:
+  """``{group index: (sparsity, m)}`` for the groups to prune; validates every budget first.
+
+  ``sparsity`` is one channel sparsity for every prunable group, or ``{group index: sparsity}``;
+  ``m`` follows :func:`jaxprune.n_kept_channels` with ``rounding``.
+  """
   if isinstance(sparsity, Mapping):
-    if which is not None:
-      raise ValueError("which: give either a {group: sparsity} dict or `which`, not both")
     chosen = dict(sparsity)
   else:
-    if which is None:
-      idx = range(len(groups))
-    elif isinstance(which, numbers.Integral):
-      idx = [int(which)]
-    else:
-      idx = [int(i) for i in which]
-    chosen = {i: sparsity for i in idx}
+    chosen = {i: sparsity for i, g in enumerate(groups) if g.prunable}
+    if not chosen:
+      why = "; ".join(f"group {i} ({g.name}) is not prunable: {g.reason}" for i, g in enumerate(groups))
+      raise ValueError(f"groups: nothing to prune ({why or 'no groups'})")
   out = {}
   for i, s in chosen.items():
-    if not 0 <= i < len(groups):
-      raise IndexError(f"which: group {i} does not exist ({len(groups)} prunable groups)")
+    if isinstance(i, bool) or not isinstance(i, numbers.Integral) or not 0 <= i < len(groups):
+      raise IndexError(f"sparsity: group {i!r} does not exist ({len(groups)} groups)")
     if isinstance(s, bool) or not isinstance(s, numbers.Real) or not 0.0 <= float(s) < 1.0:
       raise ValueError(f"sparsity for group {i} must be a float in [0, 1), got {s!r}")
     g = groups[i]
     if not g.prunable:
-      raise ValueError(f"group {i} ({g.name}) is not prunable: {g.reason}")
-    m = n_kept_channels(g.size, float(s))
+      raise ValueError(f"sparsity: group {i} ({g.name}) is not prunable: {g.reason}")
+    m = n_kept_channels(g.size, float(s), rounding)
     if m < 1:
       raise ValueError(f"sparsity {s} keeps no channel of group {i} (n={g.size})")
-    out[i] = (float(s), m)
+    out[int(i)] = (float(s), m)
   return dict(sorted(out.items()))
+
+
+def resolve_groups(model: Model, groups: Any, batch: Any) -> Any:
+  """``groups`` as given, or traced from ``apply_fn`` on the first example of ``batch`` when ``None``."""
+  if groups is not None:
+    return groups
+  if model.apply_fn is None:
+    raise TypeError("groups: pass the model's groups (jaxprune.groups(apply_fn, params, x)), or groups=None "
+                    "with apply_fn= and batch= to trace them here")
+  x = model_inputs(batch)
+  from jaxprune.structure.trace import groups as trace_groups
+  return trace_groups(model.apply_fn, model.tree, jax.ShapeDtypeStruct((1,) + tuple(x.shape[1:]), x.dtype))
+
+
+def model_inputs(batch: Any) -> Any:
+  """The model inputs of ``batch``: ``x`` itself or the first element of ``(x, y)``."""
+  x = batch[0] if isinstance(batch, (tuple, list)) else batch
+  if not hasattr(x, "shape") or len(x.shape) < 1 or x.shape[0] < 1:
+    raise ValueError("batch: expected model inputs with a leading example axis (or a tuple whose first "
+                     "element is), got " + repr(getattr(x, "shape", type(x).__name__)))
+  return x
 
 
 def keep_top(scores: Any, m: int) -> np.ndarray:
@@ -119,12 +125,47 @@ def importance_fn(importance: Importance, *, key: Optional[jax.Array] = None, gr
                    f"got {importance!r}")
 
 
-def prune_channels(variables: Any, groups: Union[ChannelGroups, Sequence[Group]],
-                   sparsity: Union[float, Mapping[int, float]], *, importance: Importance = "l1",
-                   which: Optional[Union[int, Iterable[int]]] = None, mode: str = "shrink",
-                   fold_bn: bool = True, include_eps: bool = True, key: Optional[jax.Array] = None,
-                   grads: Any = None, loss_fn: Optional[Callable] = None, batches: Optional[Iterable] = None,
-                   show_progress: bool = True) -> ChannelResult:
+@dataclasses.dataclass(frozen=True)
+class ChannelOptions(Options):
+  """Options of :func:`prune_channels` (default structured pruning).
+
+  Attributes:
+    importance: ``"l1"``, ``"l2"`` (Torch-Pruning's group-mean ``MagnitudeImportance``),
+      ``"taylor"`` (needs ``grads`` or ``loss_fn`` and ``batches``), ``"random"`` (needs ``key``),
+      or a hashable ``fn(params, group) -> (n,)``.
+    mode: ``"shrink"`` (smaller arrays) or ``"mask"`` (same shapes, removed channels zeroed).
+    fold_bn: fold BatchNorms into their kernels first (the official MetaPruner does, for the
+      default baseline and Intra-Fusion alike, so importances see folded weights).
+    include_eps: exact folding (default) or the official eps-free ``merge_bn`` (``False``).
+    rounding: ``"floor"`` (jaxprune's one budget rule) or ``"truncate"`` (official), see
+      :func:`jaxprune.n_kept_channels`.
+  """
+  importance: Any = "l1"
+  mode: str = "shrink"
+  fold_bn: bool = True
+  include_eps: bool = True
+  rounding: str = "floor"
+
+  OFFICIAL = {"include_eps": False, "rounding": "truncate"}
+
+  def check(self) -> None:
+    check_importance(self.importance)
+    check_choice(self.mode, MODES, "mode")
+    check_choice(self.rounding, CHANNEL_ROUNDINGS, "rounding")
+
+
+def check_importance(importance: Any) -> None:
+  if not (callable(importance) or importance in IMPORTANCES):
+    raise ValueError(f"importance must be one of {IMPORTANCES} or a callable (params, group) -> (n,), "
+                     f"got {importance!r}")
+
+
+def prune_channels(params: Any, groups: Optional[Union[ChannelGroups, Sequence[Group]]],
+                   sparsity: Union[float, Mapping[int, float]], *, apply_fn: Optional[Callable] = None,
+                   batch: Any = None, key: Optional[jax.Array] = None, grads: Any = None,
+                   loss_fn: Optional[Callable] = None, batches: Optional[Iterable] = None,
+                   options: Optional[ChannelOptions] = None, official: bool = False, show_progress: bool = True,
+                   **overrides) -> ChannelResult:
   """Default structured pruning ("Algorithm 1" of Intra-Fusion): keep the top channels per group.
 
   Groups are processed in order (group 0, nearest the output, first, as the official code does),
@@ -132,34 +173,32 @@ def prune_channels(variables: Any, groups: Union[ChannelGroups, Sequence[Group]]
   output were pruned.
 
   Args:
-    variables: the model's tree (linen ``variables`` or ``nnx.State``).
-    groups: from :func:`jaxprune.groups` (or a list of hand-made groups).
-    sparsity: per-group channel sparsity ``s`` in ``[0, 1)``: each group keeps
-      ``m = floor(n (1 - s))`` channels; or ``{group index: s}``.
-    importance: ``"l1"``, ``"l2"`` (Torch-Pruning's group-mean ``MagnitudeImportance``),
-      ``"taylor"`` (needs ``grads`` or ``loss_fn`` and ``batches``), ``"random"`` (needs ``key``),
-      or ``fn(variables, group) -> (n,)``.
-    which: group index or indices to prune (default: all); ignored with a dict ``sparsity``.
-    mode: ``"shrink"`` (smaller arrays) or ``"mask"`` (same shapes, removed channels zeroed).
-    fold_bn: fold BatchNorms into their kernels first (the official MetaPruner does, for the
-      default baseline and Intra-Fusion alike, so importances see folded weights).
-    include_eps: exact folding (default) or the official eps-free ``merge_bn``.
-    key, grads, loss_fn, batches: inputs of the random and Taylor importances.
+    params: the model's tree (params dict, linen ``variables``, ``nnx.State``) or an ``nnx.Module``.
+    groups: from :func:`jaxprune.groups` (or a list of hand-made groups); ``None`` traces them
+      from ``apply_fn`` and the first example of ``batch``.
+    sparsity: channel sparsity in ``[0, 1)`` of every prunable group, or ``{group index: s}``;
+      each group keeps :func:`jaxprune.n_kept_channels` channels.
+    apply_fn, batch: the model and example inputs, only to trace ``groups=None``.
+    key, grads, loss_fn, batches: inputs of the random and Taylor importances (``loss_fn`` receives
+      the same kind of tree as ``params``).
+    options: :class:`ChannelOptions`; official: its official preset; ``**overrides`` single fields.
     show_progress: progress bar over groups (and Taylor batches).
 
   Returns:
-    :class:`ChannelResult`.
+    :class:`ChannelResult` (``params``, ``masks``, ``info``, ``kept``).
   """
-  if mode not in MODES:
-    raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-  group_list, norms = _as_groups(groups)
-  budgets = plan_budgets(group_list, sparsity, which)
-  score = importance_fn(importance, key=key, grads=grads, loss_fn=loss_fn, batches=batches,
+  started = time.perf_counter()
+  opts = resolve(ChannelOptions, options, official, overrides)
+  model = as_model(params, apply_fn)
+  group_list, norms = _as_groups(resolve_groups(model, groups, batch))
+  budgets = plan_budgets(group_list, sparsity, opts.rounding)
+  if loss_fn is not None:
+    loss_fn = user_loss(model, loss_fn)
+  score = importance_fn(opts.importance, key=key, grads=grads, loss_fn=loss_fn, batches=batches,
                         show_progress=show_progress)
-  original = variables
-  if fold_bn and norms:
-    variables = fold_batchnorm(variables, norms, include_eps=include_eps)
-  from jaxprune.core.progress import progress
+  original = variables = model.tree
+  if opts.fold_bn and norms:
+    variables = fold_batchnorm(variables, norms, include_eps=opts.include_eps)
   kept, plans, per_group = {}, [], {}
   for i in progress(list(budgets), desc="groups", disable=not show_progress):
     s, m = budgets[i]
@@ -173,8 +212,7 @@ def prune_channels(variables: Any, groups: Union[ChannelGroups, Sequence[Group]]
     plans.append((g, keep))
     per_group[i] = {"n": g.size, "m": m, "sparsity": s}
   masks = channel_masks(original, plans)
-  if mode == "shrink":
+  if opts.mode == "shrink":
     variables = shrink_channels(variables, plans)
-  info = {"method": "prune_channels", "importance": importance if isinstance(importance, str) else "callable",
-          "mode": mode, "fold_bn": bool(fold_bn and norms), "groups": per_group}
-  return ChannelResult(variables=variables, kept=kept, masks=masks, info=info)
+  info = make_info("prune_channels", opts, started, fold_bn=bool(opts.fold_bn and norms), groups=per_group)
+  return ChannelResult(variables, masks, info, kept)

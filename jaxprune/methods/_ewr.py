@@ -26,9 +26,11 @@ Faithfulness (defaults follow the official code, the other readings are options)
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
-from typing import Any, NamedTuple, Optional
+import time
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -36,11 +38,13 @@ import numpy as np
 
 from jaxprune import ot
 from jaxprune.core.budget import check_k
+from jaxprune.core.forms import as_model, user_loss
+from jaxprune.core.options import Options, resolve
 from jaxprune.core.masks import apply_masks, masks_from_flat, topk_mask
 from jaxprune.core.progress import progress
-from jaxprune.core.results import PruneResult
-from jaxprune.core.schedules import budgets_between, schedule_fractions
-from jaxprune.signals.gradients import (LossFn, add_gradient_noise, batch_size, dense_operator, gradient_operator,
+from jaxprune.core.results import PruneResult, make_info
+from jaxprune.core.schedules import KINDS as SCHEDULES, budgets_between, schedule_fractions
+from jaxprune.signals.gradients import (add_gradient_noise, batch_size, dense_operator, gradient_operator,
                               per_example_grads)
 from jaxprune.core.trees import PrunableSpec, PyTree, flat_spec, flatten, unflatten
 
@@ -185,56 +189,15 @@ def iht_step(op, w: jax.Array, w_ref: jax.Array, y: jax.Array, k, cfg: StepConfi
   return w_next, keep, info
 
 
-def _validate(batch, k, loss_fn, eps, lam, direction, signals, iterations, stages, noise, key, coupling, step,
-              spec):
-  if not callable(loss_fn):
-    raise TypeError("loss_fn must be a callable loss_fn(params, batch) -> scalar")
-  if direction not in DIRECTIONS:
-    raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
-  if signals not in SIGNALS:
-    raise ValueError(f"signals must be one of {SIGNALS}, got {signals!r}")
-  if step not in STEPS:
-    raise ValueError(f"step must be one of {STEPS}, got {step!r}")
-  if not (coupling in ("entropic", "identity") or callable(coupling)):
-    raise ValueError(f"coupling must be 'entropic', 'identity' or a callable (y, z) -> plan, got {coupling!r}")
-  if isinstance(eps, jax.Array) or isinstance(eps, bool) or not isinstance(eps, (int, float)) or math.isnan(eps) or eps < 0:
-    raise ValueError(f"eps must be a float >= 0 or inf (0: exact sorted matching), got {eps!r}")
-  if isinstance(lam, bool) or not isinstance(lam, (int, float)) or lam < 0:
-    raise ValueError(f"lam must be a float >= 0, got {lam!r}")
-  for name, value in (("iterations", iterations), ("stages", stages)):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-      raise ValueError(f"{name} must be a positive int, got {value!r}")
-  if noise is not None:
-    if signals != "materialized":
-      raise ValueError("noise needs signals='materialized' (noise is added to the rows of G)")
-    if key is None:
-      raise ValueError("noise needs a key (jax.random.key) to draw the noise")
-    if len(noise) != 2:
-      raise ValueError(f"noise must be (scale, fraction), got {noise!r}")
-  n = batch_size(batch)
-  k = check_k(k, spec.size)
-  return n, k
+@dataclasses.dataclass(frozen=True)
+class EWROptions(Options):
+  """Everything that changes the mathematics of :func:`ewr` and :func:`lr` (frozen, hashable).
 
-
-def ewr(params: PyTree, batch: Any, k: int, *, loss_fn: LossFn, eps: float = 1.0, lam: float = 0.01,
-        relative_eps: bool = False, direction: str = "official", scale_by_n: bool = True,
-        update_weights: bool = False, iterations: int = 1, stages: int = 1, stage_schedule: str = "linear",
-        w_ref: Optional[PyTree] = None, prunable: PrunableSpec = None, signals: str = "materialized",
-        chunk_size: int = 256, grads_dtype=jnp.float32, noise: Optional[tuple[float, float]] = None,
-        key: Optional[jax.Array] = None, sinkhorn: ot.SinkhornOptions = ot.SinkhornOptions(),
-        coupling: Any = "entropic", step: str = "official", show_progress: bool = True) -> PruneResult:
-  """EWR pruning: keep ``k`` weights chosen by entropic-Wasserstein regression of per-example gradients.
-
-  Args:
-    params: parameter tree (linen variables/params or NNX state); the ``prunable`` leaves are pruned.
-    batch: ``N`` examples, a pytree of arrays with a leading example axis (e.g. ``(x, y)``).
-    k: number of prunable weights kept (exactly).
-    loss_fn: the training loss ``loss_fn(params, batch) -> scalar``; per-example losses are
-      ``loss_fn(params, example_as_batch_of_one)``. Call BatchNorm models in inference mode.
+  Attributes:
     eps: entropic regularisation, absolute on the unnormalised cost (official); ``0`` -> exact
       sorted matching, ``inf`` -> uniform plan.
     lam: ridge weight (official: 0.01).
-    relative_eps: scale ``eps`` by the mean cost instead.
+    relative_eps: scale ``eps`` by the mean cost instead (not the official code).
     direction: ``"official"`` (paper-era code) or ``"exact"`` (true gradient with Pi fixed).
     scale_by_n: keep the factor N in the official direction (paper-era code: True; HEAD: False).
     update_weights: False = mask only (official); True = write the IHT iterate back (CHITA). With
@@ -244,50 +207,150 @@ def ewr(params: PyTree, batch: Any, k: int, *, loss_fn: LossFn, eps: float = 1.0
     stages: multi-stage one-shot pruning: budgets decrease to ``k`` over ``stages`` stages
       (``stage_schedule`` ``"linear"`` or ``"cubic"``), ``G`` recomputed at the current weights,
       ``w_ref`` fixed.
-    w_ref: reference weights ``w_ref`` (default: ``params``; a gradual loop passes the dense weights).
     signals: ``"materialized"`` (``G`` built in chunks) or ``"matrix_free"`` (JVP/VJP operators).
     chunk_size, grads_dtype: chunking and storage dtype of the per-example gradients.
     noise: ``(scale, fraction)`` gradient noise as in the official code (needs ``key``).
     sinkhorn: static :class:`~jaxprune.ot.SinkhornOptions`.
+    coupling: ``"entropic"`` (EWR), ``"identity"`` (``Pi = I/N``: LR) or a hashable callable
+      ``(y, z) -> plan: (N, N)``.
     step: ``"official"`` (official code: support-preserving ``tau_c``, closed-form line minimiser,
-      1.05 growth) or ``"lipschitz"`` (plain IHT with ``tau = 1/L``, ``L`` from the spectral norm of
-      ``G``: the early prototype of the paper's Algorithm 1; lets the support move freely).
-    coupling: ``"entropic"`` (EWR), ``"identity"`` (``Pi = I/N``: LR) or a callable
-      ``(y, z) -> plan: (N, N)`` (hashable, e.g. a module-level function).
+      1.05 growth) or ``"lipschitz"`` (plain IHT with ``tau = 1/L``: the paper's Algorithm-1
+      prototype; lets the support move freely).
+
+  The defaults are the official code's reading today (so :meth:`official` equals the defaults);
+  the other readings are the options above.
+  """
+  eps: float = 1.0
+  lam: float = 0.01
+  relative_eps: bool = False
+  direction: str = "official"
+  scale_by_n: bool = True
+  update_weights: bool = False
+  iterations: int = 1
+  stages: int = 1
+  stage_schedule: str = "linear"
+  signals: str = "materialized"
+  chunk_size: int = 256
+  grads_dtype: Any = jnp.float32
+  noise: Optional[tuple] = None
+  sinkhorn: ot.SinkhornOptions = ot.SinkhornOptions()
+  coupling: Any = "entropic"
+  step: str = "official"
+
+  def check(self) -> None:
+    """Raises ``ValueError``/``TypeError`` naming the first bad field."""
+    for name, value, allowed in (("direction", self.direction, DIRECTIONS), ("signals", self.signals, SIGNALS),
+                                 ("step", self.step, STEPS), ("stage_schedule", self.stage_schedule,
+                                                              SCHEDULES)):
+      if value not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+    if not (self.coupling in ("entropic", "identity") or callable(self.coupling)):
+      raise ValueError(f"coupling must be 'entropic', 'identity' or a callable (y, z) -> plan, got {self.coupling!r}")
+    eps = self.eps
+    if isinstance(eps, (bool, jax.Array)) or not isinstance(eps, (int, float)) or math.isnan(eps) or eps < 0:
+      raise ValueError(f"eps must be a float >= 0 or inf (0: exact sorted matching), got {eps!r}")
+    lam = self.lam
+    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam) or lam < 0:
+      raise ValueError(f"lam must be a finite float >= 0, got {lam!r}")
+    for name in ("iterations", "stages", "chunk_size"):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if self.noise is not None:
+      if self.signals != "materialized":
+        raise ValueError("noise needs signals='materialized' (noise is added to the rows of G)")
+      if len(self.noise) != 2:
+        raise ValueError(f"noise must be (scale, fraction), got {self.noise!r}")
+
+
+def ewr(params: PyTree, batch: Any, k: int, *, loss_fn: Optional[Callable] = None,
+        apply_fn: Optional[Callable] = None, key: Optional[jax.Array] = None, w_ref: Optional[PyTree] = None,
+        prunable: PrunableSpec = None, options: Optional[EWROptions] = None, official: bool = False,
+        show_progress: bool = True, **overrides) -> PruneResult:
+  """EWR pruning: keep ``k`` weights chosen by entropic-Wasserstein regression of per-example gradients.
+
+  Args:
+    params: the model's tree (params dict, linen ``variables``, ``nnx.State``) or an
+      ``nnx.Module``; the ``prunable`` leaves are pruned.
+    batch: ``N`` examples, a pytree of arrays with a leading example axis (e.g. ``(x, y)``).
+    k: number of prunable weights kept (exactly).
+    loss_fn: the training loss ``loss_fn(params, batch) -> scalar``, receiving the same kind of
+      tree as ``params``; per-example losses are ``loss_fn(params, example_as_batch_of_one)``.
+      Default: softmax cross-entropy of ``apply_fn(params, x)`` on ``batch = (x, y)``. Call
+      BatchNorm models in inference mode.
+    apply_fn: ``apply_fn(params, x) -> logits`` for the default loss (not needed for an NNX module).
+    key: ``jax.random`` key (needed with gradient ``noise``).
+    w_ref: reference weights (default: ``params``; the gradual driver passes the dense weights).
+    prunable: leaf selection (default: Dense/Conv kernels); see :class:`jaxprune.Prunable`.
+    options: an :class:`EWROptions`; official: its official preset. ``**overrides`` set single
+      fields on top (``stages=10``, ``eps=0.1``, ...).
     show_progress: progress bars for per-example gradients and stages.
 
   Returns:
     :class:`PruneResult`: ``params`` (pruned, or updated if ``update_weights``), ``masks`` and
-    ``info`` with per-step objectives, transport cost, step sizes and Sinkhorn iterations.
+    ``info`` (method, options, seconds; per-step objectives, transport cost, step sizes and
+    Sinkhorn iterations under ``steps``).
   """
-  spec = flat_spec(params, prunable)
-  n, k = _validate(batch, k, loss_fn, eps, lam, direction, signals, iterations, stages, noise, key, coupling, step,
-                   spec)
-  w_ref_tree = params if w_ref is None else w_ref
-  w_ref_vec, _ = flatten(w_ref_tree, spec=spec)
-  w_vec, _ = flatten(params, spec=spec)
-  transport = coupling != "identity"
-  cfg = StepConfig(coupling, float(eps), relative_eps, float(lam), direction, scale_by_n, sinkhorn, step)
+  return _run(params, batch, k, loss_fn, apply_fn, key, w_ref, prunable,
+              resolve(EWROptions, options, official, overrides), show_progress)
+
+
+def lr(params: PyTree, batch: Any, k: int, *, loss_fn: Optional[Callable] = None,
+       apply_fn: Optional[Callable] = None, key: Optional[jax.Array] = None, w_ref: Optional[PyTree] = None,
+       prunable: PrunableSpec = None, options: Optional[EWROptions] = None, official: bool = False,
+       show_progress: bool = True, **overrides) -> PruneResult:
+  """LR (CHITA-style sparse linear regression): :func:`ewr` with the identity coupling ``Pi = I/N``.
+
+  ``Q(w) = 1/2 ||G w_ref - G w||^2 + (N lam/2) ||w - w_ref||^2``; every argument and option of
+  :func:`ewr` applies except the transport ones (``eps``, ``relative_eps``, ``sinkhorn``,
+  ``coupling``). With ``scale_by_n=True`` (default) the official direction is the LR direction of
+  the official code, ``G^T (G w - y) + N lam (w - w_ref)``.
+  """
+  for name in ("eps", "relative_eps", "sinkhorn", "coupling"):
+    if name in overrides:
+      raise TypeError(f"lr() has no {name!r} option (LR uses the identity coupling)")
+  opts = resolve(EWROptions, options, official, overrides).replace(coupling="identity")
+  return _run(params, batch, k, loss_fn, apply_fn, key, w_ref, prunable, opts, show_progress)
+
+
+def _run(params, batch, k, loss_fn, apply_fn, key, w_ref, prunable, opts: EWROptions, show_progress) -> PruneResult:
+  started = time.perf_counter()
+  model = as_model(params, apply_fn)
+  tree = model.tree
+  loss = user_loss(model, loss_fn)
+  spec = flat_spec(tree, prunable)
+  n = batch_size(batch)
+  k = check_k(k, spec.size)
+  if opts.noise is not None and key is None:
+    raise ValueError("key: noise needs a jax.random key to draw the noise")
+  if w_ref is not None:
+    w_ref = as_model(w_ref).tree
+  w_ref_vec, _ = flatten(tree if w_ref is None else w_ref, spec=spec)
+  w_vec, _ = flatten(tree, spec=spec)
+  transport = opts.coupling != "identity"
+  cfg = StepConfig(opts.coupling, float(opts.eps), opts.relative_eps, float(opts.lam), opts.direction,
+                   opts.scale_by_n, opts.sinkhorn, opts.step)
 
   p = spec.size
-  budgets = budgets_between(p, p, k, schedule_fractions(stages, stage_schedule))
-  history, current = [], params
+  budgets = budgets_between(p, p, k, schedule_fractions(opts.stages, opts.stage_schedule))
+  history, current = [], tree
   keep = None
-  noise_keys = None if noise is None else jax.random.split(key, stages)
+  noise_keys = None if opts.noise is None else jax.random.split(key, opts.stages)
   for stage, k_t in enumerate(progress(budgets, desc="EWR stages" if transport else "LR stages",
-                                       disable=not show_progress or stages == 1)):
-    if signals == "materialized":
-      G = per_example_grads(loss_fn, current, batch, spec=spec, chunk_size=chunk_size, dtype=grads_dtype,
+                                       disable=not show_progress or opts.stages == 1)):
+    if opts.signals == "materialized":
+      G = per_example_grads(loss, current, batch, spec=spec, chunk_size=opts.chunk_size, dtype=opts.grads_dtype,
                             show_progress=show_progress)
-      if noise is not None:
-        G = add_gradient_noise(G, noise_keys[stage], float(noise[0]), float(noise[1]))
+      if opts.noise is not None:
+        G = add_gradient_noise(G, noise_keys[stage], float(opts.noise[0]), float(opts.noise[1]))
       op = dense_operator(G)
     else:
-      op = gradient_operator(loss_fn, current, batch, spec=spec, chunk_size=chunk_size)
+      op = gradient_operator(loss, current, batch, spec=spec, chunk_size=opts.chunk_size)
     y = op.matvec(w_ref_vec)
-    L = lipschitz_constant(op, n, p, float(lam), scale_by_n) if step == "lipschitz" else jnp.asarray(1.0)
+    L = (lipschitz_constant(op, n, p, float(opts.lam), opts.scale_by_n) if opts.step == "lipschitz"
+         else jnp.asarray(1.0))
     w_iter = w_vec
-    for it in range(iterations):
+    for it in range(opts.iterations):
       w_iter, keep, info = iht_step(op, w_iter, w_ref_vec, y, jnp.asarray(k_t, jnp.int32), cfg, L)
       history.append({"stage": stage, "k": k_t, **{f: float(v) for f, v in info._asdict().items()}})
       if not math.isfinite(history[-1]["objective_after"]):
@@ -295,26 +358,11 @@ def ewr(params: PyTree, batch: Any, k: int, *, loss_fn: LossFn, eps: float = 1.0
             f"{'EWR' if transport else 'LR'} diverged at stage {stage}, iteration {it}: the objective is "
             f"{history[-1]['objective_after']}. step='lipschitz' is safe for LR and direction='exact' with a "
             "fixed plan; with the official direction use step='official'.")
-    w_vec = w_iter if update_weights else jnp.where(keep, w_vec, 0.0)
-    current = unflatten(w_vec, params, spec)
-  masks = masks_from_flat(keep, params, spec)
+    w_vec = w_iter if opts.update_weights else jnp.where(keep, w_vec, 0.0)
+    current = unflatten(w_vec, tree, spec)
+  masks = masks_from_flat(keep, tree, spec)
   out = apply_masks(current, masks)
-  info = {"method": "ewr" if transport else "lr", "k": k, "p": p, "sparsity": 1.0 - k / p, "n": n,
-          "eps": float(eps) if coupling == "entropic" else None, "lam": float(lam), "direction": direction,
-          "update_weights": update_weights, "iterations": iterations, "step": step, "stages": stages, "budgets": budgets,
-          "steps": history, "objective": history[-1]["objective_after"],
-          "transport_cost": history[-1]["transport_cost"]}
+  info = make_info("ewr" if transport else "lr", opts, started, k=k, p=p, sparsity=1.0 - k / p, n=n,
+                   budgets=budgets, steps=history, objective=history[-1]["objective_after"],
+                   transport_cost=history[-1]["transport_cost"])
   return PruneResult(out, masks, info)
-
-
-def lr(params: PyTree, batch: Any, k: int, *, loss_fn: LossFn, **kwargs) -> PruneResult:
-  """LR (CHITA-style sparse linear regression): :func:`ewr` with the identity coupling ``Pi = I/N``.
-
-  ``Q(w) = 1/2 ||G w_ref - G w||^2 + (N lam/2) ||w - w_ref||^2``; every option of :func:`ewr`
-  except ``eps``/``relative_eps``/``sinkhorn`` applies. With ``scale_by_n=True`` (default) the
-  official direction is the LR direction of the official code, ``G^T (G w - y) + N lam (w - w_ref)``.
-  """
-  for name in ("eps", "relative_eps", "sinkhorn", "coupling"):
-    if name in kwargs:
-      raise TypeError(f"lr() has no {name!r} argument (LR uses the identity coupling)")
-  return ewr(params, batch, k, loss_fn=loss_fn, coupling="identity", **kwargs)

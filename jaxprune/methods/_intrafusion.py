@@ -22,6 +22,7 @@ left by the previous ones, as the official ``MetaPruner`` does (``order="sequent
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any, Callable, Iterable, Mapping, NamedTuple, Optional, Sequence, Union
 
@@ -31,7 +32,13 @@ import numpy as np
 
 from jaxprune import ot
 from jaxprune.structure.channel_groups import ChannelGroups, Group
-from jaxprune.methods._channels import ChannelResult, _as_groups, importance_fn, keep_top, plan_budgets
+from jaxprune.core.budget import CHANNEL_ROUNDINGS
+from jaxprune.core.checks import check_choice
+from jaxprune.core.forms import as_model, user_loss
+from jaxprune.core.options import Options, resolve
+from jaxprune.core.results import ChannelResult, make_info
+from jaxprune.methods._channels import (_as_groups, check_importance, importance_fn, keep_top, plan_budgets,
+                                        resolve_groups)
 from jaxprune.structure.importance import taylor_grads, taylor_importance
 from jaxprune.core.progress import progress
 from jaxprune.structure.surgery import MODES, channel_masks, fold_batchnorm, shrink_channels, write_channels
@@ -151,70 +158,98 @@ def _entropic(c, a, b, eps, options):
 _vmapped_entropic = jax.jit(jax.vmap(_entropic, in_axes=(0, 0, 0, None, None)), static_argnums=(3, 4))
 
 
-def _check_options(solver, semantics, marginal_kind, order, mode, p, epsilon):
-  for value, allowed, name in ((solver, SOLVERS, "solver"), (semantics, SEMANTICS, "semantics"),
-                               (marginal_kind, MARGINALS, "marginals"), (order, ORDERS, "order"),
-                               (mode, MODES, "mode")):
-    if value not in allowed:
-      raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
-  if not (isinstance(p, (int, float)) and p >= 1):
-    raise ValueError(f"p must be a number >= 1, got {p!r}")
-  if solver == "entropic" and not (isinstance(epsilon, (int, float)) and 0 < epsilon < float("inf")):
-    raise ValueError(f"epsilon must be a positive float for solver='entropic', got {epsilon!r}")
+@dataclasses.dataclass(frozen=True)
+class IntraFusionOptions(Options):
+  """Options of :func:`intra_fusion`.
 
-
-def intra_fusion(variables: Any, groups: Union[ChannelGroups, Sequence[Group]],
-                 sparsity: Union[float, Mapping[int, float]], *, importance: Any = "l1",
-                 which: Optional[Union[int, Iterable[int]]] = None, mode: str = "shrink", solver: str = "exact",
-                 epsilon: float = 0.001, p: float = 1, marginals_kind: str = "uniform", semantics: str = "sum",
-                 include_bias: bool = False, fold_bn: bool = True, include_eps: bool = True,
-                 order: str = "sequential", key: Optional[jax.Array] = None, grads: Any = None,
-                 loss_fn: Optional[Callable] = None, batches: Optional[Iterable] = None,
-                 sinkhorn: ot.SinkhornOptions = ot.SinkhornOptions(threshold=1e-5, max_iterations=20000),
-                 show_progress: bool = True) -> ChannelResult:
-  """Intra-Fusion: keep the top channels of each group and fuse all channels into them with OT.
-
-  Args:
-    variables: the model's tree (linen ``variables`` or ``nnx.State``).
-    groups: from :func:`jaxprune.groups` (BatchNorm links come with it) or a list of groups.
-    sparsity: per-group channel sparsity (``m = floor(n (1 - s))`` kept) or ``{group: s}``.
-    importance: as :func:`jaxprune.prune_channels` (``"l1"``, ``"l2"``, ``"taylor"``, ``"random"``
-      or a callable); it picks the target channels (and the masses with
-      ``marginals_kind="importance"``).
-    which: group index or indices (default: all).
+  Attributes:
+    importance: as :class:`~jaxprune.ChannelOptions` (``"l1"``, ``"l2"``, ``"taylor"``,
+      ``"random"`` or a callable); it picks the target channels (and the masses with
+      ``marginals="importance"``).
     mode: ``"shrink"`` or ``"mask"``.
-    solver: ``"exact"`` (default, as the official code: POT's network simplex, float64, on the
-      host) or ``"entropic"`` (ott-jax Sinkhorn, jitted; ``epsilon`` is relative to the mean cost;
-      the default 0.001 gives a transport cost within 1e-4 (relative) of the exact optimum on the
-      ResNet20 groups, and plans within a few percent in L1, see the README).
+    solver: ``"exact"`` (as the official code: POT's network simplex, float64, on the host) or
+      ``"entropic"`` (ott-jax Sinkhorn, jitted; ``eps`` relative to the mean cost; 0.001 gives a
+      transport cost within 1e-4 (relative) of the exact optimum on the ResNet20 groups).
+    eps: the entropic regularisation (``solver="entropic"`` only).
     p: the ``l_p`` distance of the cost (official: 1).
-    marginals_kind: ``"uniform"`` (official default) or ``"importance"``.
+    marginals: ``"uniform"`` (official) or ``"importance"``.
     semantics: ``"sum"`` (official ``T = P^T diag(1/a)`` everywhere) or ``"average"``
       (row-normalised ``T`` on the producers; not in the paper).
     include_bias: add producer biases to the pairing vectors (paper text; official: no).
-    fold_bn, include_eps: fold BatchNorm first (official: always; eps-free with
-      ``include_eps=False``).
-    order: ``"sequential"`` (official) or ``"parallel"``, see the module docstring.
+    fold_bn, include_eps: fold BatchNorm first (official: always, eps-free: ``include_eps=False``).
+    order: ``"sequential"`` (official: each group on the weights the previous ones left) or
+      ``"parallel"`` (every map from the input weights; entropic plans of one shape in one call).
+    sinkhorn: static Sinkhorn settings.
+    rounding: ``"floor"`` or ``"truncate"`` (official), see :func:`jaxprune.n_kept_channels`.
+  """
+  importance: Any = "l1"
+  mode: str = "shrink"
+  solver: str = "exact"
+  eps: float = 0.001
+  p: float = 1
+  marginals: str = "uniform"
+  semantics: str = "sum"
+  include_bias: bool = False
+  fold_bn: bool = True
+  include_eps: bool = True
+  order: str = "sequential"
+  sinkhorn: ot.SinkhornOptions = ot.SinkhornOptions(threshold=1e-5, max_iterations=20000)
+  rounding: str = "floor"
+
+  OFFICIAL = {"include_eps": False, "rounding": "truncate"}
+
+  def check(self) -> None:
+    check_importance(self.importance)
+    for value, allowed, name in ((self.solver, SOLVERS, "solver"), (self.semantics, SEMANTICS, "semantics"),
+                                 (self.marginals, MARGINALS, "marginals"), (self.order, ORDERS, "order"),
+                                 (self.mode, MODES, "mode"), (self.rounding, CHANNEL_ROUNDINGS, "rounding")):
+      check_choice(value, allowed, name)
+    if isinstance(self.p, bool) or not (isinstance(self.p, (int, float)) and self.p >= 1):
+      raise ValueError(f"p must be a number >= 1, got {self.p!r}")
+    if self.solver == "entropic" and not (isinstance(self.eps, (int, float)) and 0 < self.eps < float("inf")):
+      raise ValueError(f"eps must be a positive float for solver='entropic', got {self.eps!r}")
+
+
+def intra_fusion(params: Any, groups: Optional[Union[ChannelGroups, Sequence[Group]]],
+                 sparsity: Union[float, Mapping[int, float]], *, apply_fn: Optional[Callable] = None,
+                 batch: Any = None, key: Optional[jax.Array] = None, grads: Any = None,
+                 loss_fn: Optional[Callable] = None, batches: Optional[Iterable] = None,
+                 options: Optional[IntraFusionOptions] = None, official: bool = False, show_progress: bool = True,
+                 **overrides) -> ChannelResult:
+  """Intra-Fusion: keep the top channels of each group and fuse all channels into them with OT.
+
+  Args:
+    params: the model's tree (params dict, linen ``variables``, ``nnx.State``) or an ``nnx.Module``.
+    groups: from :func:`jaxprune.groups` (BatchNorm links come with it) or a list of groups;
+      ``None`` traces them from ``apply_fn`` and the first example of ``batch``.
+    sparsity: channel sparsity of every prunable group, or ``{group index: s}``.
+    apply_fn, batch: the model and example inputs, only to trace ``groups=None``.
     key, grads, loss_fn, batches: inputs of the random and Taylor importances. With Taylor the
       gradients are fused along with the weights, as the official code transforms ``.grad``.
-    sinkhorn: static Sinkhorn settings.
+    options: :class:`IntraFusionOptions`; official: its official preset; ``**overrides`` single fields.
     show_progress: progress bar over groups.
 
   Returns:
-    :class:`~jaxprune.channels.ChannelResult`; ``info["groups"][i]`` has ``n``, ``m``,
+    :class:`~jaxprune.ChannelResult`; ``info["groups"][i]`` has ``n``, ``m``,
     ``transport_cost``, ``marginal_error`` and ``seconds``, and ``info["maps"][i]`` the
     :class:`FusionMap`.
   """
-  _check_options(solver, semantics, marginals_kind, order, mode, p, epsilon)
+  started = time.perf_counter()
+  opts = resolve(IntraFusionOptions, options, official, overrides)
+  model = as_model(params, apply_fn)
+  groups = resolve_groups(model, groups, batch)
+  variables = model.tree
+  if loss_fn is not None:
+    loss_fn = user_loss(model, loss_fn)
   group_list, norms = _as_groups(groups)
-  budgets = plan_budgets(group_list, sparsity, which)
-  taylor = isinstance(importance, str) and importance == "taylor"
-  score = None if taylor else importance_fn(importance, key=key)
+  budgets = plan_budgets(group_list, sparsity, opts.rounding)
+  taylor = isinstance(opts.importance, str) and opts.importance == "taylor"
+  score = None if taylor else importance_fn(opts.importance, key=key)
   if taylor and grads is None and (loss_fn is None or batches is None):
     raise ValueError("importance='taylor' needs grads=, or loss_fn= and batches=")
   original = variables
-  if fold_bn and norms:
-    variables = fold_batchnorm(variables, norms, include_eps=include_eps)
+  if opts.fold_bn and norms:
+    variables = fold_batchnorm(variables, norms, include_eps=opts.include_eps)
   if taylor and grads is None:
     grads = taylor_grads(loss_fn, variables, batches, show_progress=show_progress)
 
@@ -225,45 +260,42 @@ def intra_fusion(variables: Any, groups: Union[ChannelGroups, Sequence[Group]],
     if scores.shape != (g.size,):
       raise ValueError(f"importance returned shape {scores.shape} for group {g_idx}, expected ({g.size},)")
     keep = keep_top(scores, m)
-    cost = np.asarray(pairing_cost(pairing_vectors(v, g, include_bias=include_bias), keep, p), np.float64)
-    a, b = marginals(g.size, keep, marginals_kind, scores)
+    cost = np.asarray(pairing_cost(pairing_vectors(v, g, include_bias=opts.include_bias), keep, opts.p), np.float64)
+    a, b = marginals(g.size, keep, opts.marginals, scores)
     return keep, cost, (a, b)
 
   def finish(keep, cost, ab, plan):
-    t, t_prod = fusion_from_plan(plan, ab[0], semantics)
+    t, t_prod = fusion_from_plan(plan, ab[0], opts.semantics)
     return FusionMap(keep, t, t_prod, plan, cost)
 
   maps, stats, plans = {}, {}, []
   indices = list(budgets)
-  if order == "parallel":
+  if opts.order == "parallel":
     t0 = time.perf_counter()
     prepared = {i: fusion_for(variables, i, grads) for i in indices}
-    solved = _solve([prepared[i][1] for i in indices], [prepared[i][2] for i in indices], solver, epsilon, sinkhorn)
+    solved = _solve([prepared[i][1] for i in indices], [prepared[i][2] for i in indices], opts.solver, opts.eps, opts.sinkhorn)
     for i, plan in zip(indices, solved):
       maps[i] = finish(*prepared[i], plan)
     per_group_s = (time.perf_counter() - t0) / max(len(indices), 1)
   for i in progress(indices, desc="intra-fusion", disable=not show_progress):
     t0 = time.perf_counter()
     g = group_list[i]
-    if order == "sequential":
+    if opts.order == "sequential":
       keep, cost, ab = fusion_for(variables, i, grads)
-      plan = _solve([cost], [ab], solver, epsilon, sinkhorn)[0]
+      plan = _solve([cost], [ab], opts.solver, opts.eps, opts.sinkhorn)[0]
       maps[i] = finish(keep, cost, ab, plan)
     f = maps[i]
     variables = write_channels(variables, g, f.keep, f.fusion_map, producer_map=f.producer_map)
     if taylor:
       grads = write_channels(grads, g, f.keep, f.fusion_map, producer_map=f.producer_map)
     plans.append((g, f.keep))
-    a, b = marginals(g.size, f.keep, marginals_kind, None) if marginals_kind == "uniform" else (f.plan.sum(1), f.plan.sum(0))
+    a, b = marginals(g.size, f.keep, opts.marginals, None) if opts.marginals == "uniform" else (f.plan.sum(1), f.plan.sum(0))
     stats[i] = {"n": g.size, "m": int(f.keep.size), "sparsity": budgets[i][0],
                 "transport_cost": float((f.plan * f.cost).sum()),
                 "marginal_error": float(max(np.abs(f.plan.sum(1) - a).max(), np.abs(f.plan.sum(0) - b).max())),
-                "seconds": round(time.perf_counter() - t0 + (per_group_s if order == "parallel" else 0.0), 4)}
+                "seconds": round(time.perf_counter() - t0 + (per_group_s if opts.order == "parallel" else 0.0), 4)}
   masks = channel_masks(original, plans)
-  if mode == "shrink":
+  if opts.mode == "shrink":
     variables = shrink_channels(variables, plans)
-  info = {"method": "intra_fusion", "importance": importance if isinstance(importance, str) else "callable",
-          "mode": mode, "solver": solver, "epsilon": epsilon if solver == "entropic" else None, "p": p,
-          "marginals": marginals_kind, "semantics": semantics, "order": order,
-          "fold_bn": bool(fold_bn and norms), "groups": stats, "maps": maps}
-  return ChannelResult(variables=variables, kept={i: maps[i].keep for i in indices}, masks=masks, info=info)
+  info = make_info("intra_fusion", opts, started, fold_bn=bool(opts.fold_bn and norms), groups=stats, maps=maps)
+  return ChannelResult(variables, masks, info, {i: maps[i].keep for i in indices})

@@ -3,13 +3,14 @@
 :func:`ispasp` prunes the hidden group of each two-layer unit with the loop of
 :mod:`jaxprune.recovery`, block by block as the official code (``order="sequential"``: each unit
 sees the already pruned network's activations, shallow to deep) or all units from the dense
-network's activations at once (``order="oneshot"``: same-shaped units are solved in one vmapped
+network's activations at once (``order="parallel"``: same-shaped units are solved in one vmapped
 call). Kept channels reuse the dense weights (no refit), as in the official code; BatchNorm
 running statistics are kept too (the official code resets them to 0/1 and relies on the
 fine-tuning after each block to re-estimate them).
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import numbers
 import time
@@ -19,15 +20,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxprune.core.budget import CHANNEL_ROUNDINGS, n_kept_channels
+from jaxprune.core.checks import check_choice
+from jaxprune.core.forms import as_model
+from jaxprune.core.options import Options, resolve
+from jaxprune.core.results import ChannelResult, make_info
+from jaxprune.methods._channels import model_inputs
 from jaxprune.structure.channel_groups import ChannelGroups
-from jaxprune.methods._channels import ChannelResult
 from jaxprune.core.progress import progress
 from jaxprune.methods._recovery import PROXIES, RecoveryOptions, aggregate_activations, check_options, recover_support
 from jaxprune.structure.surgery import MODES, channel_masks, shrink_channels, write_channels
-from jaxprune.structure.units import Unit, capture_inputs, two_layer_units
+from jaxprune.structure.units import Unit, capture_at, derive_units
 
-ORDERS = ("sequential", "oneshot")
-Keep = Union[float, Mapping[int, float]]
+ORDERS = ("sequential", "parallel")
+Sparsity = Union[float, Mapping[Any, float]]
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -45,11 +51,6 @@ def _recover_stacked(output_fn, params, hidden, k, norm, options):
   return jax.vmap(lambda p, h, kk, nn: recover_support(output_fn, p, h, kk, nn, options))(params, hidden, k, norm)
 
 
-def n_kept(size: int, keep: float) -> int:
-  """``s = int(size * keep)``, as the official code (``int(out_channels * ratio)``)."""
-  return int(size * keep)
-
-
 def unit_labels(units: Sequence[Unit]) -> list:
   """How results and ``keep`` dicts name units: the group index (derived units), else the name."""
   labels = [u.group_index if u.group_index is not None else (u.name or i) for i, u in enumerate(units)]
@@ -58,39 +59,32 @@ def unit_labels(units: Sequence[Unit]) -> list:
   return labels
 
 
-def plan_keep(units: Sequence[Unit], keep: Keep) -> dict:
-  """``{unit position: (ratio, s)}``; validates every budget before any work.
+def plan_units(units: Sequence[Unit], sparsity: Sparsity, rounding: str = "floor") -> dict:
+  """``{unit position: (sparsity, m)}``; validates every budget before any work.
 
-  ``keep`` is one ratio for every unit or a dict keyed by :func:`unit_labels` (group indices
-  for derived units, names for hand-made ones).
+  ``sparsity`` is one channel sparsity for every unit or a dict keyed by :func:`unit_labels`
+  (group indices for derived units, names for hand-made ones); ``m`` follows
+  :func:`jaxprune.n_kept_channels`.
   """
   labels = unit_labels(units)
-  if isinstance(keep, Mapping):
+  if isinstance(sparsity, Mapping):
     chosen = {}
-    for key, r in keep.items():
+    for key, r in sparsity.items():
       if key not in labels:
-        raise IndexError(f"keep: unit {key!r} does not exist; the units are {labels}")
+        raise IndexError(f"sparsity: unit {key!r} does not exist; the units are {labels}")
       chosen[labels.index(key)] = r
   else:
-    chosen = {i: keep for i in range(len(units))}
+    chosen = {i: sparsity for i in range(len(units))}
   out = {}
   for i, r in chosen.items():
-    if isinstance(r, bool) or not isinstance(r, numbers.Real) or not 0.0 < float(r) <= 1.0:
-      raise ValueError(f"keep: the keep ratio of unit {labels[i]!r} must be a float in (0, 1], got {r!r}")
-    s = n_kept(units[i].size, float(r))
-    if s < 1:
-      raise ValueError(f"keep: ratio {r} keeps no channel of unit {labels[i]!r} ({units[i].name}, "
+    if isinstance(r, bool) or not isinstance(r, numbers.Real) or not 0.0 <= float(r) < 1.0:
+      raise ValueError(f"sparsity of unit {labels[i]!r} must be a float in [0, 1), got {r!r}")
+    m = n_kept_channels(units[i].size, float(r), rounding)
+    if m < 1:
+      raise ValueError(f"sparsity {r} keeps no channel of unit {labels[i]!r} ({units[i].name}, "
                        f"{units[i].size} channels)")
-    out[int(i)] = (float(r), s)
+    out[int(i)] = (float(r), m)
   return dict(sorted(out.items()))
-
-
-def _inputs(batch: Any) -> Any:
-  x = batch[0] if isinstance(batch, (tuple, list)) else batch
-  if not hasattr(x, "shape") or len(x.shape) < 1 or x.shape[0] < 1:
-    raise ValueError("batch: expected model inputs with a leading example axis (or a tuple whose first "
-                     "element is), got " + repr(getattr(x, "shape", type(x).__name__)))
-  return x
 
 
 def _chunked(fn: Callable, x: Any, chunk: Optional[int]) -> Any:
@@ -114,72 +108,110 @@ def _relative_error(unit: Unit, variables: Any, hidden: jax.Array, mask: jax.Arr
   return float(jnp.linalg.norm(dense - pruned) / jnp.maximum(jnp.linalg.norm(dense), 1e-30))
 
 
-def ispasp(model: Union[Callable, Sequence[Unit]], variables: Any, batch: Any, keep: Keep, *,
-           groups: Optional[ChannelGroups] = None, order: str = "sequential", iterations: int = 20,
-           chunk_size: Optional[int] = 256, bn_mode: str = "eval", aggregate: str = "signed_sum",
-           stop_at_fixed_point: bool = False, exclude_support: bool = False, proxy: str = "auto",
-           mode: str = "shrink",
-           apply_kwargs: Optional[dict] = None, show_progress: bool = True) -> ChannelResult:
-  """Prunes the hidden channels of two-layer units with i-SpaSP.
+@dataclasses.dataclass(frozen=True)
+class ISpaSPOptions(Options):
+  """Options of :func:`ispasp`.
 
-  Args:
-    model: a linen ``model.apply`` (units derived with :func:`jaxprune.two_layer_units`), or a
-      sequence of :class:`~jaxprune.units.Unit` (pruned in the given order, shallow first).
-    variables: the model's variables.
-    batch: model inputs ``(N, ...)`` (or a tuple whose first element they are); the official code
-      uses N = 1280 training images per unit.
-    keep: keep ratio ``r`` in ``(0, 1]`` of every unit (``s = int(C r)`` channels, the official
-      rounding), or ``{unit: r}`` for some units, keyed by group index (derived units) or name
-      (hand-made units).
-    groups: the model's groups, when ``model`` is an apply function (traced if omitted).
+  Attributes:
     order: ``"sequential"`` (official: units shallow to deep, each on the activations of the
-      network pruned so far) or ``"oneshot"`` (every unit on the dense network's activations;
+      network pruned so far) or ``"parallel"`` (every unit on the dense network's activations;
       same-shaped units are solved in one vmapped call).
     iterations: ``T`` (official 20).
     chunk_size: examples per chunk for the proxy and the forward passes (official 256).
     bn_mode: ``"eval"`` (default; the pruned branch's norm in inference mode, so the loop
-      compares like with like) or ``"train"`` (the official code: the pruned branch normalises
-      each chunk with its batch statistics).
+      compares like with like) or ``"train"`` (official: the pruned branch normalises each chunk
+      with its batch statistics).
     aggregate: ``"signed_sum"`` (official), ``"abs_sum"`` or ``"l2"``: the activation score that
       thresholds the merged set.
     stop_at_fixed_point: stop a unit's loop once its support repeats (same result, less work).
     exclude_support: rank the proxy outside the support only (not the official code).
     proxy: ``"examples"`` (the official computation: every example through the second layer,
       in chunks), ``"reduced"`` (the same proxy from the summed activations, exact for an affine
-      second layer in inference mode) or ``"auto"``: reduced where it is exact (the unit is
-      ``affine`` and ``bn_mode="eval"``), examples elsewhere.
+      second layer in inference mode) or ``"auto"``: reduced where it is exact, examples elsewhere.
     mode: ``"shrink"`` (smaller arrays; rebuild the model with ``from_params``) or ``"mask"``.
+    rounding: ``"floor"`` or ``"truncate"`` (official ``int(C keep)``), see
+      :func:`jaxprune.n_kept_channels`.
+  """
+  order: str = "sequential"
+  iterations: int = 20
+  chunk_size: Optional[int] = 256
+  bn_mode: str = "eval"
+  aggregate: str = "signed_sum"
+  stop_at_fixed_point: bool = False
+  exclude_support: bool = False
+  proxy: str = "auto"
+  mode: str = "shrink"
+  rounding: str = "floor"
+
+  OFFICIAL = {"bn_mode": "train", "rounding": "truncate"}
+
+  def check(self) -> None:
+    check_choice(self.proxy, ("auto",) + PROXIES, "proxy")
+    check_choice(self.order, ORDERS, "order")
+    check_choice(self.mode, MODES, "mode")
+    check_choice(self.rounding, CHANNEL_ROUNDINGS, "rounding")
+    self.recovery()
+
+  def recovery(self) -> RecoveryOptions:
+    """The loop's static settings (``proxy="auto"`` is resolved per unit)."""
+    return check_options(RecoveryOptions(iterations=self.iterations, chunk_size=self.chunk_size,
+                                         bn_mode=self.bn_mode, aggregate=self.aggregate,
+                                         stop_at_fixed_point=self.stop_at_fixed_point,
+                                         exclude_support=self.exclude_support,
+                                         proxy="examples" if self.proxy == "auto" else self.proxy))
+
+
+def ispasp(params: Any, groups: Optional[Union[ChannelGroups, Sequence[Unit]]], sparsity: Sparsity, *,
+           apply_fn: Optional[Callable] = None, batch: Any = None, apply_kwargs: Optional[dict] = None,
+           options: Optional[ISpaSPOptions] = None, official: bool = False, show_progress: bool = True,
+           **overrides) -> ChannelResult:
+  """Prunes the hidden channels of two-layer units with i-SpaSP.
+
+  Args:
+    params: the model's tree (linen ``variables``).
+    groups: the model's :class:`~jaxprune.ChannelGroups` (units derived with
+      :func:`jaxprune.two_layer_units`), ``None`` (traced from ``apply_fn``), or a sequence of
+      hand-made :class:`~jaxprune.structure.units.Unit` (pruned in the given order, shallow first).
+    sparsity: channel sparsity of every unit, or ``{unit: s}`` keyed by group index (derived
+      units) or name (hand-made units); each keeps :func:`jaxprune.n_kept_channels` channels.
+    apply_fn: the model's apply function (``model.apply``); not needed with hand-made units.
+    batch: model inputs ``(N, ...)`` (or ``(x, y)``); the official code uses N = 1280 training
+      images per unit.
     apply_kwargs: extra keyword arguments for ``apply_fn``.
+    options: :class:`ISpaSPOptions`; official: its official preset; ``**overrides`` single fields.
     show_progress: a progress bar over units.
 
   Returns:
     :class:`~jaxprune.ChannelResult`: ``kept`` maps each pruned unit's group index (derived
     units) or name (hand-made units) to its sorted kept channels; ``info["units"]`` holds per unit
-    ``n``, ``m``, ``keep``, ``iterations``, ``converged`` (the support reached a fixed point),
+    ``n``, ``m``, ``sparsity``, ``iterations``, ``converged`` (the support reached a fixed point),
     ``relative_error`` (``||U - U_pruned|| / ||U||`` on the batch, inference-mode norm) and
     ``seconds``.
   """
-  if proxy not in ("auto",) + PROXIES:
-    raise ValueError(f"proxy must be 'auto' or one of {PROXIES}, got {proxy!r}")
-  options = check_options(RecoveryOptions(iterations=iterations, chunk_size=chunk_size, bn_mode=bn_mode,
-                                          aggregate=aggregate, stop_at_fixed_point=stop_at_fixed_point,
-                                          exclude_support=exclude_support,
-                                          proxy="examples" if proxy == "auto" else proxy))
-  if order not in ORDERS:
-    raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
-  if mode not in MODES:
-    raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-  x = _inputs(batch)
+  started = time.perf_counter()
+  opts = resolve(ISpaSPOptions, options, official, overrides)
+  options, proxy, order, chunk_size, mode = opts.recovery(), opts.proxy, opts.order, opts.chunk_size, opts.mode
+  model = as_model(params, apply_fn)
+  variables = model.tree
+  x = model_inputs(batch)
   apply_kwargs = dict(apply_kwargs or {})
-  if callable(model):
-    units = two_layer_units(model, variables, jax.ShapeDtypeStruct((1,) + tuple(x.shape[1:]), x.dtype), groups,
-                            **apply_kwargs)
-    units = units[::-1]   # groups run output to input; the official loop goes shallow to deep
-  else:
-    units = tuple(model)
+  hand_made = groups is not None and not isinstance(groups, ChannelGroups)
+  skipped = {}
+  if hand_made:
+    units = tuple(groups)
     if not units or not all(isinstance(u, Unit) for u in units):
-      raise TypeError("model must be a linen apply function or a non-empty sequence of Unit")
-  budgets = plan_keep(units, keep)
+      raise TypeError("groups must be ChannelGroups, None, or a non-empty sequence of Unit")
+  else:
+    if model.apply_fn is None:
+      raise TypeError("apply_fn: i-SpaSP runs the model to read hidden activations; pass apply_fn=model.apply")
+    units, skipped = derive_units(model.apply_fn, variables,
+                                  jax.ShapeDtypeStruct((1,) + tuple(x.shape[1:]), x.dtype), groups, **apply_kwargs)
+    if not units:
+      reasons = "; ".join(f"group {i}: {why}" for i, why in skipped.items()) or "no prunable group"
+      raise ValueError(f"groups: no two-layer unit found ({reasons}); give units by hand with jaxprune.make_unit")
+    units = units[::-1]   # groups run output to input; the official loop goes shallow to deep
+  apply_fn = None if hand_made else model.apply_fn
+  budgets = plan_units(units, sparsity, opts.rounding)
   labels = unit_labels(units)
   for i in budgets:   # fail before any work
     _resolve(options, proxy, units[i])
@@ -195,8 +227,9 @@ def ispasp(model: Union[Callable, Sequence[Unit]], variables: Any, batch: Any, k
     v = write_channels(v, unit.group, keep_idx)
     kept[labels[i]] = keep_idx
     plans.append((unit.group, keep_idx))
-    per_unit[labels[i]] = {"name": unit.name, "n": unit.size, "m": int(keep_idx.size), "keep": budgets[i][0],
+    per_unit[labels[i]] = {"name": unit.name, "n": unit.size, "m": int(keep_idx.size), "sparsity": budgets[i][0],
                            "iterations": int(support.iterations), "converged": not bool(support.changed),
+                           "proxy": _resolve(options, proxy, unit).proxy,
                            "relative_error": err, "seconds": round(time.perf_counter() - t0, 4)}
 
   if order == "sequential":
@@ -210,7 +243,7 @@ def ispasp(model: Union[Callable, Sequence[Unit]], variables: Any, batch: Any, k
       finish(i, sup.mask, sup, hidden, t0, v)
   else:
     t0 = time.perf_counter()
-    hiddens = _dense_hiddens(units, list(budgets), variables, x, chunk_size, apply_kwargs, model)
+    hiddens = _dense_hiddens(units, list(budgets), variables, x, chunk_size, apply_kwargs, apply_fn)
     for i in budgets:
       _check_hidden(units[i], hiddens[i])
     batches = {}
@@ -235,8 +268,8 @@ def ispasp(model: Union[Callable, Sequence[Unit]], variables: Any, batch: Any, k
   masks = channel_masks(original, plans)
   if mode == "shrink":
     v = shrink_channels(v, plans)
-  info = {"method": "ispasp", "order": order, "mode": mode, "options": options._asdict(), "units": per_unit}
-  return ChannelResult(variables=v, kept=kept, masks=masks, info=info)
+  info = make_info("ispasp", opts, started, units=per_unit, skipped=skipped)
+  return ChannelResult(v, masks, info, kept)
 
 
 def _resolve(options: RecoveryOptions, proxy: str, unit: Unit) -> RecoveryOptions:
@@ -253,37 +286,35 @@ def _dense_hiddens(units, indices, variables, x, chunk_size, apply_kwargs, apply
   derived = [i for i in indices if units[i].capture is not None and callable(apply_fn)]
   out = {}
   if derived:
-    paths = [units[i].capture for i in derived]
-    fn = jax.jit(lambda vv, xx: capture_inputs(apply_fn, vv, xx, paths, **apply_kwargs))
+    addresses = [units[i].capture[0] for i in derived]
+    operands = [units[i].capture[1] for i in derived]
+    fn = jax.jit(lambda vv, xx: capture_at(apply_fn, vv, xx, addresses, operands, **apply_kwargs))
     got = _chunked(lambda xx: fn(variables, xx), x, chunk_size)
-    out.update({i: got[units[i].capture] for i in derived})
+    out.update({i: got[units[i].capture[0]] for i in derived})
   for i in indices:
     if i not in out:
       out[i] = _chunked(lambda xx: _hidden(units[i].hidden_fn, variables, xx), x, chunk_size)
   return out
 
 
-def ispasp_sweep(unit: Unit, variables: Any, hidden: jax.Array, keep: Sequence[float], *,
-                 options: RecoveryOptions = RecoveryOptions(), proxy: str = "auto") -> jax.Array:
-  """Supports of one unit for many keep ratios in one compiled, vmapped call.
+def ispasp_sweep(unit: Unit, params: Any, hidden: jax.Array, sparsities: Sequence[float], *,
+                 options: Optional[ISpaSPOptions] = None, official: bool = False, **overrides) -> jax.Array:
+  """Supports of one unit for many sparsities in one compiled, vmapped call.
 
   Args:
     unit: the unit.
-    variables: the tree its ``params_fn`` and norm read.
-    hidden: ``H: (N, ..., C)`` (e.g. ``unit.hidden_fn(variables, x)``).
-    keep: keep ratios in ``(0, 1]``.
-    options: :class:`~jaxprune.recovery.RecoveryOptions`; its ``proxy`` field is replaced by
-      the ``proxy`` argument.
-    proxy: ``"auto"`` (reduced where exact, as in :func:`ispasp`), ``"examples"`` or ``"reduced"``.
+    params: the tree its ``params_fn`` and norm read.
+    hidden: ``H: (N, ..., C)`` (e.g. ``unit.hidden_fn(params, x)``).
+    sparsities: channel sparsities in ``[0, 1)``.
+    options, official, overrides: as :func:`ispasp` (``order`` and ``mode`` do not apply).
 
   Returns:
-    ``(len(keep), C)`` bool masks, row ``i`` with ``int(C keep[i])`` channels.
+    ``(len(sparsities), C)`` bool masks, row ``i`` with :func:`jaxprune.n_kept_channels` channels.
   """
-  budgets = [plan_keep([unit], r)[0][1] for r in keep]
-  ks = jnp.asarray(budgets)
-  options = check_options(options if proxy == "auto" else options._replace(proxy=proxy))
-  return _sweep(unit.output_fn, unit.params_fn(variables), hidden, ks, unit.output_norm(variables),
-                _resolve(options, proxy, unit))
+  opts = resolve(ISpaSPOptions, options, official, overrides)
+  ks = jnp.asarray([plan_units([unit], s, opts.rounding)[0][1] for s in sparsities])
+  rec = _resolve(opts.recovery(), opts.proxy, unit)
+  return _sweep(unit.output_fn, unit.params_fn(params), hidden, ks, unit.output_norm(params), rec)
 
 
 @functools.partial(jax.jit, static_argnames=("output_fn", "options"))
@@ -291,4 +322,4 @@ def _sweep(output_fn, params, hidden, ks, norm, options):
   return jax.vmap(lambda k: recover_support(output_fn, params, hidden, k, norm, options).mask)(ks)
 
 
-__all__ = ["ispasp", "ispasp_sweep", "plan_keep", "n_kept", "aggregate_activations"]
+__all__ = ["ISpaSPOptions", "ispasp", "ispasp_sweep", "plan_units", "aggregate_activations"]

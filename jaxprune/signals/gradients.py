@@ -15,25 +15,13 @@ from typing import Any, Callable, Union
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import struct
 
+from jaxprune.core.forms import classification_loss  # noqa: F401  (re-exported: the signals face)
 from jaxprune.core.progress import progress
 from jaxprune.core.trees import FlatSpec, PrunableSpec, PyTree, flat_spec, flatten, unflatten
 
 LossFn = Callable[[PyTree, Any], jax.Array]
-
-
-def classification_loss(apply_fn: Callable, **apply_kwargs) -> LossFn:
-  """``loss_fn(variables, (x, y)) -> mean softmax cross-entropy`` of ``apply_fn(variables, x, **kw)``.
-
-  Pass ``train=False`` (the reference models' default) so BatchNorm uses running statistics.
-  """
-  def loss_fn(variables, batch):
-    x, y = batch
-    logits = apply_fn(variables, x, **apply_kwargs)
-    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-  return loss_fn
 
 
 def batch_size(batch: Any, name: str = "batch") -> int:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
-from typing import Any, Iterator, Optional, Sequence, Union
+from typing import Any, Iterator, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 
@@ -127,6 +127,28 @@ class NormLink:
   eps: Optional[float]
 
 
+class KernelRead(NamedTuple):
+  """Where the traced program reads a kernel leaf: one ``dot_general`` or ``conv_general_dilated``.
+
+  Attributes:
+    path: the kernel leaf's path.
+    address: the equation's position in the jaxpr (indices through nested sub-jaxprs).
+    operand: the kernel's operand position (1: ``x @ W``; 0: ``W @ x``); the other is the activation.
+    primitive: the JAX primitive, and params: its parameters as sorted ``(name, value)`` pairs.
+    kernel_dtype: the dtype the kernel had at the equation.
+    as_stored: the kernel enters the equation with the leaf's own axis order (no transpose/reshape).
+    bias: the path of the same layer's ``bias`` leaf added to the equation's output, if any.
+  """
+  path: str
+  address: tuple
+  operand: int
+  primitive: Any
+  params: tuple
+  kernel_dtype: Any
+  as_stored: bool
+  bias: Optional[str] = None
+
+
 @dataclasses.dataclass(frozen=True)
 class ChannelGroups:
   """The channel groups of a model; iterating and indexing give the prunable groups.
@@ -136,10 +158,12 @@ class ChannelGroups:
       Torch-Pruning's backward order that the Intra-Fusion tables use).
     unprunable: groups that must keep all channels, each with its ``reason``.
     norms: per-channel norm layers following a kernel (for :func:`jaxprune.fold_batchnorm`).
+    reads: every equation that reads a kernel (:class:`KernelRead`), for units from the jaxpr.
   """
   groups: tuple[Group, ...]
   unprunable: tuple[Group, ...] = ()
   norms: tuple[NormLink, ...] = ()
+  reads: tuple = ()
 
   def __len__(self) -> int:
     return len(self.groups)

@@ -271,8 +271,9 @@ def dot_general(w, eqn, infos, out_shapes):
   axes = [lhs.axes[a] for a in lb] + [lhs.axes[a] for a in lfree] + [rhs.axes[a] for a in rfree]
   out = AxisInfo(axes=tuple(axes))
   w.kernel_check(infos, "dot_general")
-  for kernel, act, contract, free in ((rhs, lhs, rc, rfree), (lhs, rhs, lc, lfree)):
+  for operand, (kernel, act, contract, free) in ((1, (rhs, lhs, rc, rfree)), (0, (lhs, rhs, lc, lfree))):
     if kernel.prov is not None and act.data:
+      w.record_read(kernel, operand, eqn)
       for a in contract:
         w.role(kernel, a, "in")
       for a in free:
@@ -310,6 +311,7 @@ def conv_general_dilated(w, eqn, infos, out_shapes):
   out = AxisInfo(axes=tuple(axes))
   w.kernel_check(infos, "conv_general_dilated")
   if rhs.prov is not None and lhs.data:
+    w.record_read(rhs, 1, eqn)
     depthwise = groups > 1 and c_in_per_group == 1
     w.role(rhs, rhs_spec[0], "depthwise" if depthwise else "out")
     if not depthwise:

@@ -22,7 +22,8 @@ import jax
 import numpy as np
 
 from jaxprune.core.trees import leaves_with_paths
-from jaxprune.structure.channel_groups import CONSUMER, PRODUCER, ChannelGroups, Group, Member, NormLink
+from jaxprune.structure.channel_groups import (CONSUMER, PRODUCER, ChannelGroups, Group, KernelRead, Member,
+                                              NormLink)
 from jaxprune.structure.index_space import AxisInfo, shape_of
 from jaxprune.structure.walker import Walker
 
@@ -167,8 +168,19 @@ def _collect(tr: Walker, param_infos, paths, linen: bool) -> ChannelGroups:
     (prunable if g.prunable else unprunable).append((last, g))
   prunable.sort(key=lambda e: -e[0])
   unprunable.sort(key=lambda e: -e[0])
+  reads = tuple(KernelRead(paths[leaf], address, operand, eqn.primitive, tuple(sorted(eqn.params.items())),
+                           eqn.invars[operand].aval.dtype, as_stored, _bias_of(tr, leaf, paths, linen))
+                for leaf, address, operand, eqn, as_stored in tr.reads)
   return ChannelGroups(groups=tuple(g for _, g in prunable), unprunable=tuple(g for _, g in unprunable),
-                       norms=_norm_links(tr, param_infos, paths, norms, linen))
+                       norms=_norm_links(tr, param_infos, paths, norms, linen), reads=reads)
+
+
+def _bias_of(tr: Walker, kernel: int, paths, linen: bool):
+  """The ``bias`` leaf of the kernel's own layer, when it is added to the kernel's output."""
+  kmod = _module_of(paths[kernel], linen)
+  found = [paths[i] for i in tr.attached.get(kernel, ())
+           if _module_of(paths[i], linen) == kmod and paths[i].rsplit("/", 1)[-1] == "bias"]
+  return found[0] if len(found) == 1 else None
 
 
 def _norm_links(tr: Walker, param_infos, paths, norms: dict, linen: bool) -> tuple:
@@ -183,10 +195,7 @@ def _norm_links(tr: Walker, param_infos, paths, norms: dict, linen: bool) -> tup
     out_axes = [a for (leaf, a), r in tr.roles.items() if leaf == kernel and r & {"out", "depthwise"}]
     if len(out_axes) != 1:
       continue
-    kmod = _module_of(paths[kernel], linen)
-    bias = [paths[i] for i in attached
-            if _module_of(paths[i], linen) == kmod and paths[i].rsplit("/", 1)[-1] == "bias"]
-    links.append(NormLink(kernel=paths[kernel], axis=out_axes[0], kernel_bias=bias[0] if bias else None,
+    links.append(NormLink(kernel=paths[kernel], axis=out_axes[0], kernel_bias=_bias_of(tr, kernel, paths, linen),
                           scale=leaves.get("scale"), offset=leaves.get("bias"), mean=leaves["mean"],
                           var=leaves["var"], eps=tr.eps.get(index[leaves["var"]])))
   return tuple(sorted(links, key=lambda l: l.kernel))

@@ -6,23 +6,25 @@ A :class:`Unit` says how to get the hidden activations ``H: (N, ..., C)`` from t
 BatchNorm after it, if any). The residual is taken at that norm's output: for a ResNet
 BasicBlock after ``bn2``, before the skip addition.
 
-:func:`two_layer_units` derives units from a Flax linen model and its channel groups: every
-prunable group read by exactly one layer (MLP hidden layers, a BasicBlock's ``conv1`` channels,
-a MobileNet block's depthwise channels read by its pointwise conv, VGG convs). ``H`` is captured
-as that layer's input with :func:`flax.linen.intercept_methods`. :func:`make_unit` builds one
-by hand, e.g. for NNX models or layers that tracing does not see.
+:func:`two_layer_units` derives units from any model (pure JAX, linen, NNX) and its channel
+groups: every prunable group read by exactly one layer (MLP hidden layers, a BasicBlock's
+``conv1`` channels, a MobileNet block's depthwise channels read by its pointwise conv, VGG convs).
+``H`` is the activation operand of the equation that reads the layer's kernel, captured by
+evaluating the jaxpr (:func:`capture_at`). :func:`make_unit` builds one by hand, for layers that
+tracing does not see.
 """
 from __future__ import annotations
 
 import dataclasses
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
-import flax.linen as nn
 import jax
+import jax.extend as jex
 import jax.numpy as jnp
 import numpy as np
 
 from jaxprune.structure.channel_groups import ChannelGroups, Group, NormLink
+from jaxprune.structure.walker import subjaxpr
 from jaxprune.core.trees import get_leaf, leaves_with_paths
 
 
@@ -43,18 +45,6 @@ def norm_eval(z: jax.Array, norm: Optional[OutputNorm]) -> jax.Array:
 
 
 @dataclasses.dataclass(frozen=True)
-class ModuleOutput:
-  """``output_fn`` of a derived unit: a standalone copy of the linen layer, applied to its params.
-
-  Equal layers compare equal, so units of the same configuration share one compilation.
-  """
-  module: nn.Module
-
-  def __call__(self, params: Any, hidden: jax.Array) -> jax.Array:
-    return self.module.apply({"params": params}, hidden)
-
-
-@dataclasses.dataclass(frozen=True)
 class Unit:
   """A two-layer unit: ``f1`` (model input -> hidden channels of ``group``), ``f2`` (-> unit output).
 
@@ -68,8 +58,8 @@ class Unit:
     norm: the BatchNorm after the second layer (``NormLink`` paths into the variables), or None.
     name: a label (derived units: the second layer's module path).
     group_index: the group's index in its :class:`ChannelGroups`, for derived units.
-    capture: the linen module path whose input is ``H`` (derived units; lets one forward pass
-      capture the hidden activations of many units).
+    capture: ``(address, operand)`` of the equation whose activation is ``H`` (derived units;
+      lets one forward pass capture the hidden activations of many units).
     affine: ``output_fn`` is affine in ``H`` (a Dense or Conv layer), which allows the exact
       reduced proxy (:func:`jaxprune.recovery.reduced_proxy`) in inference mode.
   """
@@ -135,83 +125,124 @@ def make_unit(group: Group, hidden_fn: Callable, output_fn: Callable, *, params_
               affine=bool(affine), **kw)
 
 
-def capture_inputs(apply_fn: Callable, variables: Any, x: Any, paths: Sequence[tuple], **apply_kwargs) -> dict:
-  """``{module path: its input}`` for the linen modules at ``paths`` in one forward pass."""
-  wanted = set(paths)
+class _Captured(Exception):
+  """Stops the forward pass once every requested activation is in hand."""
+
+
+def capture_at(apply_fn: Callable, variables: Any, x: Any, addresses: Sequence[tuple], operands: Sequence[int],
+               **apply_kwargs) -> dict:
+  """``{address: the activation operand of that equation}`` for a batch ``x``, in one forward pass.
+
+  The program ``apply_fn(variables, x)`` is traced to a jaxpr and evaluated equation by equation,
+  into the sub-jaxprs that hold an address, until every requested value has been seen. Works the
+  same for pure JAX functions, linen and NNX (jit- and vmap-safe: it only binds primitives).
+  """
+  wanted = {tuple(a): 1 - int(o) for a, o in zip(addresses, operands)}   # the activation operand
+  closed = jax.make_jaxpr(lambda v, xx: apply_fn(v, xx, **apply_kwargs))(variables, x)
+  args = jax.tree_util.tree_leaves((variables, x))
   out: dict = {}
-
-  def interceptor(next_fun, args, kwargs, context):
-    path = tuple(context.module.path)
-    if context.method_name == "__call__" and path in wanted:
-      if path in out:
-        raise ValueError(f"module {'/'.join(path)} is called more than once; give its unit by hand (make_unit)")
-      out[path] = args[0]
-    return next_fun(*args, **kwargs)
-
-  with nn.intercept_methods(interceptor):
-    apply_fn(variables, x, **apply_kwargs)
-  missing = wanted - set(out)
+  try:
+    _evaluate(closed.jaxpr, closed.consts, args, wanted, (), out)
+  except _Captured:
+    pass
+  missing = set(wanted) - set(out)
   if missing:
-    raise ValueError(f"modules {sorted('/'.join(p) for p in missing)} were not called; is apply_fn a linen "
-                     "Module.apply? For other models give units with make_unit")
+    raise ValueError(f"equations {sorted(missing)} were not reached: the program differs from the one the units "
+                     "were derived from (trace the groups with the same apply_fn and input shapes)")
   return out
 
 
-def _modules(apply_fn, variables, example, paths, apply_kwargs) -> dict:
-  found: dict = {}
+def _evaluate(jaxpr, consts, args, wanted: dict, prefix: tuple, out: dict) -> list:
+  env = {}
 
-  def interceptor(next_fun, args, kwargs, context):
-    path = tuple(context.module.path)
-    if context.method_name == "__call__" and path in paths:
-      found.setdefault(path, (context.module.clone(parent=None, name=None), len(args), args[0].shape))
-    return next_fun(*args, **kwargs)
+  def read(v):
+    return v.val if isinstance(v, jex.core.Literal) else env[v]
 
-  with nn.intercept_methods(interceptor):
-    jax.eval_shape(lambda v, x: apply_fn(v, x, **apply_kwargs), variables, example)
-  return found
-
-
-def _subtree(path: tuple):
-  return lambda variables: _get(variables["params"], path)
-
-
-def _get(tree, path):
-  for k in path:
-    tree = tree[k]
-  return tree
+  for v, val in zip(jaxpr.constvars, consts):
+    env[v] = val
+  for v, val in zip(jaxpr.invars, args):
+    env[v] = val
+  for i, eqn in enumerate(jaxpr.eqns):
+    address = prefix + (i,)
+    invals = [read(v) for v in eqn.invars]
+    if address in wanted:
+      out[address] = invals[wanted[address]]
+      if len(out) == len(wanted):
+        raise _Captured()
+    sub = subjaxpr(eqn)
+    if sub is not None and any(a[:len(address)] == address for a in wanted if a not in out):
+      outvals = _evaluate(sub[0], sub[1], invals, wanted, address, out)
+    else:
+      bound = eqn.primitive.get_bind_params(eqn.params)   # params (jax >= 0.7) or (subfuns, params)
+      subfuns, params = bound if isinstance(bound, tuple) else ((), bound)
+      with eqn.ctx.manager:
+        outvals = eqn.primitive.bind(*subfuns, *invals, **params)
+      outvals = outvals if eqn.primitive.multiple_results else [outvals]
+    for v, val in zip(eqn.outvars, outvals):
+      env[v] = val
+  return [read(v) for v in jaxpr.outvars]
 
 
 @dataclasses.dataclass(frozen=True)
 class CapturedInput:
-  """``hidden_fn`` of a derived unit: the input of the module at ``path`` in a forward pass.
+  """``hidden_fn`` of a derived unit: the activation read by one equation of the traced program.
 
   Hashable and compared by value, so that jitted captures are reused across calls.
   """
   apply_fn: Callable
-  path: tuple
+  address: tuple
+  operand: int
   apply_kwargs: tuple = ()
 
   def __call__(self, variables: Any, x: jax.Array) -> jax.Array:
-    return capture_inputs(self.apply_fn, variables, x, [self.path], **dict(self.apply_kwargs))[self.path]
+    return capture_at(self.apply_fn, variables, x, [self.address], [self.operand],
+                      **dict(self.apply_kwargs))[self.address]
 
 
-def two_layer_units(apply_fn: Callable, variables: Any, example: Any, groups: Optional[ChannelGroups] = None,
-                    **apply_kwargs) -> tuple[Unit, ...]:
-  """The two-layer units of a Flax linen model, in group order (output to input).
+@dataclasses.dataclass(frozen=True)
+class KernelOutput:
+  """``output_fn`` of a derived unit: the reading equation itself (``dot_general`` or a conv),
+  applied to ``H`` and ``params["kernel"]`` as the traced program applies it, plus
+  ``params["bias"]`` (on the last axis) when the layer has one. The norm after it is the unit's
+  ``norm``."""
+  primitive: Any
+  params: tuple
+  operand: int
+  kernel_dtype: Any
+
+  def __call__(self, params: Any, hidden: jax.Array) -> jax.Array:
+    kernel = jnp.asarray(params["kernel"], self.kernel_dtype)
+    operands = (hidden, kernel) if self.operand == 1 else (kernel, hidden)
+    out = self.primitive.bind(*operands, **dict(self.params))
+    return out + params["bias"] if "bias" in params else out
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerParams:
+  """``params_fn`` of a derived unit: ``{"kernel": ..., "bias": ...}`` of the reading layer."""
+  kernel: str
+  bias: Optional[str] = None
+
+  def __call__(self, variables: Any) -> dict:
+    out = {"kernel": get_leaf(variables, self.kernel)}
+    if self.bias is not None:
+      out["bias"] = get_leaf(variables, self.bias)
+    return out
+
+
+def derive_units(apply_fn: Callable, variables: Any, example: Any, groups: Optional[ChannelGroups] = None,
+                 **apply_kwargs) -> tuple[tuple[Unit, ...], dict]:
+  """The two-layer units of any model (pure JAX, linen, NNX), and why other groups have none.
 
   A prunable group is a unit when exactly one kernel reads it, on its input axis, one row per
-  channel (a Dense after a flatten is not) and that layer is called once; its ``NormLink``
-  (BatchNorm right after it) is the unit's norm.
-
-  Args:
-    apply_fn: the linen ``model.apply``.
-    variables: the model's variables (``{"params": ..., "batch_stats": ...}``).
-    example: an input batch or ``jax.ShapeDtypeStruct`` (for tracing the groups).
-    groups: the model's groups (default: ``jaxprune.groups(apply_fn, variables, example)``).
-    **apply_kwargs: passed to ``apply_fn`` (e.g. ``train=False``).
+  channel (a Dense after a flatten is not), and the program reads that kernel in one
+  ``dot_general``/``conv_general_dilated`` (not grouped) whose activation has the channels last.
+  ``H`` is that equation's activation operand (captured from the jaxpr); the output is the
+  equation itself, followed by the group's ``NormLink`` (BatchNorm right after it).
 
   Returns:
-    a tuple of :class:`Unit` with ``group_index`` and ``capture`` set.
+    ``(units, skipped)``: units in group order (output to input), and ``{group index: reason}``
+    for every prunable group without one.
   """
   if groups is None:
     from jaxprune.structure.trace import groups as trace_groups
@@ -220,28 +251,60 @@ def two_layer_units(apply_fn: Callable, variables: Any, example: Any, groups: Op
     raise TypeError("groups must be the ChannelGroups of this model (jaxprune.groups)")
   shapes = {p: np.shape(leaf) for p, leaf in leaves_with_paths(variables)}
   norms = {nl.kernel: nl for nl in groups.norms}
-  candidates = {}
+  reads: dict = {}
+  for r in groups.reads:
+    reads.setdefault(r.path, []).append(r)
+  kwargs = tuple(sorted(apply_kwargs.items()))
+  units, skipped = [], {}
   for i, g in enumerate(groups):
     readers = [m for m in g.consumers if m.kind == "kernel"]
-    if len(readers) != 1 or len(g.consumers) != 1 or readers[0].mapped:
+    if len(g.consumers) != 1 or len(readers) != 1:
+      skipped[i] = f"read by {len(g.consumers)} layers (a unit has one reading layer)"
       continue
-    r = readers[0]
-    parts = r.path.split("/")
-    if parts[0] != "params" or parts[-1] != "kernel" or r.axis != len(shapes[r.path]) - 2:
+    m = readers[0]
+    if m.mapped:
+      skipped[i] = f"read by {m.path} through a flatten or reshape"
       continue
-    candidates[i] = (r, tuple(parts[1:-1]))
-  modules = _modules(apply_fn, variables, example, {p for _, p in candidates.values()}, apply_kwargs)
-  units = []
-  for i, (r, path) in candidates.items():
-    if path not in modules:
+    sites = reads.get(m.path, [])
+    if len(sites) != 1 or not sites[0].as_stored or m.axis != len(shapes[m.path]) - 2:
+      skipped[i] = f"{m.path} is not read by one plain dot_general/conv on its input axis"
       continue
-    module, n_args, in_shape = modules[path]
-    if n_args != 1 or in_shape[-1] != groups[i].size or getattr(module, "feature_group_count", 1) != 1:
+    r = sites[0]
+    params = dict(r.params)
+    if params.get("feature_group_count", 1) != 1:
+      skipped[i] = f"{m.path} is a grouped convolution"
       continue
-    units.append(Unit(group=groups[i], hidden_fn=CapturedInput(apply_fn, path, tuple(sorted(apply_kwargs.items()))), output_fn=ModuleOutput(module),
-                      params_fn=_subtree(path), norm=norms.get(r.path), name="/".join(path), group_index=i,
-                      capture=path, affine=isinstance(module, (nn.Dense, nn.Conv))))
+    if not _channels_last(r, params):
+      skipped[i] = f"{m.path} reads activations whose channels are not the last axis"
+      continue
+    units.append(Unit(group=g, hidden_fn=CapturedInput(apply_fn, r.address, r.operand, kwargs),
+                      output_fn=KernelOutput(r.primitive, r.params, r.operand, r.kernel_dtype),
+                      params_fn=LayerParams(m.path, r.bias if r.operand == 1 else None), norm=norms.get(m.path),
+                      name=_layer_name(m.path),
+                      group_index=i, capture=(r.address, r.operand), affine=True))
+  return tuple(units), skipped
+
+
+def _layer_name(kernel_path: str) -> str:
+  """``"params/layer1_0/conv2/kernel"`` -> ``"layer1_0/conv2"`` (linen); NNX paths lose the leaf name only."""
+  parts = kernel_path.split("/")[:-1]
+  return "/".join(parts[1:] if parts and parts[0] == "params" else parts)
+
+
+def _channels_last(read, params) -> bool:
+  """The activation's contracted (channel) axis is its last one."""
+  if read.primitive.name == "conv_general_dilated":
+    return params["dimension_numbers"].lhs_spec[1] == len(params["dimension_numbers"].lhs_spec) - 1
+  (lc, rc), _ = params["dimension_numbers"]
+  contract = lc if read.operand == 1 else rc
+  return len(contract) == 1   # checked against the activation's rank where it is captured
+
+
+def two_layer_units(apply_fn: Callable, variables: Any, example: Any, groups: Optional[ChannelGroups] = None,
+                    **apply_kwargs) -> tuple[Unit, ...]:
+  """The two-layer units of a model (see :func:`derive_units`); raises if it has none."""
+  units, skipped = derive_units(apply_fn, variables, example, groups, **apply_kwargs)
   if not units:
-    raise ValueError("no two-layer unit found: no prunable group is read by exactly one layer; "
-                     "give units by hand with jaxprune.make_unit")
-  return tuple(units)
+    reasons = "; ".join(f"group {i}: {why}" for i, why in skipped.items()) or "no prunable group"
+    raise ValueError(f"no two-layer unit found ({reasons}); give units by hand with jaxprune.make_unit")
+  return units

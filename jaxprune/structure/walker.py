@@ -25,6 +25,8 @@ class Walker:
     self.order: dict = {}         # kernel leaf -> index of the op where it is last used
     self.attached: dict = {}      # kernel leaf -> parameter leaves applied per channel after it
     self.eps: dict = {}           # leaf -> scalar added to it (a norm's epsilon)
+    self.reads: list = []         # (kernel leaf, address, operand, eqn, as stored) per kernel read
+    self.address: tuple = ()      # the equation being walked: indices through nested sub-jaxprs
     self.step = 0
 
   # -- helpers ---------------------------------------------------------------------------------
@@ -43,14 +45,15 @@ class Walker:
     self.cls.mark([a for info in list(infos) + list(outs) for a in info.axes], reason)
 
   # -- the walk ------------------------------------------------------------------------------------
-  def run(self, jaxpr, consts_infos, in_infos) -> list:
+  def run(self, jaxpr, consts_infos, in_infos, prefix: tuple = ()) -> list:
     env = {}
     for v, info in zip(jaxpr.constvars, consts_infos):
       env[v] = info
     for v, info in zip(jaxpr.invars, in_infos):
       env[v] = info
-    for eqn in jaxpr.eqns:
+    for i, eqn in enumerate(jaxpr.eqns):
       self.step += 1
+      self.address = prefix + (i,)
       infos = [self.read(env, v) for v in eqn.invars]
       outs = self.eqn(eqn, infos)
       for v, info in zip(eqn.outvars, outs):
@@ -62,11 +65,11 @@ class Walker:
     out_shapes = [shape_of(v) for v in eqn.outvars]
     data = any(i.data for i in infos)
     deps = frozenset() if data else frozenset().union(*[i.deps for i in infos]) if infos else frozenset()
-    sub = self._subjaxpr(eqn)
+    sub = subjaxpr(eqn)
     if sub is not None:
       jaxpr, consts = sub
       consts_infos = [AxisInfo(axes=self.fresh(np.shape(c))) for c in consts]
-      return self.run(jaxpr, consts_infos, infos)
+      return self.run(jaxpr, consts_infos, infos, self.address)
     if name in ELEMENTWISE:
       return [self.elementwise(name, eqn, infos, out_shapes[0], data, deps)]
     if name in IDENTITY:
@@ -82,16 +85,6 @@ class Walker:
     self.opaque(infos, outs, f"unsupported operation '{name}'")
     return outs
 
-  def _subjaxpr(self, eqn):
-    for key in SUBJAXPR_KEYS:
-      j = eqn.params.get(key)
-      if isinstance(j, jex.core.ClosedJaxpr) and len(j.jaxpr.invars) == len(eqn.invars):
-        return j.jaxpr, j.consts
-      if isinstance(j, jex.core.Jaxpr) and len(j.invars) == len(eqn.invars) and not j.constvars:
-        return j, ()
-    return None
-
-  # -- element-wise ops (with size-1 broadcasting) ------------------------------------------------
   def elementwise(self, name, eqn, infos, shape, data, deps) -> AxisInfo:
     axes = []
     for i, d in enumerate(shape):
@@ -138,8 +131,26 @@ class Walker:
     self.order[leaf] = self.step
     return True
 
+  def record_read(self, kernel: AxisInfo, operand: int, eqn) -> None:
+    """Notes that this equation reads the kernel leaf behind ``kernel`` as operand ``operand``."""
+    leaf, amap = kernel.prov
+    as_stored = tuple(amap) == tuple((a,) for a in range(len(amap)))
+    self.reads.append((leaf, self.address, operand, eqn, as_stored))
+
   def kernel_check(self, infos, where):
     lhs, rhs = infos
     for op in (lhs, rhs):
       if not op.data and op.prov is None and op.deps:
         self.cls.mark(op.axes, f"{where}: kernel computed from parameters before use")
+
+
+def subjaxpr(eqn):
+  """``(jaxpr, consts)`` of an equation that calls a sub-jaxpr with its own inputs (``jit``,
+  ``custom_jvp``/``custom_vjp`` calls, ``remat``), else ``None``."""
+  for key in SUBJAXPR_KEYS:
+    j = eqn.params.get(key)
+    if isinstance(j, jex.core.ClosedJaxpr) and len(j.jaxpr.invars) == len(eqn.invars):
+      return j.jaxpr, j.consts
+    if isinstance(j, jex.core.Jaxpr) and len(j.invars) == len(eqn.invars) and not j.constvars:
+      return j, ()
+  return None

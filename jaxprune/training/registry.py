@@ -1,73 +1,71 @@
-"""Registries of methods for sweeps (the CLI, experiments): name -> pruner.
+"""The one pruner registry: method names -> callables of one protocol, for sweeps and the gradual driver.
 
-An unstructured pruner has the signature ``fn(params, k, *, key, context) -> PruneResult``;
-``context`` carries what data-driven methods need: ``batch`` (N examples) and
-``loss_fn(params, batch)`` over the same params tree the pruner receives.
-A structured pruner has the signature ``fn(variables, groups, sparsity, *, key, context) ->
-ChannelResult`` (``sparsity`` per group, every prunable group, mask mode); ``context`` also
-carries ``apply_fn`` (i-SpaSP runs the model to read hidden activations).
-Method issues add their entry with :func:`register` / :func:`register_structured`.
+An unstructured pruner is ``pruner(params, batch, k, *, key, loss_fn=None, w_ref=None) ->
+PruneResult``; a structured pruner is ``pruner(params, groups, sparsity, *, key, apply_fn=None,
+batch=None) -> ChannelResult`` (mask mode, so sweeps can evaluate the same model). Users add
+their own with :func:`register`; :func:`pruner_for` binds options to a registered method.
 """
 from __future__ import annotations
 
 from typing import Callable
 
-from jaxprune.methods import _baselines as baselines
+Pruner = Callable[..., object]
 
-UNSTRUCTURED: dict[str, Callable] = {}
-
-
-def register(name: str, fn: Callable) -> None:
-  UNSTRUCTURED[name] = fn
+UNSTRUCTURED: dict[str, Callable[..., Pruner]] = {}
+STRUCTURED: dict[str, Callable[..., Pruner]] = {}
 
 
-register("magnitude", lambda params, k, *, key, context: baselines.magnitude(params, k))
-register("magnitude_layer", lambda params, k, *, key, context: baselines.magnitude(params, k, scope="layer"))
-register("random", lambda params, k, *, key, context: baselines.random(params, k, key))
-
-# One-shot EWR/LR as the CLI runs them: the official per-stage step (one IHT step, mask
-# only) over several stages with G recomputed at the current weights. A single step from
-# the dense point is magnitude pruning (the residual is zero there), hence the stages.
-ONE_SHOT = dict(stages=10, iterations=1, update_weights=False)
+def register(name: str, make: Callable[..., Pruner], *, structured: bool = False) -> None:
+  """Registers ``make(**options) -> pruner`` under ``name``."""
+  if not isinstance(name, str) or not callable(make):
+    raise TypeError("register(name: str, make: callable(**options) -> pruner)")
+  (STRUCTURED if structured else UNSTRUCTURED)[name] = make
 
 
-def _ewr_like(name):
-  def run(params, k, *, key, context):
+def pruner_for(name: str, **options) -> Pruner:
+  """The registered method ``name`` with ``options`` bound (e.g. ``pruner_for("ewr", stages=10)``)."""
+  table = UNSTRUCTURED if name in UNSTRUCTURED else STRUCTURED
+  if name not in table:
+    raise ValueError(f"pruner: unknown method {name!r}; registered: {sorted(UNSTRUCTURED) + sorted(STRUCTURED)}")
+  return table[name](**options)
+
+
+def _magnitude(scope="global", **options):
+  from jaxprune.methods._baselines import magnitude
+  return lambda params, batch, k, *, key=None, loss_fn=None, w_ref=None: magnitude(params, k, scope=scope, **options)
+
+
+def _random(**options):
+  from jaxprune.methods._baselines import random
+  return lambda params, batch, k, *, key, loss_fn=None, w_ref=None: random(params, k, key=key, **options)
+
+
+def _regression(name):
+  def make(**options):
     from jaxprune.methods._ewr import ewr, lr
     fn = ewr if name == "ewr" else lr
-    return fn(params, context["batch"], k, loss_fn=context["loss_fn"], key=key, show_progress=False, **ONE_SHOT)
-  return run
+    options.setdefault("show_progress", False)
+    return lambda params, batch, k, *, key=None, loss_fn=None, w_ref=None: fn(
+        params, batch, k, loss_fn=loss_fn, key=key, w_ref=w_ref, **options)
+  return make
 
 
-register("lr", _ewr_like("lr"))
-register("ewr", _ewr_like("ewr"))
+def _structured(name, **fixed):
+  def make(**options):
+    from jaxprune.methods import _channels, _intrafusion, _ispasp
+    fn = {"prune_channels": _channels.prune_channels, "intra_fusion": _intrafusion.intra_fusion,
+          "ispasp": _ispasp.ispasp}[name]
+    kw = {"mode": "mask", "show_progress": False, **fixed, **options}
+    return lambda params, groups, sparsity, *, key=None, apply_fn=None, batch=None: fn(
+        params, groups, sparsity, apply_fn=apply_fn, batch=batch, **({"key": key} if name != "ispasp" else {}), **kw)
+  return make
 
 
-STRUCTURED: dict[str, Callable] = {}
-
-
-def register_structured(name: str, fn: Callable) -> None:
-  STRUCTURED[name] = fn
-
-
-def _channels(variables, groups, sparsity, *, key, context):
-  from jaxprune.methods._channels import prune_channels
-  return prune_channels(variables, groups, sparsity, importance="l1", mode="mask", show_progress=False)
-
-
-def _intra_fusion(variables, groups, sparsity, *, key, context):
-  from jaxprune.methods._intrafusion import intra_fusion
-  return intra_fusion(variables, groups, sparsity, importance="l1", mode="mask", show_progress=False)
-
-
-def _ispasp(variables, groups, sparsity, *, key, context):
-  # i-SpaSP prunes the two-layer units (every hidden layer of an MLP) to int(n (1 - sparsity))
-  # channels, the same count as the others; it needs the model and a batch of inputs.
-  from jaxprune.methods._ispasp import ispasp
-  return ispasp(context["apply_fn"], variables, context["batch"], 1.0 - sparsity, groups=groups, mode="mask",
-                show_progress=False)
-
-
-register_structured("channels_l1", _channels)
-register_structured("intra_fusion", _intra_fusion)
-register_structured("ispasp", _ispasp)
+register("magnitude", _magnitude)
+register("magnitude_layer", lambda **o: _magnitude(scope="layer", **o))
+register("random", _random)
+register("lr", _regression("lr"))
+register("ewr", _regression("ewr"))
+register("channels_l1", _structured("prune_channels", importance="l1"), structured=True)
+register("intra_fusion", _structured("intra_fusion", importance="l1"), structured=True)
+register("ispasp", _structured("ispasp"), structured=True)

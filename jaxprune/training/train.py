@@ -13,8 +13,8 @@ from jaxprune.core.progress import progress
 
 
 class TrainResult(NamedTuple):
-  """``variables`` after training; ``losses``: mean training loss of each epoch."""
-  variables: Any
+  """``params`` (the trained tree) after training; ``losses``: mean training loss of each epoch."""
+  params: Any
   losses: list
 
 

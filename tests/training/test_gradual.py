@@ -6,7 +6,7 @@ import pytest
 
 import jaxprune as jp
 from jaxprune import signals
-from jaxprune.training import gradual as loops
+from jaxprune import training as loops
 from jaxprune.data import Dataset
 from jaxprune.models import mlpnet
 from helpers import linen_variables
@@ -70,13 +70,18 @@ def test_gradual_driver_on_mnist(mlpnet_variables, mnist_test, data_dir):
   model = mlpnet()
   loss = signals.classification_loss(model.apply)
   evaluate = lambda v: {"accuracy": jp.evaluate(model.apply, v, test.x, test.y).accuracy}
-  out = loops.gradual_prune(mlpnet_variables, train, pruner=loops.pruner_for("lr", loss_fn=loss), loss_fn=loss,
+  out = loops.gradual_prune(mlpnet_variables, train, pruner="lr", loss_fn=loss,
                             target_sparsity=0.9, stages=3, n_examples=100, batch_size=100,
                             key=jax.random.key(0), evaluate_fn=evaluate, show_progress=False)
   assert [h.k for h in out.history] == [32360, jp.k_from_sparsity(mlpnet_variables, 0.9 * (1 - 0.5 ** 3)), 3236]
   assert jp.sparsity_report(out.params).nonzero <= 3236 and jp.count_kept(out.masks) == 3236
   # fine-tuning recovers accuracy lost by pruning at the last stage
   assert out.history[-1].after_finetune["accuracy"] > out.history[-1].after_prune["accuracy"]
-  with pytest.raises(ValueError, match="key"):
-    loops.gradual_prune(mlpnet_variables, train, pruner=loops.pruner_for("magnitude"), loss_fn=loss,
+  with pytest.raises(TypeError, match="key"):
+    loops.gradual_prune(mlpnet_variables, train, pruner="magnitude", loss_fn=loss,
                         target_sparsity=0.5)
+  with pytest.raises(TypeError, match="key"):
+    loops.gradual_prune(mlpnet_variables, train, pruner="magnitude", loss_fn=loss, target_sparsity=0.5, key=None)
+  with pytest.raises(ValueError, match="unknown method 'nope'"):
+    loops.gradual_prune(mlpnet_variables, train, pruner="nope", loss_fn=loss, target_sparsity=0.5,
+                        key=jax.random.key(0))

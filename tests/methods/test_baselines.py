@@ -52,23 +52,23 @@ def test_full_budget_changes_nothing():
   v = linen_variables()
   params = v["params"]
   for res in (jp.magnitude(params, jp.count_prunable(params)),
-              jp.random(params, jp.count_prunable(params), jax.random.key(0))):
+              jp.random(params, jp.count_prunable(params), key=jax.random.key(0))):
     for (_, a), (_, b) in zip(jp.leaves_with_paths(params), jp.leaves_with_paths(res.params)):
       np.testing.assert_array_equal(a, b)
 
 
 def test_random_is_exact_seeded_and_layer_scoped():
   params = linen_variables()["params"]
-  a = jp.random(params, 30, jax.random.key(1))
-  b = jp.random(params, 30, jax.random.key(1))
-  c = jp.random(params, 30, jax.random.key(2))
+  a = jp.random(params, 30, key=jax.random.key(1))
+  b = jp.random(params, 30, key=jax.random.key(1))
+  c = jp.random(params, 30, key=jax.random.key(2))
   assert jp.count_kept(a.masks) == 30
   flat = lambda r: np.concatenate([np.asarray(m).ravel() for _, m in jp.masks.mask_leaves(r.masks) if m is not None])
   np.testing.assert_array_equal(flat(a), flat(b))
   assert not np.array_equal(flat(a), flat(c))
-  rl = jp.random(params, 30, jax.random.key(1), scope="layer")
+  rl = jp.random(params, 30, key=jax.random.key(1), scope="layer")
   assert [r[3] for r in jp.sparsity_report(rl.params, rl.masks).rows] == jp.uniform_allocation(30, [24, 30, 15])
-  assert jp.count_kept(jp.random(params, 30, jax.random.PRNGKey(0)).masks) == 30
+  assert jp.count_kept(jp.random(params, 30, key=jax.random.PRNGKey(0)).masks) == 30
 
 
 def test_works_on_full_linen_variables_and_nnx_state():
@@ -89,7 +89,7 @@ def test_works_on_full_linen_variables_and_nnx_state():
     (np.int64(5), None, None)])
 def test_bad_budgets(k, err, match):
   params = linen_variables()["params"]   # p = 69
-  for fn in (lambda: jp.magnitude(params, k), lambda: jp.random(params, k, jax.random.key(0))):
+  for fn in (lambda: jp.magnitude(params, k), lambda: jp.random(params, k, key=jax.random.key(0))):
     if err is None:
       assert jp.count_kept(fn().masks) == 5
     else:
@@ -103,7 +103,7 @@ def test_other_bad_input():
   with pytest.raises(ValueError, match="scope"):
     jp.magnitude(linen_variables()["params"], 3, scope="block")
   with pytest.raises(TypeError, match="key"):
-    jp.random(linen_variables()["params"], 3, 0)
+    jp.random(linen_variables()["params"], 3, key=0)
 
 
 def test_magnitude_is_jittable_inside_a_user_function():

@@ -1,4 +1,6 @@
 """i-SpaSP: the loop against a numpy port of the official set-based loop, sweeps, fixed points, units."""
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -8,7 +10,16 @@ import pytest
 import jaxprune as jp
 from jaxprune import models
 from jaxprune.methods._recovery import RecoveryOptions, proxy, reduced_proxy
-from jaxprune.structure.units import ModuleOutput
+
+
+@dataclasses.dataclass(frozen=True)
+class ModuleOutput:
+  """A hashable output_fn from a standalone linen layer (the loop's static argument)."""
+  module: nn.Module
+
+  def __call__(self, params, hidden):
+    return self.module.apply({"params": params}, hidden)
+
 
 EPS = 1e-5
 
@@ -134,7 +145,8 @@ def test_vmapped_sweep_equals_separate_calls(resnet20):
   recover = jax.jit(jp.recover_support, static_argnums=0, static_argnames="options")
   for proxy_kind in ("examples", "reduced"):
     opts = RecoveryOptions(proxy=proxy_kind, chunk_size=16)
-    swept = np.asarray(jp.ispasp_sweep(unit, v, hidden, keeps, options=opts, proxy=proxy_kind))
+    swept = np.asarray(jp.ispasp_sweep(unit, v, hidden, [1 - r for r in keeps], proxy=proxy_kind, chunk_size=16,
+                                       rounding="truncate"))
     for row, r in zip(swept, keeps):
       one = recover(unit.output_fn, unit.params_fn(v), hidden, int(16 * r), unit.output_norm(v), options=opts)
       np.testing.assert_array_equal(row, np.asarray(one.mask))
@@ -197,8 +209,8 @@ def test_units_of_resnet20_mlpnet_and_mobilenet(resnet20, mlpnet_variables):
 @pytest.mark.parametrize("mode", ["shrink", "mask"])
 def test_keep_ratio_one_changes_nothing(resnet20, mode):
   v, model, x = resnet20
-  res = jp.ispasp(model.apply, v, x, 1.0, mode=mode, show_progress=False)
-  for a, b in zip(jax.tree_util.tree_leaves(res.variables), jax.tree_util.tree_leaves(v)):
+  res = jp.ispasp(v, None, 0.0, apply_fn=model.apply, batch=x, rounding="truncate", mode=mode, show_progress=False)
+  for a, b in zip(jax.tree_util.tree_leaves(res.params), jax.tree_util.tree_leaves(v)):
     np.testing.assert_array_equal(a, b)
   assert all(k.size == 16 or k.size == 32 or k.size == 64 for k in res.kept.values())
 
@@ -206,18 +218,18 @@ def test_keep_ratio_one_changes_nothing(resnet20, mode):
 def test_sequential_prunes_each_unit_on_the_pruned_network(mlpnet_variables, mnist_test):
   model = models.mlpnet()
   x = jnp.asarray(mnist_test.x[:300])
-  both = jp.ispasp(model.apply, mlpnet_variables, x, 0.3, mode="mask", show_progress=False)
+  both = jp.ispasp(mlpnet_variables, None, 0.7, apply_fn=model.apply, batch=x, rounding="truncate", mode="mask", show_progress=False)
   # the same by hand: the shallow unit (group 1) first, then the deep one on the result
-  first = jp.ispasp(model.apply, mlpnet_variables, x, {1: 0.3}, mode="mask", show_progress=False)
-  second = jp.ispasp(model.apply, first.variables, x, {0: 0.3}, mode="mask", show_progress=False)
+  first = jp.ispasp(mlpnet_variables, None, {1: 0.7}, apply_fn=model.apply, batch=x, rounding="truncate", mode="mask", show_progress=False)
+  second = jp.ispasp(first.params, None, {0: 0.7}, apply_fn=model.apply, batch=x, rounding="truncate", mode="mask", show_progress=False)
   assert set(both.kept) == {0, 1}
   np.testing.assert_array_equal(both.kept[1], first.kept[1])
   np.testing.assert_array_equal(both.kept[0], second.kept[0])
   assert both.kept[0].size == 6 and both.kept[1].size == 12
   # one-shot: the deep unit sees dense activations instead
-  oneshot = jp.ispasp(model.apply, mlpnet_variables, x, 0.3, order="oneshot", mode="mask", show_progress=False)
+  oneshot = jp.ispasp(mlpnet_variables, None, 0.7, apply_fn=model.apply, batch=x, rounding="truncate", order="parallel", mode="mask", show_progress=False)
   np.testing.assert_array_equal(oneshot.kept[1], both.kept[1])
-  dense_only = jp.ispasp(model.apply, mlpnet_variables, x, {0: 0.3}, mode="mask", show_progress=False)
+  dense_only = jp.ispasp(mlpnet_variables, None, {0: 0.7}, apply_fn=model.apply, batch=x, rounding="truncate", mode="mask", show_progress=False)
   np.testing.assert_array_equal(oneshot.kept[0], dense_only.kept[0])
   # one-shot errors are those of each unit on the dense network (fc2 is unit 1's layer and group 0's producer)
   unit = jp.two_layer_units(model.apply, mlpnet_variables, x[:1])[1]
@@ -233,20 +245,20 @@ def test_oneshot_vmapped_units_equal_unit_by_unit(resnet20):
   v, model, x = resnet20
   x = x[:48]
   for proxy_kind, blocks in (("reduced", (1, 2, 3)), ("examples", (2,))):
-    kw = dict(order="oneshot", mode="mask", proxy=proxy_kind, chunk_size=32, show_progress=False)
-    together = jp.ispasp(model.apply, v, x, 0.4, **kw)
+    kw = dict(order="parallel", mode="mask", proxy=proxy_kind, chunk_size=32, rounding="truncate", show_progress=False)
+    together = jp.ispasp(v, None, 0.6, apply_fn=model.apply, batch=x, **kw)
     assert len(together.kept) == 9
     for gi in blocks:   # stage 3 blocks share shapes: solved in one vmapped call above
-      alone = jp.ispasp(model.apply, v, x, {gi: 0.4}, **kw)
+      alone = jp.ispasp(v, None, {gi: 0.6}, apply_fn=model.apply, batch=x, **kw)
       np.testing.assert_array_equal(together.kept[gi], alone.kept[gi])
 
 
 def test_shrunk_network_equals_masked_and_reports_the_unit_error(resnet20):
   v, model, x = resnet20
-  res = jp.ispasp(model.apply, v, x, 0.5, mode="shrink", show_progress=False)
-  masked = jp.ispasp(model.apply, v, x, 0.5, mode="mask", show_progress=False)
-  small = models.CifarResNet.from_params(res.variables)
-  np.testing.assert_allclose(small.apply(res.variables, x), model.apply(masked.variables, x), rtol=1e-4, atol=1e-4)
+  res = jp.ispasp(v, None, 0.5, apply_fn=model.apply, batch=x, rounding="truncate", mode="shrink", show_progress=False)
+  masked = jp.ispasp(v, None, 0.5, apply_fn=model.apply, batch=x, rounding="truncate", mode="mask", show_progress=False)
+  small = models.CifarResNet.from_params(res.params)
+  np.testing.assert_allclose(small.apply(res.params, x), model.apply(masked.params, x), rtol=1e-4, atol=1e-4)
   # the reported error of the first unit, recomputed by hand from its hidden activations
   unit = jp.two_layer_units(model.apply, v, x[:1])[-1]
   h = unit.hidden_fn(v, x)
@@ -264,41 +276,92 @@ def test_hand_made_unit_equals_the_derived_one(mlpnet_variables, mnist_test):
   g = jp.make_group(v, producers=[("params/fc1/kernel", 1)], consumers=[("params/fc2/kernel", 0)])
   unit = jp.make_unit(g, hidden_fn=lambda vv, xx: jax.nn.relu(xx.reshape(len(xx), -1) @ vv["params"]["fc1"]["kernel"]),
                       output_fn=lambda p, h: h @ p["kernel"], params_fn=lambda vv: vv["params"]["fc2"], name="fc1")
-  by_hand = jp.ispasp([unit], v, x, 0.25, mode="mask", show_progress=False)
-  derived = jp.ispasp(model.apply, v, x, {1: 0.25}, mode="mask", show_progress=False)
+  by_hand = jp.ispasp(v, [unit], 0.75, batch=x, rounding="truncate", mode="mask", show_progress=False)
+  derived = jp.ispasp(v, None, {1: 0.75}, apply_fn=model.apply, batch=x, rounding="truncate", mode="mask", show_progress=False)
   np.testing.assert_array_equal(by_hand.kept["fc1"], derived.kept[1])
   assert by_hand.info["units"]["fc1"]["iterations"] == 20
 
 
 def test_train_mode_norm_runs_and_keeps_the_budget(resnet20):
   v, model, x = resnet20
-  res = jp.ispasp(model.apply, v, x[:64], {3: 0.5}, bn_mode="train", chunk_size=32, mode="mask", show_progress=False)
+  res = jp.ispasp(v, None, {3: 0.5}, apply_fn=model.apply, batch=x[:64], rounding="truncate", bn_mode="train", chunk_size=32, mode="mask", show_progress=False)
   (gi,) = res.kept
-  assert res.kept[gi].size == 32 and res.info["options"]["proxy"] == "examples"
+  assert res.kept[gi].size == 32 and res.info["units"][gi]["proxy"] == "examples"
 
 
 def test_bad_input_fails_clearly(resnet20, mlpnet_variables):
   v, model, x = resnet20
-  for keep, match in [(0.0, "keep"), (1.5, "keep"), (True, "keep"), (0.01, "keeps no channel"), ({42: 0.5}, "unit 42")]:
+  for sparsity, match in [(1.0, "sparsity"), (-0.5, "sparsity"), (True, "sparsity"), (0.99, "keeps no channel"),
+                          ({42: 0.5}, "unit 42")]:
     with pytest.raises((ValueError, IndexError), match=match):
-      jp.ispasp(model.apply, v, x, keep, show_progress=False)
+      jp.ispasp(v, None, sparsity, apply_fn=model.apply, batch=x, rounding="truncate", show_progress=False)
   with pytest.raises(ValueError, match="order"):
-    jp.ispasp(model.apply, v, x, 0.5, order="parallel", show_progress=False)
+    jp.ispasp(v, None, 0.5, apply_fn=model.apply, batch=x, order="oneshot", show_progress=False)
   with pytest.raises(ValueError, match="bn_mode"):
-    jp.ispasp(model.apply, v, x, 0.5, bn_mode="frozen", show_progress=False)
+    jp.ispasp(v, None, 0.5, apply_fn=model.apply, batch=x, rounding="truncate", bn_mode="frozen", show_progress=False)
   with pytest.raises(ValueError, match="reduced"):
-    jp.ispasp(model.apply, v, x, 0.5, bn_mode="train", proxy="reduced", show_progress=False)
+    jp.ispasp(v, None, 0.5, apply_fn=model.apply, batch=x, rounding="truncate", bn_mode="train", proxy="reduced", show_progress=False)
   with pytest.raises(ValueError, match="iterations"):
-    jp.ispasp(model.apply, v, x, 0.5, iterations=0, show_progress=False)
+    jp.ispasp(v, None, 0.5, apply_fn=model.apply, batch=x, rounding="truncate", iterations=0, show_progress=False)
   with pytest.raises(ValueError, match="batch"):
-    jp.ispasp(model.apply, v, jnp.float32(1.0), 0.5, show_progress=False)
+    jp.ispasp(v, None, 0.5, apply_fn=model.apply, batch=jnp.float32(1.0), rounding="truncate", show_progress=False)
   with pytest.raises(ValueError, match="NaN"):
-    jp.ispasp(model.apply, v, x.at[0, 0, 0, 0].set(jnp.nan), 0.5, show_progress=False)
-  with pytest.raises(TypeError, match="model"):
-    jp.ispasp([], v, x, 0.5, show_progress=False)
+    jp.ispasp(v, None, 0.5, apply_fn=model.apply, batch=x.at[0, 0, 0, 0].set(jnp.nan), rounding="truncate", show_progress=False)
+  with pytest.raises(TypeError, match="groups"):
+    jp.ispasp(v, [], 0.5, batch=x, show_progress=False)
+  with pytest.raises(TypeError, match="apply_fn"):
+    jp.ispasp(v, None, 0.5, batch=x, show_progress=False)
   g = jp.make_group(mlpnet_variables, producers=[("params/fc1/kernel", 1)], consumers=[("params/fc2/kernel", 0)])
   unit = jp.make_unit(g, hidden_fn=lambda vv, xx: xx[:, :39], output_fn=lambda p, h: h, name="bad")
   with pytest.raises(ValueError, match="expected"):
-    jp.ispasp([unit], mlpnet_variables, jnp.ones((4, 784)), 0.5, show_progress=False)
+    jp.ispasp(mlpnet_variables, [unit], 0.5, batch=jnp.ones((4, 784)), rounding="truncate", show_progress=False)
   with pytest.raises(ValueError, match="affine"):
-    jp.ispasp([unit], mlpnet_variables, jnp.ones((4, 784)), 0.5, proxy="reduced", show_progress=False)
+    jp.ispasp(mlpnet_variables, [unit], 0.5, batch=jnp.ones((4, 784)), rounding="truncate", proxy="reduced", show_progress=False)
+
+
+class _LinenMLP(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.Dense(40, name="fc1")(x))
+    x = nn.relu(nn.Dense(20, name="fc2")(x))
+    return nn.Dense(3, name="fc3")(x)
+
+
+def test_units_from_the_jaxpr_agree_across_model_forms():
+  # One MLP as linen variables, as a pure function over its params dict and as an NNX module with the
+  # same weights: the same units, the same outputs, the same kept channels.
+  from flax import nnx
+  x = jax.random.normal(jax.random.key(1), (64, 8))
+  v = _LinenMLP().init(jax.random.key(0), x[:1])
+  p = v["params"]
+
+  def pure(params, xx):
+    h = jax.nn.relu(xx @ params["fc1"]["kernel"] + params["fc1"]["bias"])
+    h = jax.nn.relu(h @ params["fc2"]["kernel"] + params["fc2"]["bias"])
+    return h @ params["fc3"]["kernel"] + params["fc3"]["bias"]
+
+  class NNXMLP(nnx.Module):
+    def __init__(self):
+      rngs = nnx.Rngs(0)
+      self.fc1, self.fc2, self.fc3 = nnx.Linear(8, 40, rngs=rngs), nnx.Linear(40, 20, rngs=rngs), nnx.Linear(20, 3, rngs=rngs)
+
+    def __call__(self, xx):
+      return self.fc3(nnx.relu(self.fc2(nnx.relu(self.fc1(xx)))))
+
+  module = NNXMLP()
+  for name in ("fc1", "fc2", "fc3"):
+    getattr(module, name).kernel[...] = p[name]["kernel"]
+    getattr(module, name).bias[...] = p[name]["bias"]
+  forms = {"linen": (v, _LinenMLP().apply), "pure": (p, pure), "nnx": (module, None)}
+  logits = _LinenMLP().apply(v, x)
+  kept = {}
+  for form, (params, apply_fn) in forms.items():
+    tree = nnx.state(params) if form == "nnx" else params
+    fn = (lambda s, xx: nnx.merge(nnx.graphdef(module), s)(xx)) if form == "nnx" else apply_fn
+    units = jp.two_layer_units(fn, tree, x[:1])
+    assert [u.size for u in units] == [20, 40]
+    out = units[0].output(tree, units[0].hidden_fn(tree, x))   # fc3 reads group 0: its output is the logits
+    np.testing.assert_allclose(out, logits, rtol=1e-5, atol=1e-5)
+    res = jp.ispasp(params, None, 0.5, apply_fn=apply_fn, batch=x, mode="mask", show_progress=False)
+    kept[form] = {g: k.tolist() for g, k in res.kept.items()}
+  assert kept["linen"] == kept["pure"] == kept["nnx"]

@@ -38,15 +38,34 @@ def test_mnist_benchmark_mode(tmp_path, capsys, data_dir, checkpoint_dir):
   assert abs(rows["magnitude"] - 0.903) < 0.003
 
 
-def test_cli_errors(tmp_path):
-  with pytest.raises(SystemExit, match="unknown --methods"):
-    cli.main(["--methods", "nope", "--out", str(tmp_path)])
-  with pytest.raises(SystemExit, match="--checkpoint"):
-    cli.main(["--dataset", "mnist", "--out", str(tmp_path)])
-  with pytest.raises(ValueError, match="--sparsities"):
-    cli.main(["--sparsities", "1.5", "--out", str(tmp_path)])
+@pytest.mark.parametrize("argv, flag", [
+    (["--methods", "nope"], "--methods"),
+    (["--dataset", "mnist"], "--checkpoint"),
+    (["--sparsities", "1.5"], "--sparsities"),
+    (["--sparsities", "abc"], "--sparsities"),
+    (["--channel-sparsities", "-0.1"], "--channel-sparsities"),
+    (["--n-examples", "0"], "--n-examples"),
+    (["--seed", "x"], "--seed"),
+    (["--bogus"], "--bogus"),
+])
+def test_every_bad_flag_is_a_one_line_error_naming_it(argv, flag, tmp_path, capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    cli.main(argv + ["--out", str(tmp_path)])
+  assert exit_info.value.code == 2
+  err = capsys.readouterr().err.strip()
+  assert len(err.splitlines()) == 1 and flag in err and err.startswith("jaxprune: error:"), err
+
+
+def test_each_run_gets_its_own_output_folder(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  first = cli._out_dir(None)
+  first.mkdir(parents=True)
+  second = cli._out_dir(None)
+  assert first != second and first.parent == second.parent == tmp_path.joinpath("jaxprune_out").relative_to(tmp_path)
+  assert cli._out_dir("mine") == cli.Path("mine")
 
 
 def test_python_dash_m_entry_point(tmp_path):
   proc = subprocess.run([sys.executable, "-m", "jaxprune", "--help"], capture_output=True, text=True, timeout=120)
   assert proc.returncode == 0 and "--dataset" in proc.stdout
+  assert "(default: 500)" in proc.stdout and "(default: digits)" in proc.stdout   # --help shows defaults

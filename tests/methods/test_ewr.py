@@ -9,6 +9,7 @@ from scipy.optimize import minimize_scalar
 
 import jaxprune as jp
 from jaxprune import ot, signals
+from jaxprune.methods import _ewr
 from jaxprune.methods._ewr import StepConfig, iht_step
 from helpers import NNXNet, classification_problem
 
@@ -84,7 +85,7 @@ def test_iht_step_matches_numpy_reference(coupling, direction, k):
 def test_lipschitz_step_is_one_over_l():
   G, w_ref, w = _problem(seed=1)
   op = signals.dense_operator(jnp.asarray(G))
-  L = jp.ewr_module.lipschitz_constant(op, 30, 60, 0.01, True)
+  L = _ewr.lipschitz_constant(op, 30, 60, 0.01, True)
   sigma = np.linalg.svd(G.astype(np.float64), compute_uv=False)[0]
   assert float(L) == pytest.approx(1.05 * (sigma ** 2 + 30 * 0.01), rel=1e-3)
   y = op.matvec(jnp.asarray(w_ref))

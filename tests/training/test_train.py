@@ -23,7 +23,7 @@ def test_training_lowers_the_loss_and_updates_batch_stats():
   trained = train_epochs(cnn.apply, v, small, epochs=1, optimizer=optax.sgd(0.01), batch_size=32, show_progress=False)
   frozen = train_epochs(cnn.apply, v, small, epochs=1, optimizer=optax.sgd(0.01), batch_size=32, train_bn=False,
                         show_progress=False)
-  mean = lambda t: np.asarray(t.variables["batch_stats"]["bn1"]["mean"])
+  mean = lambda t: np.asarray(t.params["batch_stats"]["bn1"]["mean"])
   assert not np.allclose(mean(trained), 0.0) and np.array_equal(mean(frozen), np.zeros(4))
   with pytest.raises(ValueError, match="epochs"):
     train_epochs(cnn.apply, v, small, epochs=-1, optimizer=optax.sgd(0.01))

@@ -225,9 +225,9 @@ def test_nnx_groups_prune_and_rebuild():
                                                       "bn/bias": "norm", "bn/mean": "stat", "bn/var": "stat"}
   res = jp.prune_channels(state, g, 0.5, mode="shrink", show_progress=False)
   small_def, _ = nnx.split(NNXMLP((3, 2), nnx.Rngs(0)))
-  shrunk_out = nnx.merge(small_def, res.variables)(x)
+  shrunk_out = nnx.merge(small_def, res.params)(x)
   masked = jp.prune_channels(state, g, 0.5, mode="mask", show_progress=False)
-  np.testing.assert_allclose(shrunk_out, apply(masked.variables, x), atol=1e-5)
+  np.testing.assert_allclose(shrunk_out, apply(masked.params, x), atol=1e-5)
 
 
 def test_make_group_by_hand_equals_the_traced_group():

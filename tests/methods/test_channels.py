@@ -40,9 +40,11 @@ def test_l1_and_l2_importance_match_numpy(resnet20_checkpoint):
 
 def test_prune_channels_keeps_floor_budget_and_the_top_channels(resnet20_checkpoint):
   v, groups = resnet20_checkpoint
-  res = jp.prune_channels(v, groups, 0.3, fold_bn=False, mode="mask", show_progress=False)
+  res = jp.prune_channels(v, groups, 0.3, fold_bn=False, mode="mask", rounding="truncate", show_progress=False)
+  default = jp.prune_channels(v, groups, 0.3, fold_bn=False, mode="mask", show_progress=False)
   for i, g in enumerate(groups):
-    assert res.kept[i].size == int(g.size * 0.7) == res.info["groups"][i]["m"]
+    assert res.kept[i].size == int(g.size * 0.7) == res.info["groups"][i]["m"]          # official truncation
+    assert default.kept[i].size == g.size - int(g.size * 0.3) == default.info["groups"][i]["m"]   # prune floor(s n)
   # group 0 is scored first, on the unpruned tree
   imp0 = numpy_l1(v, groups[0])
   np.testing.assert_array_equal(res.kept[0], np.sort(np.argsort(imp0, kind="stable")[-res.kept[0].size:]))
@@ -56,11 +58,11 @@ def test_pruned_resnet20_rebuilt_from_shrunk_params_matches_mask_mode(resnet20_c
   v, groups = resnet20_checkpoint
   test = jp.data.load("cifar10_png5k", "test", data_dir=data_dir, source="local")
   x = jnp.asarray(test.x[:32])
-  shrunk = jp.prune_channels(v, groups, 0.3, show_progress=False)
-  masked = jp.prune_channels(v, groups, 0.3, mode="mask", show_progress=False)
-  small = models.CifarResNet.from_params(shrunk.variables)
+  shrunk = jp.prune_channels(v, groups, 0.3, rounding="truncate", show_progress=False)
+  masked = jp.prune_channels(v, groups, 0.3, mode="mask", rounding="truncate", show_progress=False)
+  small = models.CifarResNet.from_params(shrunk.params)
   assert small.stage_widths == (11, 22, 44) and small.hidden_widths == (11,) * 3 + (22,) * 3 + (44,) * 3
-  np.testing.assert_allclose(small.apply(shrunk.variables, x), models.resnet20().apply(masked.variables, x),
+  np.testing.assert_allclose(small.apply(shrunk.params, x), models.resnet20().apply(masked.params, x),
                              atol=1e-4, rtol=1e-4)
   for a, b in zip(shrunk.kept.values(), masked.kept.values()):
     np.testing.assert_array_equal(a, b)
@@ -77,10 +79,10 @@ def test_real_accuracy_after_pruning_one_inner_group(resnet20_checkpoint, data_d
   model = models.resnet20()
   dense = jp.evaluate(model.apply, v, test.x, test.y, batch_size=500).accuracy
   same = jp.prune_channels(v, groups, 0.0, show_progress=False)
-  assert jp.evaluate(model.apply, same.variables, test.x, test.y, batch_size=500).accuracy == dense
-  half = jp.prune_channels(v, groups, 0.5, which=11, show_progress=False)
-  small = models.CifarResNet.from_params(half.variables)
-  acc = jp.evaluate(small.apply, half.variables, test.x, test.y, batch_size=500).accuracy
+  assert jp.evaluate(model.apply, same.params, test.x, test.y, batch_size=500).accuracy == dense
+  half = jp.prune_channels(v, groups, {11: 0.5}, show_progress=False)
+  small = models.CifarResNet.from_params(half.params)
+  acc = jp.evaluate(small.apply, half.params, test.x, test.y, batch_size=500).accuracy
   assert 0.85 < acc < dense   # half of layer1_0's inner channels removed by l1: a small, real loss
 
 
@@ -121,9 +123,10 @@ def test_prune_channels_bad_input():
     with pytest.raises(ValueError, match="sparsity"):
       jp.prune_channels(v, g, bad, show_progress=False)
   with pytest.raises(ValueError, match="keeps no channel"):
-    jp.prune_channels(v, g, 0.95, show_progress=False)
-  with pytest.raises(IndexError, match="which: group 3"):
-    jp.prune_channels(v, g, 0.5, which=3, show_progress=False)
+    jp.prune_channels(v, g, 0.95, rounding="truncate", show_progress=False)   # int(10 * 0.05) = 0
+  assert jp.prune_channels(v, g, 0.95, show_progress=False).kept[0].size == 1   # prunes floor(9.5) = 9
+  with pytest.raises(IndexError, match="sparsity: group 3"):
+    jp.prune_channels(v, g, {3: 0.5}, show_progress=False)
   with pytest.raises(ValueError, match="not prunable"):
     jp.prune_channels(v, [dataclasses.replace(g[0], prunable=False, reason="test")], 0.5, show_progress=False)
   with pytest.raises(ValueError, match="mode"):
@@ -134,7 +137,7 @@ def test_prune_channels_bad_input():
     jp.prune_channels(v, g, 0.5, importance="taylor", show_progress=False)
   with pytest.raises(ValueError, match="needs a jax.random key"):
     jp.prune_channels(v, g, 0.5, importance="random", show_progress=False)
-  with pytest.raises(ValueError, match="not both"):
-    jp.prune_channels(v, g, {0: 0.5}, which=0, show_progress=False)
+  with pytest.raises(TypeError, match="no option 'which'"):
+    jp.prune_channels(v, g, 0.5, which=0, show_progress=False)
   with pytest.raises(TypeError, match="groups must be"):
     jp.prune_channels(v, ["fc1"], 0.5, show_progress=False)

@@ -1,0 +1,84 @@
+"""Model forms: every method takes the tree the user has and gives back the same kind.
+
+Accepted as ``params``:
+
+* a params dict of a pure-JAX model, with ``apply_fn(params, x)``;
+* a Flax linen ``variables`` dict (``{"params": ..., "batch_stats": ...}``), with ``model.apply``;
+* an ``nnx.State`` (from ``nnx.split``), with ``apply_fn(state, x)`` (e.g. via ``nnx.merge``);
+* an ``nnx.Module``: its own apply function. Methods work on its ``nnx.State`` and return that
+  state pruned, for ``nnx.update(module, result.params)``; the user's ``loss_fn`` receives a
+  module (``nnx.merge`` of the graph and the current state), as it would in a training loop.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Optional
+
+import optax
+
+
+class Model(NamedTuple):
+  """A model as the methods see it.
+
+  Attributes:
+    tree: the pytree methods prune (the user's tree; an NNX module's ``nnx.State``).
+    apply_fn: ``apply_fn(tree, *inputs) -> outputs``, or ``None`` when the user gave none.
+    view: ``tree -> `` what the user's ``loss_fn`` receives (the tree itself, or a module).
+    is_module: the user passed an ``nnx.Module``.
+  """
+  tree: Any
+  apply_fn: Optional[Callable]
+  view: Callable[[Any], Any]
+  is_module: bool = False
+
+
+def _is_module(obj: Any) -> bool:
+  try:
+    from flax import nnx
+  except ImportError:   # pragma: no cover - flax always ships nnx here
+    return False
+  return isinstance(obj, nnx.Module)
+
+
+def as_model(params: Any, apply_fn: Optional[Callable] = None) -> Model:
+  """Normalises the ``params`` argument of every method (see the module docstring)."""
+  if apply_fn is not None and not callable(apply_fn):
+    raise TypeError(f"apply_fn must be callable (e.g. model.apply), got {type(apply_fn).__name__}")
+  if _is_module(params):
+    from flax import nnx
+    if apply_fn is not None:
+      raise ValueError("apply_fn: an nnx.Module is its own apply function; leave apply_fn=None")
+    graphdef, state = nnx.split(params)
+    view = lambda s: nnx.merge(graphdef, s)   # noqa: E731
+    return Model(state, lambda s, *a, **kw: view(s)(*a, **kw), view, True)
+  return Model(params, apply_fn, lambda tree: tree, False)
+
+
+def user_loss(model: Model, loss_fn: Optional[Callable]) -> Callable[[Any, Any], Any]:
+  """``loss(tree, batch) -> scalar`` over the method's tree, from the user's ``loss_fn`` or the default.
+
+  Without a ``loss_fn`` the loss is the mean softmax cross-entropy of ``apply_fn(params, x)``
+  on integer labels, ``batch = (x, y)``.
+  """
+  if loss_fn is not None:
+    if not callable(loss_fn):
+      raise TypeError(f"loss_fn must be callable loss_fn(params, batch) -> scalar, got {type(loss_fn).__name__}")
+    return loss_fn if not model.is_module else (lambda tree, batch: loss_fn(model.view(tree), batch))
+  if model.apply_fn is None:
+    raise TypeError("loss_fn: give loss_fn(params, batch) -> scalar, or apply_fn(params, x) -> logits "
+                    "(then the loss is softmax cross-entropy on integer labels, batch = (x, y))")
+  return classification_loss(model.apply_fn)
+
+
+def classification_loss(apply_fn: Callable, **apply_kwargs) -> Callable[[Any, Any], Any]:
+  """``loss_fn(params, (x, y)) -> mean softmax cross-entropy`` of ``apply_fn(params, x, **kw)``.
+
+  ``params`` is whatever ``apply_fn`` takes (a linen ``variables`` dict for ``model.apply``).
+  Call BatchNorm models in inference mode (``train=False``, the reference models' default).
+  """
+  def loss_fn(params, batch):
+    if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+      raise TypeError("batch: the default loss needs batch = (x, y) with integer labels y")
+    x, y = batch
+    logits = apply_fn(params, x, **apply_kwargs)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+  return loss_fn
