@@ -185,3 +185,6 @@ def test_mission_call_and_nnx_update(batch):
   kernels = [module.fc1.kernel[...], module.fc2.kernel[...], module.fc3.kernel[...]]
   assert sum(int(np.count_nonzero(np.asarray(w))) for w in kernels) <= k
   assert module(batch[0]).shape == (48, 3)
+  groups = jp.groups(None, module, batch[0][:1])   # an NNX module traces itself; paths into its state
+  assert [g.size for g in groups] == [20, 40]
+  assert {m.path for m in groups[1].members} >= {"fc1/kernel", "fc1/bias", "fc2/kernel"}

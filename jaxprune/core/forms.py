@@ -31,7 +31,8 @@ class Model(NamedTuple):
   is_module: bool = False
 
 
-def _is_module(obj: Any) -> bool:
+def is_module(obj: Any) -> bool:
+  """Whether ``obj`` is an ``nnx.Module`` (without importing flax.nnx where it is absent)."""
   try:
     from flax import nnx
   except ImportError:   # pragma: no cover - flax always ships nnx here
@@ -43,7 +44,7 @@ def as_model(params: Any, apply_fn: Optional[Callable] = None) -> Model:
   """Normalises the ``params`` argument of every method (see the module docstring)."""
   if apply_fn is not None and not callable(apply_fn):
     raise TypeError(f"apply_fn must be callable (e.g. model.apply), got {type(apply_fn).__name__}")
-  if _is_module(params):
+  if is_module(params):
     from flax import nnx
     if apply_fn is not None:
       raise ValueError("apply_fn: an nnx.Module is its own apply function; leave apply_fn=None")

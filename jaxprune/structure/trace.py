@@ -21,6 +21,7 @@ from typing import Any, Callable, Sequence
 import jax
 import numpy as np
 
+from jaxprune.core.forms import as_model, is_module
 from jaxprune.core.trees import leaves_with_paths
 from jaxprune.structure.channel_groups import (CONSUMER, PRODUCER, ChannelGroups, Group, KernelRead, Member,
                                               NormLink)
@@ -58,7 +59,8 @@ def groups(apply_fn: Callable[..., Any], variables: Any, *example_args: Any, exc
 
   Args:
     apply_fn: ``apply_fn(variables, *example_args, **example_kwargs) -> outputs``, e.g.
-      ``model.apply`` (linen) or ``lambda state, x: nnx.merge(graphdef, state)(x)`` (NNX).
+      ``model.apply`` (linen) or ``lambda state, x: nnx.merge(graphdef, state)(x)`` (NNX); ``None``
+      when ``variables`` is an ``nnx.Module`` (member paths then refer to ``nnx.state(module)``).
     variables: the parameter tree (linen ``variables`` dict or ``nnx.State``); member paths refer
       to its leaves.
     *example_args, **example_kwargs: example inputs. Array leaves are traced; other values
@@ -69,6 +71,9 @@ def groups(apply_fn: Callable[..., Any], variables: Any, *example_args: Any, exc
     :class:`ChannelGroups`: prunable groups ordered output to input (group 0 nearest the output),
     the unprunable ones with reasons, and the norm layers that follow a kernel.
   """
+  if apply_fn is None and is_module(variables):   # an nnx.Module: its own apply function, paths into its state
+    model = as_model(variables)
+    apply_fn, variables = model.apply_fn, model.tree
   if not callable(apply_fn):
     raise TypeError(f"apply_fn must be callable, got {type(apply_fn).__name__}")
   leaves = leaves_with_paths(variables)
