@@ -151,28 +151,21 @@ class _Parser(argparse.ArgumentParser):
     self.exit(2, f"jaxprune: error: {message} (see jaxprune --help)\n")
 
 
-def _fraction(flag: str):
-  def parse(text: str) -> float:
+def _typed(cast, valid, accepted: str):
+  """An argparse type: ``cast(text)`` that must pass ``valid`` (argparse names the flag in the error)."""
+  def parse(text: str):
     try:
-      value = float(text)
+      value = cast(text)
     except ValueError:
-      raise argparse.ArgumentTypeError(f"{flag} takes numbers in [0, 1), got {text!r}") from None
-    if not 0.0 <= value < 1.0:
-      raise argparse.ArgumentTypeError(f"{flag} takes numbers in [0, 1), got {value}")
+      raise argparse.ArgumentTypeError(f"expected {accepted}, got {text!r}") from None
+    if not valid(value):
+      raise argparse.ArgumentTypeError(f"expected {accepted}, got {value}")
     return value
   return parse
 
 
-def _positive_int(flag: str):
-  def parse(text: str) -> int:
-    try:
-      value = int(text)
-    except ValueError:
-      raise argparse.ArgumentTypeError(f"{flag} takes a positive integer, got {text!r}") from None
-    if value < 1:
-      raise argparse.ArgumentTypeError(f"{flag} takes a positive integer, got {value}")
-    return value
-  return parse
+_fraction = _typed(float, lambda v: 0.0 <= v < 1.0, "a number in [0, 1)")
+_positive_int = _typed(int, lambda v: v >= 1, "a positive integer")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -183,18 +176,18 @@ def parse_args(argv=None) -> argparse.Namespace:
                  help="digits: embedded, trains a small MLP; mnist: the MLPNet checkpoint benchmark")
   p.add_argument("--data-dir", default=None, help=f"local data folder (None: ${data.ENV_VAR})")
   p.add_argument("--checkpoint", default=None, help="mlpnet_mnist.npz (required with --dataset mnist)")
-  p.add_argument("--sparsities", type=_fraction("--sparsities"), nargs="+", default=list(DEFAULT_SPARSITIES),
+  p.add_argument("--sparsities", type=_fraction, nargs="+", default=list(DEFAULT_SPARSITIES),
                  help="weight sparsities of the unstructured methods")
   p.add_argument("--methods", nargs="+", default=available, choices=available, metavar="METHOD",
                  help=f"methods to run, of {', '.join(available)}; lr and ewr run one-shot with "
                       f"{ONE_SHOT['stages']} stages of one official IHT step (mask only)")
-  p.add_argument("--channel-sparsities", type=_fraction("--channel-sparsities"), nargs="+",
+  p.add_argument("--channel-sparsities", type=_fraction, nargs="+",
                  default=list(DEFAULT_CHANNEL_SPARSITIES),
                  help="per-group channel sparsities of the structured methods (every group pruned)")
   p.add_argument("--out", default=None,
                  help="folder for results.csv, results.json, accuracy.png (None: a new jaxprune_out/run-* folder)")
   p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--n-examples", type=_positive_int("--n-examples"), default=500,
+  p.add_argument("--n-examples", type=_positive_int, default=500,
                  help="training examples whose per-example gradients EWR/LR use")
   p.add_argument("--no-progress", action="store_true", help="no progress bars")
   args = p.parse_args(argv)

@@ -61,10 +61,15 @@ def _release_compilations():
   # Compiled executables of one module are rarely reused by the next; dropping them keeps the
   # suite's peak memory at what one module needs (XLA:CPU caches grow to gigabytes otherwise).
   yield
+  import ctypes
   import gc
   import jax
   jax.clear_caches()
   gc.collect()
+  try:   # hand the freed heap back to the OS (glibc keeps it otherwise, and the peak only grows)
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+  except (OSError, AttributeError):
+    pass
 
 
 @pytest.fixture

@@ -154,11 +154,8 @@ class ISpaSPOptions(Options):
 
   def recovery(self) -> RecoveryOptions:
     """The loop's static settings (``proxy="auto"`` is resolved per unit)."""
-    return check_options(RecoveryOptions(iterations=self.iterations, chunk_size=self.chunk_size,
-                                         bn_mode=self.bn_mode, aggregate=self.aggregate,
-                                         stop_at_fixed_point=self.stop_at_fixed_point,
-                                         exclude_support=self.exclude_support,
-                                         proxy="examples" if self.proxy == "auto" else self.proxy))
+    shared = {f: getattr(self, f) for f in RecoveryOptions._fields if hasattr(self, f)}
+    return check_options(RecoveryOptions(**dict(shared, proxy="examples" if self.proxy == "auto" else self.proxy)))
 
 
 def ispasp(params: Any, groups: Optional[Union[ChannelGroups, Sequence[Unit]]], sparsity: Sparsity, *,
