@@ -27,13 +27,14 @@ def main():
       jp.evaluate(model.apply, v, test.x, test.y))
   rows, final = [], []
   import optax
+  dest = _common.out_dir(args, "ewr_gradual")
   for target in targets:
     for method in ("magnitude", "LR", "EWR"):
-      pruner = jp.pruner_for(method.lower(), show_progress=False) if method != "magnitude" \
-          else jp.pruner_for("magnitude")
-      out = jp.gradual_prune(variables, train, pruner=pruner, loss_fn=loss, target_sparsity=target, stages=stages,
-                             n_examples=n, optimizer=optax.sgd(1e-3, momentum=0.5), batch_size=64,
-                             key=jax.random.key(0), evaluate_fn=evaluate, show_progress=show)
+      # Resumable: a rerun after an interruption continues after the last finished stage.
+      out = jp.gradual_prune(variables, train, pruner=method.lower(), loss_fn=loss, target_sparsity=target,
+                             stages=stages, n_examples=n, optimizer=optax.sgd(1e-3, momentum=0.5), batch_size=64,
+                             key=jax.random.key(0), evaluate_fn=evaluate, show_progress=show,
+                             checkpoint_dir=dest / "checkpoints" / f"{method}_{target}")
       for st in out.history:
         rows.append({"target": target, "method": method, "stage": st.stage, "sparsity": round(st.sparsity, 4),
                      "k": st.k, "acc_after_prune": st.after_prune["accuracy"],
@@ -42,7 +43,6 @@ def main():
       last = out.history[-1]
       final.append([target, method, last.after_prune["accuracy"], last.after_finetune["accuracy"]])
       print(final[-1], flush=True)
-  dest = _common.out_dir(args, "ewr_gradual")
   _common.write(dest, "gradual", rows, {"stages": stages, "n_examples": n, "schedule": "cubic (official)",
                                         "optimizer": "sgd lr 1e-3 momentum 0.5 batch 64, 1 epoch per stage"})
   series = {f"{m} -> {t}": [(r["stage"], r["acc_after_finetune"]) for r in rows if r["method"] == m and r["target"] == t]

@@ -48,6 +48,9 @@ def n_pruned_from_sparsity(p: int, sparsity: float, rounding: str = "floor") -> 
   raise ValueError(f"rounding must be 'floor', 'ceil', 'nearest' or 'chita', got {rounding!r}")
 
 
+ROUNDINGS = ("floor", "ceil", "nearest", "chita")
+
+
 def k_from_sparsity(params: PyTree, sparsity: float, prunable: PrunableSpec = None, *,
                     rounding: str = "floor") -> int:
   """Number of weights kept at a given sparsity of the prunable set.
@@ -59,6 +62,8 @@ def k_from_sparsity(params: PyTree, sparsity: float, prunable: PrunableSpec = No
   published MP columns use it. Raises if the result keeps no weight.
   """
   s = check_sparsity(sparsity)
+  if rounding not in ROUNDINGS:
+    raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
   p = count_prunable(params, prunable)
   k = int((1.0 - s) * p) if rounding == "chita" else p - n_pruned_from_sparsity(p, s, rounding)
   if k <= 0:

@@ -6,6 +6,7 @@ from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def check_key(key: Any, name: str = "key") -> jax.Array:
@@ -30,3 +31,38 @@ def check_positive_int(value: Any, name: str) -> int:
   if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
     raise ValueError(f"{name} must be a positive int, got {value!r}")
   return int(value)
+
+
+def check_budget(k: Any, size: int, name: str = "k") -> None:
+  """A concrete budget must be an integer in ``[0, size]``; traced budgets pass (they cannot be read)."""
+  if isinstance(k, jax.core.Tracer):
+    return
+  if isinstance(k, (jax.Array, np.ndarray)):
+    if np.ndim(k) != 0 or not jnp.issubdtype(k.dtype, jnp.integer):
+      raise TypeError(f"{name} must be an integer scalar, got an array of dtype {k.dtype} and shape {np.shape(k)}")
+    k = int(k)
+  if isinstance(k, bool) or not isinstance(k, numbers.Integral):
+    raise TypeError(f"{name} must be an integer (entries kept), got {type(k).__name__} {k!r}")
+  if not 0 <= int(k) <= size:
+    raise ValueError(f"{name}={int(k)} is outside [0, {size}] (the number of entries)")
+
+
+def check_finite(tree: Any, name: str) -> None:
+  """Raises ``ValueError`` naming the first leaf of ``tree`` that holds NaN or inf (traced leaves,
+  under a user's ``jit``, cannot be read and are skipped)."""
+  from jaxprune.core.trees import leaves_with_paths
+  for path, leaf in leaves_with_paths(tree):
+    if isinstance(leaf, jax.core.Tracer):
+      continue
+    if jnp.issubdtype(jnp.result_type(leaf), jnp.inexact) and not bool(jnp.isfinite(leaf).all()):
+      raise ValueError(f"{name} holds NaN or inf at {path or '<root>'}")
+
+
+def check_labels(y: Any, n_classes: int, name: str = "labels") -> None:
+  """Integer class labels in ``[0, n_classes)`` (1-indexed labels give a NaN loss otherwise)."""
+  y = np.asarray(y)
+  if not np.issubdtype(y.dtype, np.integer):
+    raise TypeError(f"{name} must be integer class indices, got dtype {y.dtype}")
+  if y.size and (y.min() < 0 or y.max() >= n_classes):
+    raise ValueError(f"{name} must lie in [0, {n_classes}) for {n_classes} logits, got range "
+                     f"[{int(y.min())}, {int(y.max())}]")

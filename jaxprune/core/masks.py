@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxprune.core.checks import check_budget
 from jaxprune.core.trees import (FlatSpec, PrunableSpec, PyTree, leaves_with_paths, map_with_paths,
                             path_str, prunable_paths)
 
@@ -17,8 +18,10 @@ def topk_mask(scores: jax.Array, k) -> jax.Array:
 
   Ties are broken deterministically: among equal scores the lower flat index is kept.
   ``scores`` may have any shape. Rank-based, so ``k`` may be a traced integer: one
-  compilation serves every budget (stages, sweeps, ``vmap`` over ``k``).
+  compilation serves every budget (stages, sweeps, ``vmap`` over ``k``). A concrete ``k`` is
+  checked (an integer in ``[0, scores.size]``); a traced one cannot be, and is the caller's to check.
   """
+  check_budget(k, int(np.size(scores)), "k")
   flat = jnp.ravel(scores)
   order = jnp.argsort(-flat, stable=True)
   ranks = jnp.zeros(flat.shape, jnp.int32).at[order].set(jnp.arange(flat.size, dtype=jnp.int32))

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxprune.core.budget import check_k
-from jaxprune.core.checks import check_key
+from jaxprune.core.checks import check_budget, check_finite, check_key
 from jaxprune.core.forms import as_model
 from jaxprune.core.options import Options, resolve
 from jaxprune.core.masks import apply_masks, masks_from_flat, topk_mask
@@ -28,7 +28,10 @@ def uniform_allocation(k: int, sizes) -> list[int]:
   (earlier layers first on ties).
   """
   sizes = [int(n) for n in sizes]
+  if not sizes or any(n <= 0 for n in sizes):
+    raise ValueError(f"sizes must be positive layer sizes, got {sizes}")
   p = sum(sizes)
+  check_budget(k, p, "k")
   base = [k * n // p for n in sizes]
   frac = [(k * n) % p for n in sizes]
   for i in sorted(range(len(sizes)), key=lambda i: (-frac[i], i))[: k - sum(base)]:
@@ -94,6 +97,7 @@ def magnitude(params: PyTree, k: int, *, prunable: PrunableSpec = None, options:
   tree = as_model(params).tree
   spec = flat_spec(tree, prunable)
   k = check_k(k, spec.size)
+  check_finite(tree, "params")   # a NaN weight would rank arbitrarily
   w, _ = flatten(tree, spec=spec)
   return _prune_by_scores(tree, jnp.abs(w), k, spec, opts, "magnitude", started)
 

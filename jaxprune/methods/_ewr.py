@@ -38,6 +38,7 @@ import numpy as np
 
 from jaxprune import ot
 from jaxprune.core.budget import check_k
+from jaxprune.core.checks import check_finite, check_labels
 from jaxprune.core.forms import as_model, user_loss
 from jaxprune.core.options import Options, resolve
 from jaxprune.core.masks import apply_masks, masks_from_flat, topk_mask
@@ -77,6 +78,7 @@ class StepInfo(NamedTuple):
   sinkhorn_iterations: jax.Array
   sinkhorn_converged: jax.Array
   marginal_error: jax.Array
+  sinkhorn_error: jax.Array       # marginal error of Sinkhorn's plan before rounding
 
 
 def _plan(y, z, cfg: StepConfig):
@@ -84,7 +86,8 @@ def _plan(y, z, cfg: StepConfig):
   if cfg.coupling == "entropic":
     return ot.entropic_plan_1d(y, z, cfg.eps, relative=cfg.relative_eps, options=cfg.sinkhorn)
   plan = ot.identity_plan(n, y.dtype) if cfg.coupling == "identity" else cfg.coupling(y, z)
-  return plan, ot.PlanInfo(jnp.asarray(0), jnp.asarray(True), ot.marginal_error(plan))
+  err = ot.marginal_error(plan)
+  return plan, ot.PlanInfo(jnp.asarray(0), jnp.asarray(True), err, err)
 
 
 def _top_k_support_kept(cand, keep):
@@ -185,7 +188,8 @@ def iht_step(op, w: jax.Array, w_ref: jax.Array, y: jax.Array, k, cfg: StepConfi
   w_next = jnp.where(keep, w_step, 0.0)
   q_before, transport = objective(z, w)
   q_after, _ = objective(op.matvec(w_next), w_next)
-  info = StepInfo(q_before, q_after, transport, tau, tau_c, pinfo.iterations, pinfo.converged, pinfo.marginal_error)
+  info = StepInfo(q_before, q_after, transport, tau, tau_c, pinfo.iterations, pinfo.converged, pinfo.marginal_error,
+                  pinfo.sinkhorn_error)
   return w_next, keep, info
 
 
@@ -320,6 +324,11 @@ def _run(params, batch, k, loss_fn, apply_fn, key, w_ref, prunable, opts: EWROpt
   loss = user_loss(model, loss_fn)
   spec = flat_spec(tree, prunable)
   n = batch_size(batch)
+  check_finite(tree, "params")
+  check_finite(batch, "batch")
+  if loss_fn is None:   # the default loss: integer labels within the model's classes
+    x, y = batch
+    check_labels(y, jax.eval_shape(model.apply_fn, tree, x[:1]).shape[-1], "batch labels")
   k = check_k(k, spec.size)
   if opts.noise is not None and key is None:
     raise ValueError("key: noise needs a jax.random key to draw the noise")
@@ -353,6 +362,9 @@ def _run(params, batch, k, loss_fn, apply_fn, key, w_ref, prunable, opts: EWROpt
     for it in range(opts.iterations):
       w_iter, keep, info = iht_step(op, w_iter, w_ref_vec, y, jnp.asarray(k_t, jnp.int32), cfg, L)
       history.append({"stage": stage, "k": k_t, **{f: float(v) for f, v in info._asdict().items()}})
+      if transport and opts.coupling == "entropic":
+        ot.report_convergence(ot.PlanInfo(info.sinkhorn_iterations, info.sinkhorn_converged, info.marginal_error,
+                                          info.sinkhorn_error), opts.sinkhorn, f"EWR stage {stage}, iteration {it}")
       if not math.isfinite(history[-1]["objective_after"]):
         raise FloatingPointError(
             f"{'EWR' if transport else 'LR'} diverged at stage {stage}, iteration {it}: the objective is "

@@ -146,6 +146,7 @@ def _solve(costs: list, ab: list, solver: str, eps: float, options: ot.SinkhornO
     a = jnp.stack([jnp.asarray(ab[i][0], jnp.float32) for i in idx])
     b = jnp.stack([jnp.asarray(ab[i][1], jnp.float32) for i in idx])
     out, info = _vmapped_entropic(c, a, b, eps, options)
+    ot.report_convergence(info, options, f"Intra-Fusion groups of shape {tuple(c.shape[1:])}")
     for j, i in enumerate(idx):
       plans[i] = np.asarray(out[j], np.float64)
   return plans

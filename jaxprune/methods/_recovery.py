@@ -24,6 +24,7 @@ from typing import Any, Callable, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
+from jaxprune.core.checks import check_budget
 from jaxprune.core.masks import topk_mask
 from jaxprune.structure.units import OutputNorm, norm_eval
 
@@ -187,6 +188,9 @@ def recover_support(output_fn: Callable, params: Any, hidden: jax.Array, k: Any,
     :class:`Support` with ``mask: (C,)``.
   """
   options = check_options(options)
+  check_budget(k, hidden.shape[-1], "k")   # a concrete k; a traced one (vmap over budgets) is the caller's
+  if not isinstance(k, jax.core.Tracer) and int(k) < 1:
+    raise ValueError(f"k must keep at least one of the {hidden.shape[-1]} channels, got {int(k)}")
   a = aggregate_activations(hidden, options.aggregate)
   neg_inf = jnp.asarray(-jnp.inf, a.dtype)
   summed = jnp.sum(hidden, axis=0, keepdims=True)
@@ -198,7 +202,7 @@ def recover_support(output_fn: Callable, params: Any, hidden: jax.Array, k: Any,
       g = proxy(output_fn, params, hidden, mask, norm, chunk_size=options.chunk_size, bn_mode=options.bn_mode)
     if options.exclude_support:
       g = jnp.where(mask, neg_inf, g)
-    merged = topk_mask(g, 2 * k) | mask
+    merged = topk_mask(g, jnp.minimum(2 * k, g.size)) | mask   # the official top-2s, at most every channel
     return topk_mask(jnp.where(merged, a, neg_inf), k)
 
   empty = jnp.zeros(hidden.shape[-1], bool)

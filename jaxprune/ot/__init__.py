@@ -2,9 +2,9 @@
 
 Both are imported on first use, not with ``import jaxprune``.
 """
-from jaxprune.ot.plans import (PlanInfo, SinkhornOptions, cost_1d, entropic_plan, entropic_plan_1d, exact_plan,
+from jaxprune.ot.plans import (ConvergenceWarning, PlanInfo, SinkhornOptions, report_convergence, cost_1d, entropic_plan, entropic_plan_1d, exact_plan,
                                identity_plan, marginal_error, round_to_marginals, sorted_plan, transport_cost,
                                uniform_plan)
 
-__all__ = ["PlanInfo", "SinkhornOptions", "cost_1d", "entropic_plan", "entropic_plan_1d", "exact_plan",
+__all__ = ["ConvergenceWarning", "report_convergence", "PlanInfo", "SinkhornOptions", "cost_1d", "entropic_plan", "entropic_plan_1d", "exact_plan",
            "identity_plan", "marginal_error", "round_to_marginals", "sorted_plan", "transport_cost", "uniform_plan"]

@@ -26,19 +26,52 @@ class SinkhornOptions(NamedTuple):
 
   ``threshold`` is the L1 error of the marginals at which Sinkhorn stops (checked every
   ``inner_iterations``); float32 cannot go much below 1e-5 at N = 1000, and the plan is
-  rounded onto the exact marginals afterwards (:func:`round_to_marginals`). ``momentum``
-  enables ott's adaptive momentum acceleration.
+  rounded onto the exact marginals afterwards (:func:`round_to_marginals`; ``round_to_marginals=
+  False`` returns Sinkhorn's own plan, as the official code does). ``momentum`` enables ott's
+  adaptive momentum acceleration. A plan that hits ``max_iterations`` before ``threshold`` is
+  reported by the methods' drivers: a :class:`ConvergenceWarning`, or an error with ``strict``.
   """
   threshold: float = 1e-4
   max_iterations: int = 5000
   inner_iterations: int = 10
   momentum: bool = True
+  round_to_marginals: bool = True
+  strict: bool = False
+
+
+MIN_EPS = 1e-30   # below this, an entropic plan is computed as its eps -> 0 limit (C / eps overflows float32)
+
+
+class ConvergenceWarning(UserWarning):
+  """Sinkhorn stopped at ``max_iterations`` before its marginals reached ``threshold``."""
 
 
 class PlanInfo(NamedTuple):
   iterations: jax.Array      # Sinkhorn iterations (0 for the closed-form eps=0 / eps=inf plans)
   converged: jax.Array       # bool
-  marginal_error: jax.Array  # max |P 1 - 1/N| and |P^T 1 - 1/N|
+  marginal_error: jax.Array  # max |P 1 - a| and |P^T 1 - b| of the returned plan
+  sinkhorn_error: jax.Array  # the same of Sinkhorn's plan before rounding (how far it had got)
+
+
+def report_convergence(info: PlanInfo, options: SinkhornOptions, where: str) -> None:
+  """Host-side: warns (or raises ``RuntimeError`` with ``options.strict``) when a plan did not converge.
+
+  ``info`` may hold one plan or a batch of them (vmapped solves).
+  """
+  import numpy as np
+  converged = np.asarray(info.converged)
+  if converged.all():
+    return
+  bad = np.flatnonzero(~converged.reshape(-1))
+  err = float(np.max(np.asarray(info.sinkhorn_error).reshape(-1)[bad]))
+  msg = (f"{where}: Sinkhorn stopped at max_iterations={options.max_iterations} before reaching "
+         f"threshold={options.threshold} ({bad.size} plan(s); largest marginal deviation {err:.2e} before "
+         "rounding; the threshold is on ott's L1 marginal error). "
+         "Raise max_iterations or eps, or loosen threshold")
+  if options.strict:
+    raise RuntimeError(msg)
+  import warnings
+  warnings.warn(msg, ConvergenceWarning, stacklevel=3)
 
 
 def cost_1d(y: jax.Array, z: jax.Array) -> jax.Array:
@@ -81,7 +114,8 @@ def entropic_plan_1d(y: jax.Array, z: jax.Array, eps: float, *, relative: bool =
   ``sinkhorn`` convention of the official code) with ott-jax's log-domain Sinkhorn.
 
   Args:
-    eps: entropic regularisation (a Python float: ``0`` -> sorted matching, ``inf`` -> uniform).
+    eps: entropic regularisation (a Python float: ``0`` -> sorted matching, ``inf`` -> uniform; below
+      ``MIN_EPS = 1e-30`` the sorted matching, the eps -> 0 limit, as ``C / eps`` overflows float32).
     relative: multiply ``eps`` by ``mean(C)`` instead of using it as an absolute value.
     options: static :class:`SinkhornOptions`.
 
@@ -89,16 +123,47 @@ def entropic_plan_1d(y: jax.Array, z: jax.Array, eps: float, *, relative: bool =
     ``(plan: (N, N), PlanInfo)``. Jit- and vmap-safe (``eps``, ``relative``, ``options`` static).
   """
   eps = _check_eps(eps)
+  y, z = _as_float(y, "y"), _as_float(z, "z")
   if y.shape != z.shape or y.ndim != 1:
     raise ValueError(f"y and z must be vectors of the same length, got {y.shape} and {z.shape}")
   n = y.shape[0]
+  if eps < MIN_EPS:   # C / eps would overflow float32: the eps -> 0 limit, the sorted matching
+    eps = 0.0
   if eps == 0.0:
-    plan = sorted_plan(y, z)
-    return plan, PlanInfo(jnp.asarray(0), jnp.asarray(True), marginal_error(plan))
+    return _closed_form(sorted_plan(y, z))
   if math.isinf(eps):
-    plan = uniform_plan(n, y.dtype)
-    return plan, PlanInfo(jnp.asarray(0), jnp.asarray(True), marginal_error(plan))
+    return _closed_form(uniform_plan(n, y.dtype))
   return _sinkhorn(y, z, eps, relative, options)
+
+
+def _closed_form(plan):
+  err = marginal_error(plan)
+  return plan, PlanInfo(jnp.asarray(0), jnp.asarray(True), err, err)
+
+
+def _as_float(x, name: str) -> jax.Array:
+  """Floating arrays for the solvers: integers and float16/bfloat16 are computed in float32."""
+  x = jnp.asarray(x)
+  if not jnp.issubdtype(x.dtype, jnp.floating) or x.dtype in (jnp.float16, jnp.bfloat16):
+    if not (jnp.issubdtype(x.dtype, jnp.integer) or jnp.issubdtype(x.dtype, jnp.floating)
+            or x.dtype == jnp.bool_):
+      raise TypeError(f"{name} must hold real numbers, got dtype {x.dtype}")
+    x = x.astype(jnp.float32)
+  return x
+
+
+def _geometry(cost, eps: float, relative: bool):
+  """ott's geometry with ``eps`` absolute, or relative to ``mean(C)``.
+
+  A cost that is zero everywhere has mean 0, which would make a relative eps 0 and the plan NaN;
+  every coupling is optimal there, and eps relative to 1 gives the product plan (the entropic
+  optimum), so the scale falls back to 1.
+  """
+  geometry, _, _, _ = _ott()
+  if not relative:
+    return geometry.Geometry(cost_matrix=cost, epsilon=eps)
+  scale = jnp.mean(cost)
+  return geometry.Geometry(cost_matrix=cost, epsilon=eps * jnp.where(scale > 0, scale, 1.0))
 
 
 def _check_eps(eps) -> float:
@@ -150,12 +215,14 @@ def _solver(options: SinkhornOptions):
 
 
 def _sinkhorn(y, z, eps, relative, options):
-  cost = cost_1d(y, z)
-  geometry, linear_problem, _, _ = _ott()
-  geom = geometry.Geometry(cost_matrix=cost, epsilon=eps, relative_epsilon="mean" if relative else None)
-  out = _solver(options)(linear_problem.LinearProblem(geom))
-  plan = round_to_marginals(jax.lax.stop_gradient(out.matrix))
-  return plan, PlanInfo(out.n_iters, out.converged, marginal_error(plan))
+  _, linear_problem, _, _ = _ott()
+  out = _solver(options)(linear_problem.LinearProblem(_geometry(cost_1d(y, z), eps, relative)))
+  return _finish(jax.lax.stop_gradient(out.matrix), out, options)
+
+
+def _finish(raw, out, options, a=None, b=None):
+  plan = round_to_marginals(raw, a, b) if options.round_to_marginals else raw
+  return plan, PlanInfo(out.n_iters, out.converged, marginal_error(plan, a, b), marginal_error(raw, a, b))
 
 
 def transport_cost(plan: jax.Array, y: jax.Array, z: jax.Array) -> jax.Array:
@@ -181,13 +248,13 @@ def entropic_plan(cost: jax.Array, a: jax.Array, b: jax.Array, eps: float, *, re
     ``(plan, PlanInfo)``; the plan is rounded onto the exact marginals. Jit- and vmap-safe.
   """
   eps = _check_eps(eps)
-  if eps == 0.0 or math.isinf(eps):
-    raise ValueError("eps must be positive and finite for an entropic plan (use exact_plan for eps=0)")
-  geometry, linear_problem, _, _ = _ott()
-  geom = geometry.Geometry(cost_matrix=cost, epsilon=eps, relative_epsilon="mean" if relative else None)
-  out = _solver(options)(linear_problem.LinearProblem(geom, a=a, b=b))
-  plan = round_to_marginals(jax.lax.stop_gradient(out.matrix), a, b)
-  return plan, PlanInfo(out.n_iters, out.converged, marginal_error(plan, a, b))
+  if eps < MIN_EPS or math.isinf(eps):
+    raise ValueError(f"eps must be in [{MIN_EPS}, inf) for an entropic plan, got {eps} "
+                     "(exact_plan gives the eps -> 0 limit)")
+  cost = _as_float(cost, "cost")
+  _, linear_problem, _, _ = _ott()
+  out = _solver(options)(linear_problem.LinearProblem(_geometry(cost, eps, relative), a=a, b=b))
+  return _finish(jax.lax.stop_gradient(out.matrix), out, options, a, b)
 
 
 def exact_plan(cost, a, b, *, max_iterations: int = 10_000_000):

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxprune.core.checks import check_labels, check_positive_int
 from jaxprune.core.progress import progress
 
 
@@ -43,6 +44,9 @@ def evaluate(apply_fn: Callable[[Any, jax.Array], jax.Array], variables: Any, x:
   x, y = np.asarray(x), np.asarray(y)
   if x.shape[0] != y.shape[0] or x.shape[0] == 0:
     raise ValueError(f"x and y must hold the same positive number of examples, got {x.shape[0]} and {y.shape[0]}")
+  check_positive_int(batch_size, "batch_size")
+  n_classes = jax.eval_shape(apply_fn, variables, jax.ShapeDtypeStruct((1,) + x.shape[1:], x.dtype)).shape[-1]
+  check_labels(y, n_classes, "y")
   n = x.shape[0]
   bs = min(batch_size, n)
   correct = total_loss = 0.0

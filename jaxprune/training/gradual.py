@@ -5,21 +5,25 @@ one pruning call per stage and masked fine-tuning between stages.
 """
 from __future__ import annotations
 
+import json
+import os
 import time
+from pathlib import Path
 from typing import Any, Callable, NamedTuple, Optional, Union
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
 from jaxprune.core.budget import check_sparsity, n_pruned_from_sparsity
-from jaxprune.core.checks import check_key, check_positive_int
+from jaxprune.core.checks import check_finite, check_key, check_positive_int
 from jaxprune.core.forms import as_model, user_loss
 from jaxprune.core.progress import progress
 from jaxprune.core.schedules import sparsity_schedule
-from jaxprune.core.trees import PrunableSpec, PyTree, count_prunable
+from jaxprune.core.trees import PrunableSpec, PyTree, count_prunable, leaves_with_paths, map_with_paths
 from jaxprune.training.batches import Dataset, batches
-from jaxprune.training.masking import keep_pruned_at_zero, set_masks
+from jaxprune.training.masking import MaskedState, keep_pruned_at_zero, set_masks
 from jaxprune.training.registry import Pruner, pruner_for
 
 
@@ -45,7 +49,8 @@ def gradual_prune(params: PyTree, data: Dataset, *, pruner: Union[str, Pruner],
                   include_initial: bool = True, n_examples: int = 1000,
                   optimizer: optax.GradientTransformation = optax.sgd(1e-3, momentum=0.5), batch_size: int = 64,
                   finetune_epochs: int = 1, evaluate_fn: Optional[Callable[[PyTree], dict]] = None,
-                  prunable: PrunableSpec = None, show_progress: bool = True) -> GradualResult:
+                  prunable: PrunableSpec = None, checkpoint_dir: Optional[str] = None,
+                  show_progress: bool = True) -> GradualResult:
   """Gradual pruning (the protocol of EWR's Table 1): for each stage, prune then fine-tune.
 
   Stage ``t`` has the sparsity ``sparsity_schedule(target, stages, schedule, include_initial)``
@@ -64,6 +69,10 @@ def gradual_prune(params: PyTree, data: Dataset, *, pruner: Union[str, Pruner],
     target_sparsity: the final sparsity of the prunable weights.
     key: ``jax.random`` key: example draws, shuffles and the pruner's randomness.
     evaluate_fn: ``params -> dict`` of metrics, recorded after each prune and fine-tune.
+    checkpoint_dir: a folder for a resumable run. After every stage the params, the optimiser
+      state (with the masks), the random key and the history are saved there; calling again with
+      the same arguments resumes after the last finished stage and gives the same result as an
+      uninterrupted run. A checkpoint of a run with other arguments is an error, not a resume.
 
   Returns:
     :class:`GradualResult` (final params and masks, and one :class:`Stage` per stage).
@@ -76,6 +85,7 @@ def gradual_prune(params: PyTree, data: Dataset, *, pruner: Union[str, Pruner],
     check_positive_int(value, name)
   if n_examples > len(train):
     raise ValueError(f"n_examples={n_examples} exceeds the {len(train)} training examples")
+  check_finite({"x": train.x}, "data")   # a NaN row would silently turn every weight into NaN
   model = as_model(params, apply_fn)
   params = model.tree
   loss_fn = user_loss(model, loss_fn)
@@ -95,7 +105,18 @@ def gradual_prune(params: PyTree, data: Dataset, *, pruner: Union[str, Pruner],
 
   dense, current, masks, state, history = params, params, None, None, []
   evaluate_fn = evaluate_fn or (lambda _: {})
+  store = None
+  if checkpoint_dir is not None:
+    signature = _signature(params, key, pruner, target_sparsity, stages, schedule, include_initial, n_examples,
+                           batch_size, finetune_epochs)
+    store = _Checkpoints(checkpoint_dir, signature)
+    resumed = store.load(current, optimizer.init(current), key)
+    if resumed is not None:
+      current, state, key, history = resumed
+      masks = state.masks
   for t, s in enumerate(progress(sparsities, desc="gradual stages", disable=not show_progress)):
+    if t < len(history):   # finished before an interruption
+      continue
     key, k_pick, k_prune, k_shuffle = jax.random.split(key, 4)
     k_t = p - n_pruned_from_sparsity(p, target_sparsity if t == stages - 1 else s)
     t0 = time.perf_counter()
@@ -117,4 +138,70 @@ def gradual_prune(params: PyTree, data: Dataset, *, pruner: Union[str, Pruner],
         current, state, _ = train_step(current, state, (xb, yb))
     jax.block_until_ready(current)
     history.append(Stage(t + 1, s, k_t, after_prune, evaluate_fn(current), prune_seconds, time.perf_counter() - t0))
+    if store is not None:
+      store.save(current, state, key, history)
   return GradualResult(current, state.masks, history)
+
+
+def _signature(params, key, pruner, *settings) -> str:
+  """What a checkpoint must match to be resumed: the settings, the tree's layout and the key."""
+  import hashlib
+  layout = [(p, tuple(np.shape(x)), str(np.asarray(x).dtype)) for p, x in leaves_with_paths(params)]
+  name = pruner if isinstance(pruner, str) else getattr(pruner, "__qualname__", type(pruner).__name__)
+  text = repr((layout, name, settings, np.asarray(_key_data(key)).tolist()))
+  return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _key_data(key):
+  return jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key
+
+
+class _Checkpoints:
+  """One run's state after its last finished stage: arrays in a ``.npz``, the rest in JSON.
+
+  The params and the inner optimiser state are stored leaf by leaf in their tree order, the masks
+  by leaf path (``None`` where a leaf is not pruned), the key as its raw data. Each file is
+  written to a temporary name and renamed, so an interruption never leaves a half-written stage.
+  """
+
+  def __init__(self, folder: str, signature: str):
+    self.folder = Path(folder)
+    self.folder.mkdir(parents=True, exist_ok=True)
+    self.signature = signature
+    self.arrays, self.meta = self.folder / "gradual_state.npz", self.folder / "gradual_state.json"
+
+  def save(self, params, state, key, history) -> None:
+    arrays = {f"params_{i}": np.asarray(x) for i, x in enumerate(jax.tree_util.tree_leaves(params))}
+    arrays.update({f"inner_{i}": np.asarray(x) for i, x in enumerate(jax.tree_util.tree_leaves(state.inner_state))})
+    arrays.update({f"mask:{p}": np.asarray(m) for p, m in leaves_with_paths(state.masks)})
+    arrays["key"] = np.asarray(_key_data(key))
+    tmp = self.folder / "gradual_state.tmp.npz"
+    np.savez(tmp, **arrays)
+    tmp_meta = self.folder / "gradual_state.tmp.json"
+    tmp_meta.write_text(json.dumps({"signature": self.signature, "history": [s._asdict() for s in history]},
+                                   default=float))
+    os.replace(tmp, self.arrays)
+    os.replace(tmp_meta, self.meta)
+
+  def load(self, params, inner_template, key):
+    """``(params, state, key, history)`` of the last finished stage, or ``None`` for a fresh run."""
+    if not (self.arrays.exists() and self.meta.exists()):
+      return None
+    meta = json.loads(self.meta.read_text())
+    if meta.get("signature") != self.signature:
+      raise ValueError(f"checkpoint_dir={str(self.folder)!r} holds a gradual run with other arguments (or another "
+                       "key or model); give an empty folder or the same arguments to resume")
+    with np.load(self.arrays) as f:
+      saved = {name: f[name] for name in f.files}
+    params = _restore(params, "params", saved)
+    inner = _restore(inner_template, "inner", saved)
+    masks = map_with_paths(lambda p, x: jnp.asarray(saved[f"mask:{p}"]) if f"mask:{p}" in saved else None, params)
+    data = saved["key"]
+    key = jax.random.wrap_key_data(data) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else jnp.asarray(data)
+    return params, MaskedState(masks, inner), key, [Stage(**s) for s in meta["history"]]
+
+
+def _restore(template, prefix: str, saved: dict):
+  leaves, treedef = jax.tree_util.tree_flatten(template)
+  return jax.tree_util.tree_unflatten(treedef, [jnp.asarray(saved[f"{prefix}_{i}"], dtype=np.asarray(t).dtype)
+                                                for i, t in enumerate(leaves)])

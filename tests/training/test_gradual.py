@@ -85,3 +85,34 @@ def test_gradual_driver_on_mnist(mlpnet_variables, mnist_test, data_dir):
   with pytest.raises(ValueError, match="unknown method 'nope'"):
     loops.gradual_prune(mlpnet_variables, train, pruner="nope", loss_fn=loss, target_sparsity=0.5,
                         key=jax.random.key(0))
+
+
+class _Interrupted(Exception):
+  pass
+
+
+def test_an_interrupted_gradual_run_resumes_to_the_uninterrupted_result(mlpnet_variables, data_dir, tmp_path):
+  train = jp.data.load("mnist", "train", data_dir=data_dir, limit=600)
+  loss = signals.classification_loss(mlpnet().apply)
+  kw = dict(pruner="lr", loss_fn=loss, target_sparsity=0.9, stages=4, n_examples=64, batch_size=100,
+            key=jax.random.key(3), optimizer=optax.sgd(1e-3, momentum=0.9), show_progress=False)
+  whole = loops.gradual_prune(mlpnet_variables, train, **kw)
+  calls = []
+
+  def stop_in_stage_3(params):
+    calls.append(1)
+    if len(calls) == 5:   # after_prune of stage 3: stages 1 and 2 are finished and saved
+      raise _Interrupted
+    return {}
+
+  with pytest.raises(_Interrupted):
+    loops.gradual_prune(mlpnet_variables, train, checkpoint_dir=tmp_path, evaluate_fn=stop_in_stage_3, **kw)
+  resumed = loops.gradual_prune(mlpnet_variables, train, checkpoint_dir=tmp_path, **kw)
+  assert [h.stage for h in resumed.history] == [1, 2, 3, 4]
+  for a, b in zip(jax.tree_util.tree_leaves(resumed.params), jax.tree_util.tree_leaves(whole.params)):
+    np.testing.assert_array_equal(a, b)
+  assert jp.count_kept(resumed.masks) == jp.count_kept(whole.masks)
+  again = loops.gradual_prune(mlpnet_variables, train, checkpoint_dir=tmp_path, **kw)   # finished: nothing to do
+  np.testing.assert_array_equal(jax.tree_util.tree_leaves(again.params)[0], jax.tree_util.tree_leaves(whole.params)[0])
+  with pytest.raises(ValueError, match="other arguments"):
+    loops.gradual_prune(mlpnet_variables, train, checkpoint_dir=tmp_path, **dict(kw, target_sparsity=0.8))
