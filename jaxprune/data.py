@@ -19,7 +19,7 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 
-from jaxprune.training.batches import Dataset, batches
+from jaxprune.training.batches import Dataset, batches  # noqa: F401  (re-exported: data.batches)
 
 ENV_VAR = "JAXPRUNE_DATA_DIR"
 

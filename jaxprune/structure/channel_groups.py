@@ -138,6 +138,7 @@ class KernelRead(NamedTuple):
     kernel_dtype: the dtype the kernel had at the equation.
     as_stored: the kernel enters the equation with the leaf's own axis order (no transpose/reshape).
     bias: the path of the same layer's ``bias`` leaf added to the equation's output, if any.
+    activation_ndim: the rank of the other operand (the activation).
   """
   path: str
   address: tuple
@@ -147,6 +148,7 @@ class KernelRead(NamedTuple):
   kernel_dtype: Any
   as_stored: bool
   bias: Optional[str] = None
+  activation_ndim: int = 0
 
 
 @dataclasses.dataclass(frozen=True)

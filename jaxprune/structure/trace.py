@@ -174,7 +174,8 @@ def _collect(tr: Walker, param_infos, paths, linen: bool) -> ChannelGroups:
   prunable.sort(key=lambda e: -e[0])
   unprunable.sort(key=lambda e: -e[0])
   reads = tuple(KernelRead(paths[leaf], address, operand, eqn.primitive, tuple(sorted(eqn.params.items())),
-                           eqn.invars[operand].aval.dtype, as_stored, _bias_of(tr, leaf, paths, linen))
+                           eqn.invars[operand].aval.dtype, as_stored, _bias_of(tr, leaf, paths, linen),
+                           len(eqn.invars[1 - operand].aval.shape))
                 for leaf, address, operand, eqn, as_stored in tr.reads)
   return ChannelGroups(groups=tuple(g for _, g in prunable), unprunable=tuple(g for _, g in unprunable),
                        norms=_norm_links(tr, param_infos, paths, norms, linen), reads=reads)

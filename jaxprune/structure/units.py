@@ -296,8 +296,8 @@ def _channels_last(read, params) -> bool:
   if read.primitive.name == "conv_general_dilated":
     return params["dimension_numbers"].lhs_spec[1] == len(params["dimension_numbers"].lhs_spec) - 1
   (lc, rc), _ = params["dimension_numbers"]
-  contract = lc if read.operand == 1 else rc
-  return len(contract) == 1   # checked against the activation's rank where it is captured
+  contract = lc if read.operand == 1 else rc   # the activation's contracted axes
+  return tuple(contract) == (read.activation_ndim - 1,)
 
 
 def two_layer_units(apply_fn: Callable, variables: Any, example: Any, groups: Optional[ChannelGroups] = None,
