@@ -34,11 +34,10 @@ from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jaxprune import ot
 from jaxprune.core.budget import check_k
-from jaxprune.core.checks import check_finite, check_labels
+from jaxprune.core.checks import check_choice, check_finite, check_labels, check_positive_int
 from jaxprune.core.forms import as_model, user_loss
 from jaxprune.core.options import Options, resolve
 from jaxprune.core.masks import apply_masks, masks_from_flat, topk_mask
@@ -243,11 +242,9 @@ class EWROptions(Options):
 
   def check(self) -> None:
     """Raises ``ValueError``/``TypeError`` naming the first bad field."""
-    for name, value, allowed in (("direction", self.direction, DIRECTIONS), ("signals", self.signals, SIGNALS),
-                                 ("step", self.step, STEPS), ("stage_schedule", self.stage_schedule,
-                                                              SCHEDULES)):
-      if value not in allowed:
-        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+    for name, allowed in (("direction", DIRECTIONS), ("signals", SIGNALS), ("step", STEPS),
+                          ("stage_schedule", SCHEDULES)):
+      check_choice(getattr(self, name), allowed, name)
     if not (self.coupling in ("entropic", "identity") or callable(self.coupling)):
       raise ValueError(f"coupling must be 'entropic', 'identity' or a callable (y, z) -> plan, got {self.coupling!r}")
     eps = self.eps
@@ -257,9 +254,7 @@ class EWROptions(Options):
     if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam) or lam < 0:
       raise ValueError(f"lam must be a finite float >= 0, got {lam!r}")
     for name in ("iterations", "stages", "chunk_size"):
-      value = getattr(self, name)
-      if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
+      check_positive_int(getattr(self, name), name)
     if self.noise is not None:
       if self.signals != "materialized":
         raise ValueError("noise needs signals='materialized' (noise is added to the rows of G)")

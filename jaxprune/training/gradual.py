@@ -152,8 +152,12 @@ def _signature(params, key, pruner, *settings) -> str:
   return hashlib.sha256(text.encode()).hexdigest()
 
 
+def _is_typed_key(key) -> bool:
+  return jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
+
+
 def _key_data(key):
-  return jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key
+  return jax.random.key_data(key) if _is_typed_key(key) else key
 
 
 class _Checkpoints:
@@ -197,7 +201,7 @@ class _Checkpoints:
     inner = _restore(inner_template, "inner", saved)
     masks = map_with_paths(lambda p, x: jnp.asarray(saved[f"mask:{p}"]) if f"mask:{p}" in saved else None, params)
     data = saved["key"]
-    key = jax.random.wrap_key_data(data) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else jnp.asarray(data)
+    key = jax.random.wrap_key_data(data) if _is_typed_key(key) else jnp.asarray(data)
     return params, MaskedState(masks, inner), key, [Stage(**s) for s in meta["history"]]
 
 
