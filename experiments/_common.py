@@ -4,12 +4,14 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import os
 import platform
 import time
 from pathlib import Path
 
 import jax
+import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("JAXPRUNE_SHARED", REPO.parent / "shared"))
@@ -101,3 +103,14 @@ def checkpoint_model(name: str, args):
   train = jp.data.load(data, "train", data_dir=args.data_dir, source="local")
   test = jp.data.load(data, "test", data_dir=args.data_dir, source="local")
   return v, train, test, model, jax.ShapeDtypeStruct(shape, jnp.float32)
+
+
+T90 = {1: 6.314, 2: 2.920, 3: 2.353, 4: 2.132, 5: 2.015, 9: 1.833}   # two-sided 90% t quantiles by dof
+
+
+def ci90(values) -> tuple[float, float]:
+  """Mean and half-width of the two-sided 90% t-interval (nan for a single value)."""
+  v = np.asarray(values, float)
+  if v.size < 2:
+    return float(v.mean()), float("nan")
+  return float(v.mean()), T90.get(v.size - 1, 1.645) * float(v.std(ddof=1)) / math.sqrt(v.size)

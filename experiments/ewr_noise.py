@@ -6,7 +6,6 @@ stages to each target sparsity. Noise as in the official code: for each example,
 std of that example's gradient)^2) on a random fraction of its coordinates. Test loss and
 accuracy over 5 seeds (each seed draws its own examples and noise), mean with a 90% t-interval.
 """
-import math
 import time
 
 import jax
@@ -17,16 +16,6 @@ from jaxprune.models import mlpnet
 from jaxprune.core.progress import progress
 
 import _common
-
-T90 = {1: 6.314, 2: 2.920, 3: 2.353, 4: 2.132, 5: 2.015, 9: 1.833}   # two-sided 90% t quantiles by dof
-
-
-def ci90(values):
-  v = np.asarray(values, float)
-  if v.size < 2:
-    return float(v.mean()), float("nan")
-  return float(v.mean()), T90.get(v.size - 1, 1.645) * float(v.std(ddof=1)) / math.sqrt(v.size)
-
 
 def main():
   p = _common.parser(__doc__.splitlines()[0])
@@ -67,7 +56,7 @@ def main():
       for m in ("LR", "EWR"):
         sel = [r for r in rows if r["sparsity"] == s and r["noise_scale"] == scale and r["noise_fraction"] == frac
                and r["method"] == m]
-        stats[m] = (ci90([r["test_loss"] for r in sel]), ci90([r["accuracy"] for r in sel]))
+        stats[m] = (_common.ci90([r["test_loss"] for r in sel]), _common.ci90([r["accuracy"] for r in sel]))
         summary.append({"sparsity": s, "noise": cell[1], "method": m, "loss_mean": stats[m][0][0],
                         "loss_ci90": stats[m][0][1], "acc_mean": stats[m][1][0], "acc_ci90": stats[m][1][1]})
       for m in ("LR", "EWR"):

@@ -48,9 +48,13 @@ def test_sinkhorn_at_its_iteration_cap_warns_or_raises_and_rounding_is_an_option
   raw, raw_info = ot.entropic_plan_1d(y, z, 1e-2, options=opts._replace(round_to_marginals=False))
   assert float(raw_info.marginal_error) == pytest.approx(float(info.sinkhorn_error), rel=1e-5)
   params, apply_fn, x = _mlp()
-  with pytest.raises(RuntimeError, match="EWR stage 1, iteration 0: Sinkhorn stopped"):
+  strict = ot.SinkhornOptions(max_iterations=10, threshold=1e-12, momentum=False, strict=True)
+  with pytest.raises(RuntimeError, match="EWR stage 1, iteration 0: Sinkhorn stopped"):   # the IHT step
     jp.ewr(params, (x, jnp.arange(16) % 3), 20, apply_fn=apply_fn, eps=1e-4, stages=3, show_progress=False,
-           sinkhorn=ot.SinkhornOptions(max_iterations=10, threshold=1e-12, momentum=False, strict=True))
+           sinkhorn=strict, official=True)
+  with pytest.raises(RuntimeError, match="EWR stage 0, refit 0: Sinkhorn stopped"):     # the refit's plan
+    jp.ewr(params, (x, jnp.arange(16) % 3), 20, apply_fn=apply_fn, eps=1e-4, stages=3, show_progress=False,
+           sinkhorn=strict)
 
 
 def test_budgets_are_checked_at_every_level():

@@ -14,7 +14,20 @@ top-k support, by bisection; the closed-form minimiser of ``Q`` on the line ``H_
 (brief section 10), clipped to ``tau_c``, and past it the 1.05 growth rule; then a hard
 threshold to exactly ``k``.
 
-Faithfulness (defaults follow the official code, the other readings are options):
+Two readings, one flag apart:
+
+* **Defaults: jaxprune's solver** (the best pruned model we measured, ``experiments/README.md``):
+  ``stages`` along a cubic schedule from ``initial_sparsity`` 0.1, each with ``G`` recomputed at
+  the current weights and the reference reset to them (CHITA++); per stage the support is the top
+  ``k_t`` of the current weights by magnitude (``support="obs"``: by the optimal-brain-surgeon
+  saliency) and the kept weights get an exact ridge refit (the "backsolve",
+  :mod:`jaxprune.methods._backsolve`), written back. EWR's refit fits ``N Pi^T y`` (the plan
+  held fixed), LR's ``y``. ``lam`` and ``stages`` default by sparsity.
+* **``official=True``: the official code**: one IHT step per stage (below) from the dense point,
+  mask only, ``lam = 0.01``, the reference fixed. From the dense point this step is magnitude
+  pruning (``d = 0``).
+
+The official step's readings, each an option:
   * ``direction="official"``: ``d = N [G^T Pi (G w - y) + lam (w - w_ref)]`` (paper-era code;
     ``scale_by_n=False`` drops the factor N as the code's HEAD does). Not the exact gradient
     of ``Q``; ``direction="exact"`` uses ``G^T (G w - N Pi^T y) + N lam (w - w_ref)``.
@@ -36,6 +49,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxprune import ot
+from jaxprune.methods import _backsolve
 from jaxprune.core.budget import check_k
 from jaxprune.core.checks import check_choice, check_finite, check_labels, check_positive_int
 from jaxprune.core.forms import as_model, user_loss
@@ -44,13 +58,22 @@ from jaxprune.core.masks import apply_masks, masks_from_flat, topk_mask
 from jaxprune.core.progress import progress
 from jaxprune.core.results import PruneResult, make_info
 from jaxprune.core.schedules import KINDS as SCHEDULES, budgets_between, schedule_fractions
-from jaxprune.signals.gradients import (add_gradient_noise, batch_size, dense_operator, gradient_operator,
-                              per_example_grads)
+from jaxprune.signals.gradients import (DenseOperator, add_gradient_noise, batch_size, dense_operator,
+                                       gradient_operator, per_example_grads)
 from jaxprune.core.trees import PrunableSpec, PyTree, flat_spec, flatten, unflatten
 
 DIRECTIONS = ("official", "exact")
 SIGNALS = ("materialized", "matrix_free")
 STEPS = ("official", "lipschitz")
+SUPPORTS = ("magnitude", "obs", "iht")
+REFITS = ("ridge", "none")
+# The defaults by target sparsity, measured on MLPNet (N = 1000, experiments/README.md): rows of
+# (sparsity from which the row applies, lam, stages, support); the last row that applies wins.
+BY_SPARSITY = {
+    "lr": ((0.0, 1e-5, 10, "magnitude"), (0.7, 1e-5, 20, "magnitude"), (0.97, 1e-4, 40, "obs")),
+    # EWR's OT target is not anchored to each example's own value, so it needs a heavier ridge.
+    "ewr": ((0.0, 1e-3, 10, "magnitude"), (0.7, 1e-3, 20, "magnitude"), (0.97, 1e-3, 40, "obs")),
+}
 
 
 class StepConfig(NamedTuple):
@@ -196,42 +219,79 @@ def iht_step(op, w: jax.Array, w_ref: jax.Array, y: jax.Array, k, cfg: StepConfi
 class EWROptions(Options):
   """Everything that changes the mathematics of :func:`ewr` and :func:`lr` (frozen, hashable).
 
+  Two readings. The defaults are jaxprune's solver, chosen by measurement on MLPNet (see
+  ``experiments/README.md``): several stages along a cubic schedule, each with ``G`` recomputed
+  at the current weights and the reference reset to them (CHITA++), a magnitude support and an
+  exact ridge refit of the kept weights (the "backsolve", :mod:`jaxprune.methods._backsolve`),
+  written back. :meth:`official` is the official EWR code: one IHT step from the dense point,
+  mask only, ``lam = 0.01``, reference fixed.
+
   Attributes:
-    eps: entropic regularisation, absolute on the unnormalised cost (official); ``0`` -> exact
-      sorted matching, ``inf`` -> uniform plan.
-    lam: ridge weight (official: 0.01).
+    eps: entropic regularisation, absolute on the unnormalised cost; ``0`` (default) -> the exact
+      sorted matching, the best EWR model we measured (blurrier plans pull the target away from
+      each example's own value); ``inf`` -> uniform plan; official 1.0.
+    lam: ridge weight; ``None`` (default) picks it by sparsity (:func:`defaults_for`); official 0.01.
     relative_eps: scale ``eps`` by the mean cost instead (not the official code).
-    direction: ``"official"`` (paper-era code) or ``"exact"`` (true gradient with Pi fixed).
+    support: how a stage picks its ``k`` weights: ``"magnitude"`` (top-k of the current weights),
+      ``"obs"`` (top-k optimal-brain-surgeon saliency ``w_i^2 / 2[H^{-1}]_ii`` for the ridge Fisher
+      on the current support; ``O(N^2 p)``, materialised ``G``) or ``"iht"`` (``iterations`` IHT
+      steps with ``direction``/``step``, official); ``None`` (default) picks it by sparsity
+      (magnitude with matrix-free signals).
+    refit: ``"ridge"`` (default): exact ridge refit on the support, ``min 1/2 ||t - G_S w_S||^2 +
+      (N lam/2) ||w_S - w_ref_S||^2`` with target ``t = y`` (LR) or ``N Pi^T y`` (EWR, the plan
+      held fixed: ``(N/2) <Pi, C(w)>`` is then ``1/2 ||N Pi^T y - G w||^2`` plus a constant);
+      ``"none"``: the support step's values (official).
+    solver: how the refit is solved: ``"auto"`` (``k x k`` Cholesky when ``k <= N``, else the
+      ``N x N`` Woodbury system; conjugate gradients for matrix-free signals), ``"woodbury"``,
+      ``"cholesky"`` or ``"cg"``.
+    refits: plan refreshes per stage for EWR (plan at the refitted weights, refit again); LR needs one.
+    jitter: the refit's ridge is at least ``jitter`` x the system's mean diagonal, so ``lam -> 0``
+      on a rank-deficient ``G_S`` stays finite.
+    cg_iterations: conjugate-gradient iterations of the matrix-free refit.
+    first_order: weight of the first-order term ``(G^T 1)^T (w - w_ref)`` (1 = the loss's Taylor
+      expansion; CHITA's option); it shifts the target by ``-first_order``. Default 0, as EWR.
+    reset_reference: each stage's reference is its input weights (default, CHITA++); False keeps
+      ``w_ref`` fixed across stages (official; diverges at high sparsity with write-back).
+    direction: ``"official"`` (paper-era code) or ``"exact"`` (true gradient with Pi fixed), for IHT.
     scale_by_n: keep the factor N in the official direction (paper-era code: True; HEAD: False).
-    update_weights: False = mask only (official); True = write the IHT iterate back (CHITA). With
-      ``iterations > 1`` the IHT iterates carry their values between steps either way; mask only
-      then applies the final support to the stage's input weights.
-    iterations: IHT steps per stage, with the plan refreshed between them (the paper's Algorithm 1).
-    stages: multi-stage one-shot pruning: budgets decrease to ``k`` over ``stages`` stages
-      (``stage_schedule`` ``"linear"`` or ``"cubic"``), ``G`` recomputed at the current weights,
-      ``w_ref`` fixed.
+    update_weights: write the solver's values back (default); False = mask only (official), the
+      surviving weights keep their values (needs ``refit="none"``). With ``iterations > 1`` the IHT
+      iterates carry their values between steps either way.
+    iterations: IHT steps per stage (``support="iht"``), the plan refreshed between them.
+    stages: number of stages, budgets decreasing to ``k`` along ``stage_schedule`` from
+      ``initial_sparsity``; ``None`` (default) picks it by sparsity (:func:`defaults_for`).
+    stage_schedule: ``"cubic"`` (default), ``"linear"`` (official multi-stage) or ``"polynomial"``.
+    initial_sparsity: the schedule's starting sparsity (default 0.1; official 0).
     signals: ``"materialized"`` (``G`` built in chunks) or ``"matrix_free"`` (JVP/VJP operators).
     chunk_size, grads_dtype: chunking and storage dtype of the per-example gradients.
     noise: ``(scale, fraction)`` gradient noise as in the official code (needs ``key``).
     sinkhorn: static :class:`~jaxprune.ot.SinkhornOptions`.
     coupling: ``"entropic"`` (EWR), ``"identity"`` (``Pi = I/N``: LR) or a hashable callable
       ``(y, z) -> plan: (N, N)``.
-    step: ``"official"`` (official code: support-preserving ``tau_c``, closed-form line minimiser,
-      1.05 growth) or ``"lipschitz"`` (plain IHT with ``tau = 1/L``: the paper's Algorithm-1
-      prototype; lets the support move freely).
-
-  The defaults are the official code's reading today (so :meth:`official` equals the defaults);
-  the other readings are the options above.
+    step: ``"official"`` (support-preserving ``tau_c``, closed-form line minimiser, 1.05 growth)
+      or ``"lipschitz"`` (plain IHT with ``tau = 1/L``: the paper's Algorithm-1 prototype).
   """
-  eps: float = 1.0
-  lam: float = 0.01
+  OFFICIAL = {"eps": 1.0, "lam": 0.01, "support": "iht", "refit": "none", "update_weights": False, "stages": 1,
+              "stage_schedule": "linear", "initial_sparsity": 0.0, "reset_reference": False}
+
+  eps: float = 0.0
+  lam: Optional[float] = None
   relative_eps: bool = False
+  support: Optional[str] = None
+  refit: str = "ridge"
+  solver: str = "auto"
+  refits: int = 1
+  jitter: float = 1e-6
+  cg_iterations: int = 200
+  first_order: float = 0.0
+  reset_reference: bool = True
   direction: str = "official"
   scale_by_n: bool = True
-  update_weights: bool = False
+  update_weights: bool = True
   iterations: int = 1
-  stages: int = 1
-  stage_schedule: str = "linear"
+  stages: Optional[int] = None
+  stage_schedule: str = "cubic"
+  initial_sparsity: float = 0.1
   signals: str = "materialized"
   chunk_size: int = 256
   grads_dtype: Any = jnp.float32
@@ -243,18 +303,29 @@ class EWROptions(Options):
   def check(self) -> None:
     """Raises ``ValueError``/``TypeError`` naming the first bad field."""
     for name, allowed in (("direction", DIRECTIONS), ("signals", SIGNALS), ("step", STEPS),
-                          ("stage_schedule", SCHEDULES)):
+                          ("stage_schedule", SCHEDULES), ("refit", REFITS), ("solver", _backsolve.SOLVERS)):
       check_choice(getattr(self, name), allowed, name)
     if not (self.coupling in ("entropic", "identity") or callable(self.coupling)):
       raise ValueError(f"coupling must be 'entropic', 'identity' or a callable (y, z) -> plan, got {self.coupling!r}")
     eps = self.eps
     if isinstance(eps, (bool, jax.Array)) or not isinstance(eps, (int, float)) or math.isnan(eps) or eps < 0:
       raise ValueError(f"eps must be a float >= 0 or inf (0: exact sorted matching), got {eps!r}")
-    lam = self.lam
-    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam) or lam < 0:
-      raise ValueError(f"lam must be a finite float >= 0, got {lam!r}")
-    for name in ("iterations", "stages", "chunk_size"):
+    if self.support is not None:
+      check_choice(self.support, SUPPORTS, "support")
+    for name in ("lam", "jitter", "first_order"):
+      value = getattr(self, name)
+      if name == "lam" and value is None:
+        continue
+      if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite float >= 0, got {value!r}")
+    for name in ("iterations", "refits", "chunk_size", "cg_iterations") + (("stages",) if self.stages is not None else ()):
       check_positive_int(getattr(self, name), name)
+    s0 = self.initial_sparsity
+    if isinstance(s0, bool) or not isinstance(s0, (int, float)) or not 0.0 <= s0 < 1.0:
+      raise ValueError(f"initial_sparsity must be a float in [0, 1), got {s0!r}")
+    if self.refit == "ridge" and not self.update_weights:
+      raise ValueError("update_weights=False keeps the input values on the support, which would discard the "
+                       "ridge refit: use refit='none' for the official mask-only step")
     if self.noise is not None:
       if self.signals != "materialized":
         raise ValueError("noise needs signals='materialized' (noise is added to the rows of G)")
@@ -262,11 +333,25 @@ class EWROptions(Options):
         raise ValueError(f"noise must be (scale, fraction), got {self.noise!r}")
 
 
+def defaults_for(sparsity: float, method: str = "lr") -> dict:
+  """``lam``, ``stages`` and ``support`` of the default solver of ``method`` (``"lr"``/``"ewr"``)
+  at a target sparsity (the ``BY_SPARSITY`` table, measured on MLPNet): a light ridge and 10-20
+  stages with the magnitude support up to 0.97; from 0.97, where the support matters most, 40
+  stages with the OBS saliency, so the refit starts from the weights that cost least to remove."""
+  check_choice(method, tuple(BY_SPARSITY), "method")
+  _, lam, stages, support = [row for row in BY_SPARSITY[method] if sparsity >= row[0]][-1]
+  return {"lam": lam, "stages": stages, "support": support}
+
+
 def ewr(params: PyTree, batch: Any, k: int, *, loss_fn: Optional[Callable] = None,
         apply_fn: Optional[Callable] = None, key: Optional[jax.Array] = None, w_ref: Optional[PyTree] = None,
         prunable: PrunableSpec = None, options: Optional[EWROptions] = None, official: bool = False,
         show_progress: bool = True, **overrides) -> PruneResult:
   """EWR pruning: keep ``k`` weights chosen by entropic-Wasserstein regression of per-example gradients.
+
+  By default a multi-stage magnitude support with an exact ridge refit of the kept weights to the
+  OT target ``N Pi^T y`` (see :class:`EWROptions`); ``official=True`` is the official code's
+  single IHT step with mask-only write-back.
 
   Args:
     params: the model's tree (params dict, linen ``variables``, ``nnx.State``) or an
@@ -279,16 +364,18 @@ def ewr(params: PyTree, batch: Any, k: int, *, loss_fn: Optional[Callable] = Non
       BatchNorm models in inference mode.
     apply_fn: ``apply_fn(params, x) -> logits`` for the default loss (not needed for an NNX module).
     key: ``jax.random`` key (needed with gradient ``noise``).
-    w_ref: reference weights (default: ``params``; the gradual driver passes the dense weights).
+    w_ref: the fixed reference of ``reset_reference=False`` (default: ``params``; the gradual
+      driver passes the dense weights); an error with the default ``reset_reference=True``.
     prunable: leaf selection (default: Dense/Conv kernels); see :class:`jaxprune.Prunable`.
     options: an :class:`EWROptions`; official: its official preset. ``**overrides`` set single
       fields on top (``stages=10``, ``eps=0.1``, ...).
     show_progress: progress bars for per-example gradients and stages.
 
   Returns:
-    :class:`PruneResult`: ``params`` (pruned, or updated if ``update_weights``), ``masks`` and
-    ``info`` (method, options, seconds; per-step objectives, transport cost, step sizes and
-    Sinkhorn iterations under ``steps``).
+    :class:`PruneResult`: ``params`` (pruned, with the refitted values unless mask only),
+    ``masks`` and ``info`` (method, the options with ``lam``/``stages`` resolved, seconds,
+    ``budgets`` per stage; under ``steps`` one record per IHT step or refit: its ``kind``,
+    objective, transport cost, and step sizes or the refit's ``mu`` and relative residual).
   """
   return _run(params, batch, k, loss_fn, apply_fn, key, w_ref, prunable,
               resolve(EWROptions, options, official, overrides), show_progress)
@@ -324,52 +411,132 @@ def _run(params, batch, k, loss_fn, apply_fn, key, w_ref, prunable, opts: EWROpt
   if loss_fn is None:   # the default loss: integer labels within the model's classes
     x, y = batch
     check_labels(y, jax.eval_shape(model.apply_fn, tree, x[:1]).shape[-1], "batch labels")
-  k = check_k(k, spec.size)
+  p = spec.size
+  k = check_k(k, p)
   if opts.noise is not None and key is None:
     raise ValueError("key: noise needs a jax.random key to draw the noise")
+  sparsity = 1.0 - k / p
+  defaults = defaults_for(sparsity, "ewr" if opts.coupling != "identity" else "lr")
+  if opts.signals == "matrix_free":   # the OBS saliency needs G itself
+    defaults["support"] = "magnitude"
+  opts = opts.replace(**{f: v for f, v in defaults.items() if getattr(opts, f) is None})
   if w_ref is not None:
+    if opts.reset_reference:
+      raise ValueError("w_ref is the fixed reference of reset_reference=False (the official reading); with "
+                       "reset_reference=True (default) each stage's reference is its input weights")
     w_ref = as_model(w_ref).tree
   w_ref_vec, _ = flatten(tree if w_ref is None else w_ref, spec=spec)
   w_vec, _ = flatten(tree, spec=spec)
   transport = opts.coupling != "identity"
   cfg = StepConfig(opts.coupling, float(opts.eps), opts.relative_eps, float(opts.lam), opts.direction,
                    opts.scale_by_n, opts.sinkhorn, opts.step)
-
-  p = spec.size
-  budgets = budgets_between(p, p, k, schedule_fractions(opts.stages, opts.stage_schedule))
-  history, current = [], tree
-  keep = None
+  budgets = _budgets(p, k, opts)
+  history, keep = [], None
   noise_keys = None if opts.noise is None else jax.random.split(key, opts.stages)
-  for stage, k_t in enumerate(progress(budgets, desc="EWR stages" if transport else "LR stages",
-                                       disable=not show_progress or opts.stages == 1)):
-    if opts.signals == "materialized":
-      G = per_example_grads(loss, current, batch, spec=spec, chunk_size=opts.chunk_size, dtype=opts.grads_dtype,
-                            show_progress=show_progress)
-      if opts.noise is not None:
-        G = add_gradient_noise(G, noise_keys[stage], float(opts.noise[0]), float(opts.noise[1]))
-      op = dense_operator(G)
-    else:
-      op = gradient_operator(loss, current, batch, spec=spec, chunk_size=opts.chunk_size)
-    y = op.matvec(w_ref_vec)
-    L = (lipschitz_constant(op, n, p, float(opts.lam), opts.scale_by_n) if opts.step == "lipschitz"
-         else jnp.asarray(1.0))
-    w_iter = w_vec
-    for it in range(opts.iterations):
-      w_iter, keep, info = iht_step(op, w_iter, w_ref_vec, y, jnp.asarray(k_t, jnp.int32), cfg, L)
-      history.append({"stage": stage, "k": k_t, **{f: float(v) for f, v in info._asdict().items()}})
-      if transport and opts.coupling == "entropic":
-        ot.report_convergence(ot.PlanInfo(info.sinkhorn_iterations, info.sinkhorn_converged, info.marginal_error,
-                                          info.sinkhorn_error), opts.sinkhorn, f"EWR stage {stage}, iteration {it}")
-      if not math.isfinite(history[-1]["objective_after"]):
-        raise FloatingPointError(
-            f"{'EWR' if transport else 'LR'} diverged at stage {stage}, iteration {it}: the objective is "
-            f"{history[-1]['objective_after']}. step='lipschitz' is safe for LR and direction='exact' with a "
-            "fixed plan; with the official direction use step='official'.")
-    w_vec = w_iter if opts.update_weights else jnp.where(keep, w_vec, 0.0)
+  name = "EWR" if transport else "LR"
+  for stage, k_t in enumerate(progress(budgets, desc=f"{name} stages", disable=not show_progress or opts.stages == 1)):
     current = unflatten(w_vec, tree, spec)
+    op = _signals(loss, current, batch, spec, opts, None if noise_keys is None else noise_keys[stage], show_progress)
+    ref = w_vec if opts.reset_reference else w_ref_vec
+    y = op.matvec(ref)
+    w_next, keep, records = _support(op, w_vec, ref, y, k_t, cfg, opts, n, p, f"{name} stage {stage}")
+    if opts.refit == "ridge":
+      w_next, refit_records = _refit_stage(op, w_next, keep, ref, y, k_t, cfg, opts, n, f"{name} stage {stage}")
+      records = records + refit_records
+    for it, record in enumerate(records):
+      history.append({"stage": stage, "k": k_t, **record})
+      if not math.isfinite(record["objective_after"]):
+        raise FloatingPointError(
+            f"{name} diverged at stage {stage} (record {it}): the objective is {record['objective_after']}. "
+            "step='lipschitz' is safe for LR and direction='exact' with a fixed plan; with the official "
+            "direction use step='official'.")
+    w_vec = w_next if opts.update_weights else jnp.where(keep, w_vec, 0.0)
+  current = unflatten(w_vec, tree, spec)
   masks = masks_from_flat(keep, tree, spec)
   out = apply_masks(current, masks)
-  info = make_info("ewr" if transport else "lr", opts, started, k=k, p=p, sparsity=1.0 - k / p, n=n,
+  info = make_info("ewr" if transport else "lr", opts, started, k=k, p=p, sparsity=sparsity, n=n,
                    budgets=budgets, steps=history, objective=history[-1]["objective_after"],
                    transport_cost=history[-1]["transport_cost"])
   return PruneResult(out, masks, info)
+
+
+def _budgets(p: int, k: int, opts: EWROptions) -> list[int]:
+  """Kept-weight budgets per stage: from ``initial_sparsity`` (or ``p``) down to exactly ``k``."""
+  k_start = max(k, int(round((1.0 - opts.initial_sparsity) * p)))
+  return budgets_between(p, k_start, k, schedule_fractions(opts.stages, opts.stage_schedule))
+
+
+def _signals(loss, current, batch, spec, opts: EWROptions, noise_key, show_progress):
+  """The stage's gradient operator at ``current``: materialised ``G`` (with noise) or matrix-free."""
+  if opts.signals == "matrix_free":
+    return gradient_operator(loss, current, batch, spec=spec, chunk_size=opts.chunk_size)
+  G = per_example_grads(loss, current, batch, spec=spec, chunk_size=opts.chunk_size, dtype=opts.grads_dtype,
+                        show_progress=show_progress)
+  if noise_key is not None:
+    G = add_gradient_noise(G, noise_key, float(opts.noise[0]), float(opts.noise[1]))
+  return dense_operator(G)
+
+
+def _support(op, w, ref, y, k_t, cfg: StepConfig, opts: EWROptions, n, p, where):
+  """A stage's support: the top ``k_t`` magnitudes, or ``iterations`` IHT steps (official)."""
+  if opts.support in ("magnitude", "obs"):
+    if opts.support == "obs":
+      if not isinstance(op, DenseOperator):
+        raise ValueError("support='obs' needs a materialised G (signals='materialized')")
+      score = _backsolve.obs_saliency(op.G, w, jnp.asarray(n * opts.lam, jnp.float32), opts.jitter)
+    else:
+      score = jnp.abs(w)
+    keep = topk_mask(score, k_t)
+    return jnp.where(keep, w, 0.0), keep, []
+  L = (lipschitz_constant(op, n, p, float(opts.lam), opts.scale_by_n) if opts.step == "lipschitz"
+       else jnp.asarray(1.0))
+  records = []
+  for it in range(opts.iterations):
+    w, keep, info = iht_step(op, w, ref, y, jnp.asarray(k_t, jnp.int32), cfg, L)
+    records.append({"kind": "iht", **{f: float(v) for f, v in info._asdict().items()}})
+    if cfg.coupling == "entropic":
+      ot.report_convergence(ot.PlanInfo(info.sinkhorn_iterations, info.sinkhorn_converged, info.marginal_error,
+                                        info.sinkhorn_error), opts.sinkhorn, f"{where}, iteration {it}")
+  return w, keep, records
+
+
+def _refit_stage(op, w, keep, ref, y, k_t, cfg: StepConfig, opts: EWROptions, n, where):
+  """``refits`` rounds of (target from the plan at the current weights, exact ridge refit)."""
+  solver = _backsolve.choose_solver(opts.solver, k_t, n, isinstance(op, DenseOperator))
+  mu = jnp.asarray(n * opts.lam, jnp.float32)
+  records = []
+  for r in range(opts.refits if cfg.coupling != "identity" else 1):
+    target, transport, pinfo = regression_target(y, op.matvec(w), cfg)
+    target = target - opts.first_order
+    if solver == "woodbury":
+      w, rinfo = _backsolve.refit_woodbury(op.G, keep, target, ref, mu, opts.jitter)
+    elif solver == "cholesky":
+      w, rinfo = _backsolve.refit_cholesky(op.G, keep, target, ref, mu, k_t, opts.jitter)
+    else:
+      w, rinfo = _backsolve.refit_cg(op, keep, target, ref, mu, opts.jitter, opts.cg_iterations)
+    if cfg.coupling == "entropic":
+      ot.report_convergence(pinfo, opts.sinkhorn, f"{where}, refit {r}")
+    objective = regression_objective(op, w, ref, target, mu)
+    records.append({"kind": f"refit ({solver})", "objective_after": float(objective),
+                    "transport_cost": float(transport), "mu": float(rinfo.mu),
+                    "refit_residual": float(rinfo.residual), "sinkhorn_iterations": int(pinfo.iterations)})
+  return w, records
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def regression_target(y: jax.Array, z: jax.Array, cfg: StepConfig):
+  """The refit's target ``t: (N,)``: ``y`` for LR, ``N Pi^T y`` for EWR with the plan ``Pi``
+  between ``y`` and ``z = G w`` held fixed. Returns ``(t, <Pi, C(w)>, PlanInfo)``."""
+  n = y.shape[0]
+  if cfg.coupling == "identity":
+    err = jnp.zeros((), y.dtype)
+    return y, jnp.mean((y - z) ** 2), ot.PlanInfo(jnp.asarray(0), jnp.asarray(True), err, err)
+  plan, pinfo = _plan(y, z, cfg)
+  cost = jnp.sum(plan * (y[:, None] - z[None, :]) ** 2)
+  return n * (plan.T @ y), cost, pinfo
+
+
+@jax.jit
+def regression_objective(op, w, ref, target, mu):
+  """``1/2 ||t - G w||^2 + (mu/2) ||w - ref||^2`` (``mu = N lam``)."""
+  return 0.5 * jnp.sum((target - op.matvec(w)) ** 2) + 0.5 * mu * jnp.sum((w - ref) ** 2)

@@ -41,12 +41,21 @@ def _random(**options):
 
 
 def _regression(name):
+  """``lr``/``ewr`` for the gradual driver: one stage per call by default (the driver's schedule
+  is the stages); the driver's dense ``w_ref`` is used only by the fixed-reference reading
+  (``reset_reference=False``, official), the default resets the reference to the current weights."""
   def make(**options):
-    from jaxprune.methods._ewr import ewr, lr
+    from jaxprune.core.options import resolve
+    from jaxprune.methods._ewr import EWROptions, ewr, lr
     fn = ewr if name == "ewr" else lr
     options.setdefault("show_progress", False)
+    if options.get("options") is None:
+      options.setdefault("stages", 1)
+    fields = {f: options[f] for f in EWROptions.__dataclass_fields__ if f in options}
+    fixed_reference = not resolve(EWROptions, options.get("options"), options.get("official", False),
+                                  fields).reset_reference
     return lambda params, batch, k, *, key=None, loss_fn=None, w_ref=None: fn(
-        params, batch, k, loss_fn=loss_fn, key=key, w_ref=w_ref, **options)
+        params, batch, k, loss_fn=loss_fn, key=key, w_ref=w_ref if fixed_reference else None, **options)
   return make
 
 

@@ -111,7 +111,7 @@ def _identity_plan(y, z):
 @pytest.mark.parametrize("update", [False, True])
 def test_lr_equals_ewr_with_the_identity_plan(update):
   v, batch, loss = _mlp_setup()
-  kw = dict(loss_fn=loss, iterations=3, stages=2, update_weights=update, show_progress=False)
+  kw = dict(loss_fn=loss, iterations=3, stages=2, update_weights=update, official=True, show_progress=False)
   a = jp.lr(v, batch, 30, **kw)
   b = jp.ewr(v, batch, 30, coupling=_identity_plan, **kw)
   for (_, x), (_, y) in zip(jp.leaves_with_paths(a.params), jp.leaves_with_paths(b.params)):
@@ -123,7 +123,8 @@ def test_lr_equals_ewr_with_the_identity_plan(update):
 @pytest.mark.parametrize("k", [1, 17, 50, 69])
 def test_exactly_k_kept_and_masks_consistent(method, k):
   v, batch, loss = _mlp_setup()
-  res = getattr(jp, method)(v, batch, k, loss_fn=loss, iterations=2, update_weights=True, show_progress=False)
+  res = getattr(jp, method)(v, batch, k, loss_fn=loss, iterations=2, update_weights=True, official=True,
+                            show_progress=False)
   assert jp.count_kept(res.masks) == k
   assert jp.sparsity_report(res.params, res.masks).nonzero <= k
   for path, leaf in jp.leaves_with_paths(res.params):
@@ -135,10 +136,10 @@ def test_exactly_k_kept_and_masks_consistent(method, k):
 def test_full_budget_and_mask_only_keep_the_original_values():
   v, batch, loss = _mlp_setup()
   p = jp.count_prunable(v)
-  res = jp.ewr(v, batch, p, loss_fn=loss, show_progress=False)
+  res = jp.ewr(v, batch, p, loss_fn=loss, official=True, show_progress=False)
   for (_, a), (_, b) in zip(jp.leaves_with_paths(v), jp.leaves_with_paths(res.params)):
     np.testing.assert_array_equal(a, b)
-  res = jp.ewr(v, batch, 20, loss_fn=loss, iterations=3, show_progress=False)   # mask only (official)
+  res = jp.ewr(v, batch, 20, loss_fn=loss, iterations=3, official=True, show_progress=False)   # mask only
   w, _ = jp.flatten(v)
   wp, _ = jp.flatten(res.params)
   kept = np.asarray(wp) != 0
@@ -148,7 +149,7 @@ def test_full_budget_and_mask_only_keep_the_original_values():
 def test_single_step_from_the_dense_point_is_magnitude():
   """At w = w_ref the residual and the ridge term vanish (d = 0): one step keeps the top-|w| support."""
   v, batch, loss = _mlp_setup()
-  a = jp.lr(v, batch, 25, loss_fn=loss, show_progress=False)
+  a = jp.lr(v, batch, 25, loss_fn=loss, official=True, show_progress=False)
   b = jp.magnitude(v, 25)
   for (_, x), (_, y) in zip(jp.leaves_with_paths(a.params), jp.leaves_with_paths(b.params)):
     np.testing.assert_array_equal(x, y)
@@ -156,7 +157,7 @@ def test_single_step_from_the_dense_point_is_magnitude():
 
 def test_matrix_free_equals_materialised():
   v, batch, loss = _mlp_setup()
-  kw = dict(loss_fn=loss, iterations=3, update_weights=True, show_progress=False, chunk_size=16)
+  kw = dict(loss_fn=loss, iterations=3, update_weights=True, official=True, show_progress=False, chunk_size=16)
   a = jp.ewr(v, batch, 30, **kw)
   b = jp.ewr(v, batch, 30, signals="matrix_free", **kw)
   np.testing.assert_array_equal(jp.masks.mask_leaves(a.masks)[1][1], jp.masks.mask_leaves(b.masks)[1][1])
@@ -168,7 +169,7 @@ def test_matrix_free_equals_materialised():
 def test_eps_limits_and_no_nan_for_tiny_eps():
   v, batch, loss = _mlp_setup()
   for eps in (0.0, 1e-4, math.inf):
-    res = jp.ewr(v, batch, 30, loss_fn=loss, eps=eps, iterations=2, update_weights=True, show_progress=False)
+    res = jp.ewr(v, batch, 30, loss_fn=loss, eps=eps, stages=2, refits=2, show_progress=False)
     w, _ = jp.flatten(res.params)
     assert bool(jnp.isfinite(w).all()) and jp.count_kept(res.masks) == 30
     assert all(math.isfinite(s["objective_after"]) for s in res.info["steps"])
@@ -222,3 +223,19 @@ def test_bad_input_fails_before_work():
     jp.ewr({"bn": {"scale": jnp.ones(3)}}, batch, 1, loss_fn=loss, show_progress=False)
   with pytest.raises(TypeError, match="eps"):
     jp.lr(v, batch, 20, loss_fn=loss, eps=1.0)
+
+
+@pytest.mark.parametrize("method", ["lr", "ewr"])
+def test_official_single_step_on_mlpnet_is_magnitude_with_tau_zero(method, mlpnet_variables, mnist_test):
+  """official=True is the official code: from the dense point at 0.9, tau = 0 and the magnitude support."""
+  from jaxprune.models import mlpnet
+  loss = jp.classification_loss(mlpnet().apply)
+  batch = (mnist_test.x[:200], mnist_test.y[:200])
+  k = jp.k_from_sparsity(mlpnet_variables, 0.9)
+  res = getattr(jp, method)(mlpnet_variables, batch, k, loss_fn=loss, official=True, show_progress=False)
+  (step,) = res.info["steps"]
+  assert step["kind"] == "iht" and step["tau"] == 0.0
+  assert res.info["options"].replace(coupling="entropic") == jp.EWROptions.official()
+  mag = jp.magnitude(mlpnet_variables, k)
+  for (_, a), (_, b) in zip(jp.leaves_with_paths(res.params), jp.leaves_with_paths(mag.params)):
+    np.testing.assert_array_equal(a, b)

@@ -70,7 +70,8 @@ def test_gradual_driver_on_mnist(mlpnet_variables, mnist_test, data_dir):
   model = mlpnet()
   loss = signals.classification_loss(model.apply)
   evaluate = lambda v: {"accuracy": jp.evaluate(model.apply, v, test.x, test.y).accuracy}
-  out = loops.gradual_prune(mlpnet_variables, train, pruner="lr", loss_fn=loss,
+  # the official mask-only LR step, whose pruned weights fine-tuning must recover from
+  out = loops.gradual_prune(mlpnet_variables, train, pruner=jp.pruner_for("lr", official=True), loss_fn=loss,
                             target_sparsity=0.9, stages=3, n_examples=100, batch_size=100,
                             key=jax.random.key(0), evaluate_fn=evaluate, show_progress=False)
   assert [h.k for h in out.history] == [32360, jp.k_from_sparsity(mlpnet_variables, 0.9 * (1 - 0.5 ** 3)), 3236]
