@@ -115,18 +115,19 @@ plt.show()"""),
 md("""## 5. EWR and LR (per-example gradients + optimal transport)
 `jp.ewr(params, batch, k, apply_fn=...)` regresses the per-example gradients of the loss (softmax
 cross-entropy of `apply_fn`, or your own `loss_fn=`) with an
-entropic OT fit (ott-jax Sinkhorn); `jp.lr` is its Euclidean twin. A single step from the dense
-weights is magnitude pruning (the residual is zero there), so we prune over a few stages, each
-recomputing the gradients at the current weights (the official step: mask only)."""),
+OT fit (ott-jax); `jp.lr` is its Euclidean twin. By default both prune over several stages, each
+recomputing the gradients at the current weights, keeping the largest weights and refitting them
+exactly (a ridge regression on the kept support). `official=True` is the official single step,
+which from the dense weights is magnitude pruning (the residual is zero there)."""),
 code("""train = jp.data.load("mnist", "train", data_dir=DATA_DIR, limit=5000)
 batch = (train.x[:256], train.y[:256]) if QUICK else (train.x[:1000], train.y[:1000])
 loss_fn = jp.classification_loss(model.apply)          # loss_fn(variables, (x, y)) -> mean cross-entropy
-stages = 3 if QUICK else 10
+stages = {"stages": 3} if QUICK else {}                # default: stages and lam by sparsity
 for name, method in (("LR", jp.lr), ("EWR", jp.ewr)):
-    res = method(variables, batch, k, apply_fn=model.apply, stages=stages)
+    res = method(variables, batch, k, apply_fn=model.apply, **stages)
     acc = jp.evaluate(model.apply, res.params, test.x, test.y).accuracy
-    print(f"{name}: accuracy {acc:.4f} at sparsity 0.9 | last step:",
-          {key: round(v, 4) for key, v in res.info["steps"][-1].items() if key in ("objective_after", "tau", "sinkhorn_iterations")})"""),
+    print(f"{name}: accuracy {acc:.4f} at sparsity 0.9 | {res.info['options'].stages} stages, last refit:",
+          {key: round(v, 6) for key, v in res.info["steps"][-1].items() if key in ("objective_after", "refit_residual")})"""),
 md("""## 6. Fine-tune with optax, pruned weights kept at zero
 `jp.keep_pruned_at_zero(optimizer)` wraps any optax transformation; its updates keep the pruned
 weights exactly at zero, so the usual `optax.apply_updates` loop needs nothing else."""),

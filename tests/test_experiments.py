@@ -54,3 +54,13 @@ def test_structure_benchmarks_quick(script, stem, key, tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   rows = json.loads((tmp_path / f"{stem}.json").read_text())[key]
   assert rows and all(v > 0 for r in rows for k, v in r.items() if k.endswith("_s"))
+
+
+@pytest.mark.slow
+def test_backsolve_benchmark_quick(tmp_path):
+  proc = subprocess.run([sys.executable, str(REPO / "benchmarks/backsolve.py"), "--quick", "--out", str(tmp_path)],
+                        capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  rows = json.loads((tmp_path / "backsolve_quick.json").read_text())["rows"]
+  assert {r["what"] for r in rows} >= {"G", "stage (LR)", "stage (k<=N)", "stage (EWR)", "OBS saliency"}
+  assert all(r["warm_s"] > 0 for r in rows)

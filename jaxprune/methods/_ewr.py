@@ -326,6 +326,10 @@ class EWROptions(Options):
     if self.refit == "ridge" and not self.update_weights:
       raise ValueError("update_weights=False keeps the input values on the support, which would discard the "
                        "ridge refit: use refit='none' for the official mask-only step")
+    if self.signals == "matrix_free" and self.solver in ("woodbury", "cholesky"):
+      raise ValueError(f"solver={self.solver!r} needs a materialised G; matrix-free signals refit with solver='cg'")
+    if self.signals == "matrix_free" and self.support == "obs":
+      raise ValueError("support='obs' needs a materialised G (signals='materialized')")
     if self.noise is not None:
       if self.signals != "materialized":
         raise ValueError("noise needs signals='materialized' (noise is added to the rows of G)")
@@ -420,6 +424,9 @@ def _run(params, batch, k, loss_fn, apply_fn, key, w_ref, prunable, opts: EWROpt
   if opts.signals == "matrix_free":   # the OBS saliency needs G itself
     defaults["support"] = "magnitude"
   opts = opts.replace(**{f: v for f, v in defaults.items() if getattr(opts, f) is None})
+  if opts.iterations > 1 and opts.support != "iht":
+    raise ValueError(f"iterations={opts.iterations} counts IHT steps, which only support='iht' takes (support is "
+                     f"{opts.support!r}); EWR's plan refreshes around the refit are `refits`")
   if w_ref is not None:
     if opts.reset_reference:
       raise ValueError("w_ref is the fixed reference of reset_reference=False (the official reading); with "

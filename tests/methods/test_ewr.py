@@ -180,7 +180,7 @@ def test_multistage_budgets_and_noise_reproducibility():
   res = jp.ewr(v, batch, 10, loss_fn=loss, stages=4, show_progress=False)
   b = res.info["budgets"]
   assert b[-1] == 10 and all(x > y for x, y in zip(b, b[1:])) and len(b) == 4
-  kw = dict(loss_fn=loss, noise=(2.0, 0.25), iterations=2, update_weights=True, show_progress=False)
+  kw = dict(loss_fn=loss, noise=(2.0, 0.25), refits=2, show_progress=False)
   n1 = jp.ewr(v, batch, 30, key=jax.random.key(0), **kw)
   n2 = jp.ewr(v, batch, 30, key=jax.random.key(0), **kw)
   assert n1.info["steps"] == n2.info["steps"]
@@ -199,7 +199,7 @@ def test_nnx_state():
     logits = model(batch[0])
     return jnp.mean(jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, batch[1][:, None], 1)[:, 0])
 
-  res = jp.ewr(params, (x, y), 20, loss_fn=loss, iterations=2, show_progress=False)
+  res = jp.ewr(params, (x, y), 20, loss_fn=loss, refits=2, show_progress=False)
   assert isinstance(res.params, nnx.State) and jp.count_kept(res.masks) == 20
   assert nnx.merge(graphdef, res.params, rest)(x).shape == (12, 3)
 
@@ -213,7 +213,11 @@ def test_bad_input_fails_before_work():
       (dict(iterations=0), ValueError, "iterations"), (dict(noise=(1.0, 0.1)), ValueError, "key"),
       (dict(batch=(batch[0][0, 0], batch[1][0])), ValueError, "leading example axis"),
       (dict(loss_fn=lambda p, b: loss(p, b) * jnp.nan), ValueError, "NaN"),
-      (dict(coupling="sinkhorn"), ValueError, "coupling"), (dict(lam=-1.0), ValueError, "lam")]
+      (dict(coupling="sinkhorn"), ValueError, "coupling"), (dict(lam=-1.0), ValueError, "lam"),
+      (dict(iterations=3), ValueError, "support='iht'"), (dict(support="gradient"), ValueError, "support"),
+      (dict(update_weights=False), ValueError, "refit='none'"), (dict(solver="qr"), ValueError, "solver"),
+      (dict(initial_sparsity=1.0), ValueError, "initial_sparsity"), (dict(jitter=-1e-6), ValueError, "jitter"),
+      (dict(signals="matrix_free", support="obs"), ValueError, "materialised")]
   for override, err, match in cases:
     kw = dict(batch=batch, k=20, loss_fn=loss, show_progress=False)
     kw.update(override)
