@@ -24,12 +24,13 @@ def main():
   p = _common.parser(__doc__.splitlines()[0])
   p.add_argument("--seeds", type=int, default=5)
   p.add_argument("--stages", type=int, default=5)
+  p.add_argument("--sparsities", type=float, nargs="+", default=[0.75, 0.9, 0.98])
   args = p.parse_args()
   show = not args.no_progress
   if args.quick:
     sparsities, noises, seeds, n, stages = [0.9], [("none", 0, 0), ("grad", 2.0, 0.25)], 2, 200, 2
   else:
-    sparsities, seeds, n, stages = [0.75, 0.9, 0.95, 0.98], args.seeds, 500, args.stages
+    sparsities, seeds, n, stages = args.sparsities, args.seeds, 500, args.stages
     noises = [("none", 0, 0), ("grad", 1.0, 0.1), ("grad", 1.0, 0.25), ("grad", 2.0, 0.1), ("grad", 2.0, 0.25),
               ("labels", 0, 0.25)]
   eps_variants = {} if args.quick else {"EWR eps=1 (abs)": dict(eps=1.0), "EWR eps=0.1 (rel)": dict(eps=0.1, relative_eps=True),

@@ -424,6 +424,9 @@ def _run(params, batch, k, loss_fn, apply_fn, key, w_ref, prunable, opts: EWROpt
   if opts.signals == "matrix_free":   # the OBS saliency needs G itself
     defaults["support"] = "magnitude"
   opts = opts.replace(**{f: v for f, v in defaults.items() if getattr(opts, f) is None})
+  if opts.refit == "none" and opts.support != "iht":
+    raise ValueError(f"refit='none' keeps the support step's values, and support={opts.support!r} has none of its "
+                     "own: use support='iht' (the official step), or jp.magnitude")
   if opts.iterations > 1 and opts.support != "iht":
     raise ValueError(f"iterations={opts.iterations} counts IHT steps, which only support='iht' takes (support is "
                      f"{opts.support!r}); EWR's plan refreshes around the refit are `refits`")
@@ -445,11 +448,7 @@ def _run(params, batch, k, loss_fn, apply_fn, key, w_ref, prunable, opts: EWROpt
     current = unflatten(w_vec, tree, spec)
     op = _signals(loss, current, batch, spec, opts, None if noise_keys is None else noise_keys[stage], show_progress)
     ref = w_vec if opts.reset_reference else w_ref_vec
-    y = op.matvec(ref)
-    w_next, keep, records = _support(op, w_vec, ref, y, k_t, cfg, opts, n, p, f"{name} stage {stage}")
-    if opts.refit == "ridge":
-      w_next, refit_records = _refit_stage(op, w_next, keep, ref, y, k_t, cfg, opts, n, f"{name} stage {stage}")
-      records = records + refit_records
+    w_next, keep, records = _stage(op, w_vec, ref, k_t, cfg, opts, n, p, f"{name} stage {stage}")
     for it, record in enumerate(records):
       history.append({"stage": stage, "k": k_t, **record})
       if not math.isfinite(record["objective_after"]):
@@ -484,17 +483,8 @@ def _signals(loss, current, batch, spec, opts: EWROptions, noise_key, show_progr
   return dense_operator(G)
 
 
-def _support(op, w, ref, y, k_t, cfg: StepConfig, opts: EWROptions, n, p, where):
-  """A stage's support: the top ``k_t`` magnitudes, or ``iterations`` IHT steps (official)."""
-  if opts.support in ("magnitude", "obs"):
-    if opts.support == "obs":
-      if not isinstance(op, DenseOperator):
-        raise ValueError("support='obs' needs a materialised G (signals='materialized')")
-      score = _backsolve.obs_saliency(op.G, w, jnp.asarray(n * opts.lam, jnp.float32), opts.jitter)
-    else:
-      score = jnp.abs(w)
-    keep = topk_mask(score, k_t)
-    return jnp.where(keep, w, 0.0), keep, []
+def _iht_support(op, w, ref, y, k_t, cfg: StepConfig, opts: EWROptions, n, p, where):
+  """The official support step: ``iterations`` IHT steps (plan refreshed between them)."""
   L = (lipschitz_constant(op, n, p, float(opts.lam), opts.scale_by_n) if opts.step == "lipschitz"
        else jnp.asarray(1.0))
   records = []
@@ -507,27 +497,90 @@ def _support(op, w, ref, y, k_t, cfg: StepConfig, opts: EWROptions, n, p, where)
   return w, keep, records
 
 
-def _refit_stage(op, w, keep, ref, y, k_t, cfg: StepConfig, opts: EWROptions, n, where):
-  """``refits`` rounds of (target from the plan at the current weights, exact ridge refit)."""
-  solver = _backsolve.choose_solver(opts.solver, k_t, n, isinstance(op, DenseOperator))
-  mu = jnp.asarray(n * opts.lam, jnp.float32)
+class RefitConfig(NamedTuple):
+  """Static settings of :func:`backsolve_stage` (hashable: a jit static argument)."""
+  support: str            # "magnitude", "obs" or "given" (the caller's keep, e.g. from IHT)
+  solver: str             # "woodbury", "cholesky" or "cg"
+  refits: int = 1
+  jitter: float = 1e-6
+  first_order: float = 0.0
+  cg_iterations: int = 200
+  k: Optional[int] = None  # the budget as a static int: only the k x k Cholesky solver needs it
+
+
+class RefitRecord(NamedTuple):
+  """Diagnostics of each refit of a stage, stacked over ``refits`` (device arrays)."""
+  objective: jax.Array            # 1/2 ||t - G w||^2 + (mu/2) ||w - ref||^2 after the refit
+  transport_cost: jax.Array       # <Pi, C(w)> of the plan the target came from
+  mu: jax.Array
+  residual: jax.Array             # relative residual of the solved system
+  sinkhorn_iterations: jax.Array
+  plan_converged: jax.Array
+  marginal_error: jax.Array
+  sinkhorn_error: jax.Array
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "rcfg"))
+def backsolve_stage(op, w: jax.Array, ref: jax.Array, k, mu, cfg: StepConfig, rcfg: RefitConfig,
+                    keep: Optional[jax.Array] = None):
+  """One stage of the default solver, jitted whole: support, then ``refits`` rounds of (target
+  from the plan at the current weights, exact ridge refit).
+
+  Args:
+    op: the stage's gradient operator (``DenseOperator`` for the ``woodbury``/``cholesky``
+      solvers and the ``obs`` support; any operator for ``cg``).
+    w: ``(p,)`` the stage's input weights; ref: ``(p,)`` its reference (``y = G ref``).
+    k: the budget (traced, except through ``rcfg.k`` for the Cholesky solver); mu: ``N lam``.
+    cfg: the plan's :class:`StepConfig` (``coupling="identity"`` for LR); rcfg: :class:`RefitConfig`.
+    keep: ``(p,)`` bool support for ``rcfg.support == "given"``.
+
+  Returns:
+    ``(w: (p,) zero off the support, keep: (p,) bool with exactly k True, RefitRecord stacked)``.
+  """
+  y = op.matvec(ref)
+  if rcfg.support == "obs":
+    keep = topk_mask(_backsolve.obs_saliency(op.G, w, mu, rcfg.jitter), k)
+  elif rcfg.support == "magnitude":
+    keep = topk_mask(jnp.abs(w), k)
+  w = jnp.where(keep, w, 0.0)
   records = []
-  for r in range(opts.refits if cfg.coupling != "identity" else 1):
+  for _ in range(rcfg.refits):
     target, transport, pinfo = regression_target(y, op.matvec(w), cfg)
-    target = target - opts.first_order
-    if solver == "woodbury":
-      w, rinfo = _backsolve.refit_woodbury(op.G, keep, target, ref, mu, opts.jitter)
-    elif solver == "cholesky":
-      w, rinfo = _backsolve.refit_cholesky(op.G, keep, target, ref, mu, k_t, opts.jitter)
+    target = target - rcfg.first_order
+    if rcfg.solver == "woodbury":
+      w, rinfo = _backsolve.refit_woodbury(op.G, keep, target, ref, mu, rcfg.jitter)
+    elif rcfg.solver == "cholesky":
+      w, rinfo = _backsolve.refit_cholesky(op.G, keep, target, ref, mu, rcfg.k, rcfg.jitter)
     else:
-      w, rinfo = _backsolve.refit_cg(op, keep, target, ref, mu, opts.jitter, opts.cg_iterations)
+      w, rinfo = _backsolve.refit_cg(op, keep, target, ref, mu, rcfg.jitter, rcfg.cg_iterations)
+    records.append(RefitRecord(regression_objective(op, w, ref, target, mu), transport, rinfo.mu, rinfo.residual,
+                               pinfo.iterations, pinfo.converged, pinfo.marginal_error, pinfo.sinkhorn_error))
+  return w, keep, jax.tree.map(lambda *x: jnp.stack(x), *records)
+
+
+def _stage(op, w, ref, k_t, cfg: StepConfig, opts: EWROptions, n, p, where):
+  """A stage on the host: the official IHT support or the jitted backsolve stage; diagnostics come
+  back once, as host records."""
+  records, keep = [], None
+  if opts.support == "iht":
+    w, keep, records = _iht_support(op, w, ref, op.matvec(ref), k_t, cfg, opts, n, p, where)
+    if opts.refit == "none":
+      return w, keep, records
+  solver = _backsolve.choose_solver(opts.solver, k_t, n, isinstance(op, DenseOperator))
+  rcfg = RefitConfig("given" if keep is not None else opts.support, solver,
+                     opts.refits if cfg.coupling != "identity" else 1, float(opts.jitter), float(opts.first_order),
+                     opts.cg_iterations, k_t if solver == "cholesky" else None)
+  w, keep, rec = backsolve_stage(op, w, ref, jnp.asarray(k_t, jnp.int32), jnp.asarray(n * opts.lam, jnp.float32),
+                                 cfg, rcfg, keep)
+  rec = jax.device_get(rec)
+  for r in range(rcfg.refits):
     if cfg.coupling == "entropic":
-      ot.report_convergence(pinfo, opts.sinkhorn, f"{where}, refit {r}")
-    objective = regression_objective(op, w, ref, target, mu)
-    records.append({"kind": f"refit ({solver})", "objective_after": float(objective),
-                    "transport_cost": float(transport), "mu": float(rinfo.mu),
-                    "refit_residual": float(rinfo.residual), "sinkhorn_iterations": int(pinfo.iterations)})
-  return w, records
+      ot.report_convergence(ot.PlanInfo(rec.sinkhorn_iterations[r], rec.plan_converged[r], rec.marginal_error[r],
+                                        rec.sinkhorn_error[r]), opts.sinkhorn, f"{where}, refit {r}")
+    records.append({"kind": f"refit ({solver})", "objective_after": float(rec.objective[r]),
+                    "transport_cost": float(rec.transport_cost[r]), "mu": float(rec.mu[r]),
+                    "refit_residual": float(rec.residual[r]), "sinkhorn_iterations": int(rec.sinkhorn_iterations[r])})
+  return w, keep, records
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))

@@ -210,3 +210,19 @@ def test_default_lr_on_mlpnet_beats_magnitude_by_the_measured_margin(mlpnet_vari
   acc = 100 * jp.evaluate(model.apply, res.params, mnist_test.x, mnist_test.y).accuracy
   assert jp.count_kept(res.masks) == k
   assert acc >= 92.9, acc
+
+
+def test_one_jitted_stage_serves_every_budget():
+  """The Woodbury stage takes the budget traced: a new k reuses the compilation."""
+  G, keep, target, w_ref = _problem(n=20, p=60, k=30)
+  op = dense_operator(jnp.asarray(G, jnp.float32))
+  w = jnp.asarray(w_ref, jnp.float32)
+  cfg = _ewr.StepConfig("identity", 0.0, False, 1e-3, "official", True, ot.SinkhornOptions())
+  rcfg = _ewr.RefitConfig("magnitude", "woodbury")
+  before = _ewr.backsolve_stage._cache_size()
+  outs = [_ewr.backsolve_stage(op, w, w, jnp.asarray(k), jnp.asarray(0.02), cfg, rcfg) for k in (40, 35, 25)]
+  assert _ewr.backsolve_stage._cache_size() == before + 1
+  for (wk, keep_k, rec), k in zip(outs, (40, 35, 25)):
+    assert int(keep_k.sum()) == k and rec.objective.shape == (1,)
+    want = _scipy_ridge(G, np.asarray(keep_k), G @ w_ref, w_ref, 0.02)
+    np.testing.assert_allclose(np.asarray(wk), want, rtol=1e-3, atol=1e-4)
