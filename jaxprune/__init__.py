@@ -28,7 +28,7 @@ from jaxprune.signals import add_gradient_noise, gradient_operator, per_example_
 from jaxprune.structure import (ChannelGroups, Group, Member, NormLink, OutputNorm, Unit, channel_masks,
                                 fold_batchnorm, fuse_channels, groups, magnitude_importance, make_group, make_unit,
                                 random_importance, select_channels, shrink_channels, taylor_grads, taylor_importance,
-                                two_layer_units, write_channels)
+                                two_layer_units, write_channels, ModelSize, SizeReport, measure_size, size_report)
 from jaxprune.training import (GradualResult, MaskedState, evaluate, Evaluation, gradual_prune, keep_pruned_at_zero,
                                masks_from_zeros, pruner_for, register, set_masks)
 
@@ -51,6 +51,7 @@ __all__ = [
     "groups", "ChannelGroups", "Group", "Member", "NormLink", "make_group", "fold_batchnorm", "select_channels",
     "fuse_channels", "write_channels", "shrink_channels", "channel_masks", "magnitude_importance",
     "taylor_importance", "random_importance", "taylor_grads", "Unit", "make_unit", "two_layer_units", "OutputNorm",
+    "size_report", "measure_size", "SizeReport", "ModelSize",
     # training
     "keep_pruned_at_zero", "set_masks", "masks_from_zeros", "MaskedState", "gradual_prune", "GradualResult",
     "pruner_for", "register", "evaluate", "Evaluation",

@@ -9,10 +9,11 @@ from jaxprune.structure.channel_groups import ChannelGroups, Group, Member, Norm
 from jaxprune.structure.importance import magnitude_importance, random_importance, taylor_grads, taylor_importance
 from jaxprune.structure.surgery import (channel_masks, fold_batchnorm, fuse_channels, select_channels,
                                         shrink_channels, write_channels)
+from jaxprune.structure.size import ModelSize, SizeReport, measure_size, size_report
 from jaxprune.structure.trace import groups
 from jaxprune.structure.units import OutputNorm, Unit, make_unit, two_layer_units
 
 __all__ = ["ChannelGroups", "Group", "Member", "NormLink", "make_group", "magnitude_importance", "random_importance",
            "taylor_grads", "taylor_importance", "channel_masks", "fold_batchnorm", "fuse_channels",
            "select_channels", "shrink_channels", "write_channels", "groups", "OutputNorm", "Unit", "make_unit",
-           "two_layer_units"]
+           "two_layer_units", "ModelSize", "SizeReport", "measure_size", "size_report"]
