@@ -226,3 +226,18 @@ def test_one_jitted_stage_serves_every_budget():
     assert int(keep_k.sum()) == k and rec.objective.shape == (1,)
     want = _scipy_ridge(G, np.asarray(keep_k), G @ w_ref, w_ref, 0.02)
     np.testing.assert_allclose(np.asarray(wk), want, rtol=1e-3, atol=1e-4)
+
+
+def test_iht_support_then_refit_and_first_order_option():
+  v, batch, loss = classification_problem(48, 0)[1:]
+  res = jp.ewr(v, batch, 30, loss_fn=loss, support="iht", iterations=3, stages=2, eps=0.5, show_progress=False)
+  kinds = [s["kind"] for s in res.info["steps"]]
+  assert [k.split(" ")[0] for k in kinds] == ["iht"] * 3 + ["refit"] + ["iht"] * 3 + ["refit"]
+  assert jp.count_kept(res.masks) == 30
+  # first_order shifts the target by -first_order: the same refit as a target of y - 1
+  a = jp.lr(v, batch, 30, loss_fn=loss, stages=1, lam=1e-3, first_order=1.0, show_progress=False)
+  w, spec = jp.flatten(v)
+  G = jp.per_example_grads(loss, v, batch, show_progress=False)
+  keep = jp.topk_mask(jnp.abs(w), 30)
+  want, _ = _backsolve.refit_cholesky(G, keep, G @ w - 1.0, w, 48 * 1e-3, 30)
+  np.testing.assert_allclose(np.asarray(jp.flatten(a.params)[0]), np.asarray(want), rtol=1e-4, atol=1e-5)
