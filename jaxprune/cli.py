@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -27,6 +28,8 @@ from jaxprune.checkpoints import load_mlpnet
 from jaxprune.training.evaluate import evaluate
 from jaxprune.models import mlpnet, MLP
 from jaxprune.core.progress import progress
+
+CACHE_DIR = Path.home() / ".cache" / "jaxprune" / "xla"
 
 DEFAULT_SPARSITIES = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98)
 DEFAULT_CHANNEL_SPARSITIES = (0.1, 0.3, 0.5, 0.7)
@@ -191,6 +194,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--n-examples", type=_positive_int, default=500,
                  help="training examples whose per-example gradients EWR/LR use")
   p.add_argument("--no-progress", action="store_true", help="no progress bars")
+  p.add_argument("--compilation-cache", default=os.environ.get("JAXPRUNE_COMPILATION_CACHE", str(CACHE_DIR)),
+                 help="folder of JAX's persistent compilation cache, so a second run skips most compiles "
+                      "(default: $JAXPRUNE_COMPILATION_CACHE or %(default)s); 'none' turns it off")
   args = p.parse_args(argv)
   if args.dataset == "mnist" and not args.checkpoint:
     p.error("--checkpoint PATH (mlpnet_mnist.npz) is required with --dataset mnist")
@@ -209,8 +215,19 @@ def _out_dir(out) -> Path:
   return path
 
 
+def enable_compilation_cache(folder) -> None:
+  """Points JAX's persistent compilation cache at ``folder`` (``None``/``"none"``: off): every
+  compiled program worth keeping is written there and read back by later processes."""
+  if folder is None or str(folder).lower() == "none":
+    return
+  Path(folder).mkdir(parents=True, exist_ok=True)
+  jax.config.update("jax_compilation_cache_dir", str(folder))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
 def main(argv=None) -> int:
   args = parse_args(argv)
+  enable_compilation_cache(args.compilation_cache)
   names = list(dict.fromkeys(args.methods))
   unstructured = [m for m in names if m in methods.UNSTRUCTURED]
   structured = [m for m in names if m in methods.STRUCTURED]

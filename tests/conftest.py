@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 os.environ.setdefault("JAXPRUNE_NO_PROGRESS", "1")
+os.environ.setdefault("JAXPRUNE_COMPILATION_CACHE", "none")   # the CLI would set a process-wide cache
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("JAXPRUNE_SHARED", REPO.parent / "shared"))

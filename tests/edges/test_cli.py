@@ -69,3 +69,15 @@ def test_python_dash_m_entry_point(tmp_path):
   proc = subprocess.run([sys.executable, "-m", "jaxprune", "--help"], capture_output=True, text=True, timeout=120)
   assert proc.returncode == 0 and "--dataset" in proc.stdout
   assert "(default: 500)" in proc.stdout and "(default: digits)" in proc.stdout   # --help shows defaults
+
+
+def test_persistent_compilation_cache_is_written_and_can_be_turned_off(tmp_path):
+  import subprocess
+  import sys
+  cache = tmp_path / "xla"
+  cmd = [sys.executable, "-m", "jaxprune", "--methods", "magnitude", "--sparsities", "0.5", "--no-progress",
+         "--out", str(tmp_path / "run")]
+  proc = subprocess.run(cmd + ["--compilation-cache", str(cache)], capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert any(cache.iterdir())                      # compiled programs were cached for the next run
+  assert cli.parse_args(["--compilation-cache", "none"]).compilation_cache == "none"
