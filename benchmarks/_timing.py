@@ -48,3 +48,22 @@ def write_results(out: str, stem: str, payload: dict, md: list, repeats: int) ->
           "date": time.strftime("%Y-%m-%d"), "repeats": repeats}
   (folder / f"{stem}.json").write_text(json.dumps({**meta, **payload}, indent=1))
   (folder / f"{stem}.md").write_text("\n".join(md) + "\n")
+
+
+def gradient_problem(model: str, n: int, shared: Path):
+  """``(variables, loss, batch, prunable, chunk_size)`` of the EWR/LR benchmarks: MLPNet on ``n``
+  MNIST training images, or ResNet20's 18 block convs on ``n`` ``cifar10_png5k`` images."""
+  import re
+  import jax.numpy as jnp
+  import jaxprune as jp
+  from jaxprune.models import mlpnet, resnet20
+  if model == "mlpnet":
+    v = jp.load_mlpnet(shared / "checkpoints/mlpnet_mnist.npz")
+    data = jp.data.load("mnist", "train", data_dir=shared / "data", limit=n)
+    apply, prunable, chunk = mlpnet().apply, None, 1000
+  else:
+    v = jp.load_resnet20(shared / "checkpoints/resnet20_cifar10.npz")
+    data = jp.data.load("cifar10_png5k", "train", data_dir=shared / "data", limit=n)
+    apply, chunk = resnet20().apply, 100
+    prunable = jp.Prunable(where=lambda p, l: re.fullmatch(r"params/layer\d+_\d+/conv[12]/kernel", p) is not None)
+  return v, jp.classification_loss(apply), (jnp.asarray(data.x), jnp.asarray(data.y)), prunable, chunk

@@ -12,12 +12,13 @@ The IHT step is taken at magnitude-pruned weights (a non-trivial step, as in sta
 import argparse
 import json
 import os
-import re
 import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from _timing import gradient_problem
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("JAXPRUNE_SHARED", REPO.parent / "shared"))
@@ -29,20 +30,9 @@ def run_one(model: str, n: int, what: str, repeats: int) -> dict:
   import numpy as np
   import jaxprune as jp
   from jaxprune.methods._ewr import StepConfig, iht_step
-  from jaxprune.models import mlpnet, resnet20
   from jaxprune.ot.plans import SinkhornOptions
 
-  if model == "mlpnet":
-    v = jp.load_mlpnet(SHARED / "checkpoints/mlpnet_mnist.npz")
-    data = jp.data.load("mnist", "train", data_dir=SHARED / "data", limit=n)
-    apply, prunable, chunk = mlpnet().apply, None, 1000
-  else:
-    v = jp.load_resnet20(SHARED / "checkpoints/resnet20_cifar10.npz")
-    data = jp.data.load("cifar10_png5k", "train", data_dir=SHARED / "data", limit=n)
-    apply, chunk = resnet20().apply, 100
-    prunable = jp.Prunable(where=lambda p, l: re.fullmatch(r"params/layer\d+_\d+/conv[12]/kernel", p) is not None)
-  loss = jp.classification_loss(apply)
-  batch = (jnp.asarray(data.x), jnp.asarray(data.y))
+  v, loss, batch, prunable, chunk = gradient_problem(model, n, SHARED)
   spec = jp.trees.flat_spec(v, prunable)
   w_ref, _ = jp.flatten(v, spec=spec)
   k = spec.size // 10

@@ -35,13 +35,17 @@ def test_experiment_quick(script, stem, tmp_path, data_dir, checkpoint_dir):
 
 
 @pytest.mark.slow
-def test_benchmark_quick(tmp_path):
-  proc = subprocess.run([sys.executable, str(REPO / "benchmarks/ewr_step.py"), "--quick", "--out", str(tmp_path)],
+@pytest.mark.parametrize("script, stem, whats, seconds", [
+    ("benchmarks/ewr_step.py", "ewr_step_quick", {"G", "lr", "ewr", "lr-mf", "ewr-mf"}, "seconds"),
+    ("benchmarks/backsolve.py", "backsolve_quick", {"G", "stage (LR)", "stage (k<=N)", "stage (EWR)", "OBS saliency"},
+     "warm_s")])
+def test_regression_benchmarks_quick(script, stem, whats, seconds, tmp_path):
+  proc = subprocess.run([sys.executable, str(REPO / script), "--quick", "--out", str(tmp_path)],
                         capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  rows = json.loads((tmp_path / "ewr_step_quick.json").read_text())["rows"]
-  assert {r["what"] for r in rows} == {"G", "lr", "ewr", "lr-mf", "ewr-mf"}
-  assert all(r["seconds"] > 0 for r in rows)
+  rows = json.loads((tmp_path / f"{stem}.json").read_text())["rows"]
+  assert {r["what"] for r in rows} == whats
+  assert all(r[seconds] > 0 for r in rows)
 
 
 @pytest.mark.slow
@@ -55,12 +59,3 @@ def test_structure_benchmarks_quick(script, stem, key, tmp_path):
   rows = json.loads((tmp_path / f"{stem}.json").read_text())[key]
   assert rows and all(v > 0 for r in rows for k, v in r.items() if k.endswith("_s"))
 
-
-@pytest.mark.slow
-def test_backsolve_benchmark_quick(tmp_path):
-  proc = subprocess.run([sys.executable, str(REPO / "benchmarks/backsolve.py"), "--quick", "--out", str(tmp_path)],
-                        capture_output=True, text=True, timeout=900)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  rows = json.loads((tmp_path / "backsolve_quick.json").read_text())["rows"]
-  assert {r["what"] for r in rows} >= {"G", "stage (LR)", "stage (k<=N)", "stage (EWR)", "OBS saliency"}
-  assert all(r["warm_s"] > 0 for r in rows)
