@@ -1,5 +1,4 @@
 """The backsolve (exact ridge refit on a support) against float64 numpy/scipy references."""
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
