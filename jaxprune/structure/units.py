@@ -19,12 +19,11 @@ import dataclasses
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import jax
-import jax.extend as jex
 import jax.numpy as jnp
 import numpy as np
 
 from jaxprune.structure.channel_groups import ChannelGroups, Group, NormLink
-from jaxprune.structure.walker import subjaxpr
+from jaxprune.structure.interpret import evaluate
 from jaxprune.core.trees import get_leaf, leaves_with_paths
 
 
@@ -141,8 +140,14 @@ def capture_at(apply_fn: Callable, variables: Any, x: Any, addresses: Sequence[t
   closed = jax.make_jaxpr(lambda v, xx: apply_fn(v, xx, **apply_kwargs))(variables, x)
   args = jax.tree_util.tree_leaves((variables, x))
   out: dict = {}
+
+  def on_inputs(address, invals):
+    out.setdefault(address, invals[wanted[address]])
+    if len(out) == len(wanted):
+      raise _Captured()
+
   try:
-    _evaluate(closed.jaxpr, closed.consts, args, wanted, (), out)
+    evaluate(closed.jaxpr, closed.consts, args, frozenset(wanted), on_inputs=on_inputs)
   except _Captured:
     pass
   missing = set(wanted) - set(out)
@@ -150,37 +155,6 @@ def capture_at(apply_fn: Callable, variables: Any, x: Any, addresses: Sequence[t
     raise ValueError(f"equations {sorted(missing)} were not reached: the program differs from the one the units "
                      "were derived from (trace the groups with the same apply_fn and input shapes)")
   return out
-
-
-def _evaluate(jaxpr, consts, args, wanted: dict, prefix: tuple, out: dict) -> list:
-  env = {}
-
-  def read(v):
-    return v.val if isinstance(v, jex.core.Literal) else env[v]
-
-  for v, val in zip(jaxpr.constvars, consts):
-    env[v] = val
-  for v, val in zip(jaxpr.invars, args):
-    env[v] = val
-  for i, eqn in enumerate(jaxpr.eqns):
-    address = prefix + (i,)
-    invals = [read(v) for v in eqn.invars]
-    if address in wanted:
-      out[address] = invals[wanted[address]]
-      if len(out) == len(wanted):
-        raise _Captured()
-    sub = subjaxpr(eqn)
-    if sub is not None and any(a[:len(address)] == address for a in wanted if a not in out):
-      outvals = _evaluate(sub[0], sub[1], invals, wanted, address, out)
-    else:
-      bound = eqn.primitive.get_bind_params(eqn.params)   # params (jax >= 0.7) or (subfuns, params)
-      subfuns, params = bound if isinstance(bound, tuple) else ((), bound)
-      with eqn.ctx.manager:
-        outvals = eqn.primitive.bind(*subfuns, *invals, **params)
-      outvals = outvals if eqn.primitive.multiple_results else [outvals]
-    for v, val in zip(eqn.outvars, outvals):
-      env[v] = val
-  return [read(v) for v in jaxpr.outvars]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,10 +167,12 @@ class CapturedInput:
   address: tuple
   operand: int
   apply_kwargs: tuple = ()
+  rows: int = 1   # > 1: a flattened (N, rows * C) activation, channel innermost, comes back as (N, rows, C)
 
   def __call__(self, variables: Any, x: jax.Array) -> jax.Array:
-    return capture_at(self.apply_fn, variables, x, [self.address], [self.operand],
-                      **dict(self.apply_kwargs))[self.address]
+    h = capture_at(self.apply_fn, variables, x, [self.address], [self.operand],
+                   **dict(self.apply_kwargs))[self.address]
+    return h if self.rows == 1 else h.reshape(h.shape[0], self.rows, -1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -209,9 +185,11 @@ class KernelOutput:
   params: tuple
   operand: int
   kernel_dtype: Any
+  flatten: bool = False   # H: (N, rows, C) is flattened back to (N, rows * C) first
 
   def __call__(self, params: Any, hidden: jax.Array) -> jax.Array:
     kernel = jnp.asarray(params["kernel"], self.kernel_dtype)
+    hidden = hidden.reshape(hidden.shape[0], -1) if self.flatten else hidden
     operands = (hidden, kernel) if self.operand == 1 else (kernel, hidden)
     out = self.primitive.bind(*operands, **dict(self.params))
     return out + params["bias"] if "bias" in params else out
@@ -234,8 +212,9 @@ def derive_units(apply_fn: Callable, variables: Any, example: Any, groups: Optio
                  **apply_kwargs) -> tuple[tuple[Unit, ...], dict]:
   """The two-layer units of any model (pure JAX, linen, NNX), and why other groups have none.
 
-  A prunable group is a unit when exactly one kernel reads it, on its input axis, one row per
-  channel (a Dense after a flatten is not), and the program reads that kernel in one
+  A prunable group is a unit when exactly one kernel reads it, on its input axis (a Dense after
+  an NHWC flatten too: its ``H`` is the flattened activation as ``(N, H W, C)``), and the program
+  reads that kernel in one
   ``dot_general``/``conv_general_dilated`` (not grouped) whose activation has the channels last.
   ``H`` is that equation's activation operand (captured from the jaxpr); the output is the
   equation itself, followed by the group's ``NormLink`` (BatchNorm right after it).
@@ -262,14 +241,15 @@ def derive_units(apply_fn: Callable, variables: Any, example: Any, groups: Optio
       skipped[i] = f"read by {len(g.consumers)} layers (a unit has one reading layer)"
       continue
     m = readers[0]
-    if m.mapped:
-      skipped[i] = f"read by {m.path} through a flatten or reshape"
-      continue
     sites = reads.get(m.path, [])
     if len(sites) != 1 or not sites[0].as_stored or m.axis != len(shapes[m.path]) - 2:
       skipped[i] = f"{m.path} is not read by one plain dot_general/conv on its input axis"
       continue
     r = sites[0]
+    rows = _flatten_rows(m, g.size, r)
+    if rows is None:
+      skipped[i] = f"read by {m.path} through a reshape that does not keep the channels innermost"
+      continue
     params = dict(r.params)
     if params.get("feature_group_count", 1) != 1:
       skipped[i] = f"{m.path} is a grouped convolution"
@@ -277,12 +257,25 @@ def derive_units(apply_fn: Callable, variables: Any, example: Any, groups: Optio
     if not _channels_last(r, params):
       skipped[i] = f"{m.path} reads activations whose channels are not the last axis"
       continue
-    units.append(Unit(group=g, hidden_fn=CapturedInput(apply_fn, r.address, r.operand, kwargs),
-                      output_fn=KernelOutput(r.primitive, r.params, r.operand, r.kernel_dtype),
+    units.append(Unit(group=g, hidden_fn=CapturedInput(apply_fn, r.address, r.operand, kwargs, rows),
+                      output_fn=KernelOutput(r.primitive, r.params, r.operand, r.kernel_dtype, rows > 1),
                       params_fn=LayerParams(m.path, r.bias if r.operand == 1 else None), norm=norms.get(m.path),
                       name=_layer_name(m.path),
                       group_index=i, capture=(r.address, r.operand), affine=True))
   return tuple(units), skipped
+
+
+def _flatten_rows(member, n: int, read) -> Optional[int]:
+  """Rows per channel of the activation the reading layer sees: 1 without a flatten; ``r`` for a
+  Dense after a flatten whose channel is the innermost factor (NHWC ``(H, W, C)`` -> ``H W C``,
+  so the activation reshapes to ``(N, r, C)``); ``None`` for any other layout."""
+  if not member.mapped:
+    return 1
+  r = member.index.shape[1]
+  innermost = np.arange(r)[None, :] * n + np.arange(n)[:, None]
+  if read.primitive.name != "dot_general" or read.activation_ndim != 2 or not np.array_equal(member.index, innermost):
+    return None
+  return r
 
 
 def _layer_name(kernel_path: str) -> str:
