@@ -9,6 +9,7 @@ The package face: every public name lives in one of the layer folders (``core``,
     prune_channels(params, groups, sparsity, *, ...)
     intra_fusion(params, groups, sparsity, *, ...)
     ispasp(params, groups, sparsity, *, apply_fn, batch, ...)
+    repair(apply_fn, dense_params, result, x, ...)
 """
 from jaxprune import data, models, ot, signals
 from jaxprune.checkpoints import load_mlpnet, load_resnet, load_resnet20
@@ -23,7 +24,8 @@ from jaxprune.core.trees import (FlatSpec, Prunable, count_prunable, flatten, is
                                  prunable_paths, unflatten)
 from jaxprune.methods import (ChannelOptions, EWROptions, FusionMap, IntraFusionOptions, ISpaSPOptions,
                               MagnitudeOptions, RecoveryOptions, Support, ewr, intra_fusion, ispasp, ispasp_sweep,
-                              lr, magnitude, prune_channels, random, recover_support, uniform_allocation)
+                              lr, magnitude, prune_channels, random, recover_support, uniform_allocation,
+                              repair, RepairOptions, LayerReport, reestimate_batchnorm)
 from jaxprune.signals import add_gradient_noise, gradient_operator, per_example_grads
 from jaxprune.structure import (ChannelGroups, Group, Member, NormLink, OutputNorm, Unit, channel_masks,
                                 fold_batchnorm, fuse_channels, groups, magnitude_importance, make_group, make_unit,
@@ -40,6 +42,8 @@ __all__ = [
     # structured methods and their options
     "prune_channels", "intra_fusion", "ispasp", "ispasp_sweep", "ChannelOptions", "IntraFusionOptions",
     "ISpaSPOptions", "FusionMap", "recover_support", "RecoveryOptions", "Support",
+    # statistics repair after structured pruning
+    "repair", "RepairOptions", "LayerReport", "reestimate_batchnorm",
     # results, budgets, masks, trees
     "PruneResult", "ChannelResult", "k_from_sparsity", "sparsity_from_k", "n_kept_channels",
     "apply_masks", "check_masks", "masks_like", "count_kept", "topk_mask", "sparsity_report", "SparsityReport",

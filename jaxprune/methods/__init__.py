@@ -8,7 +8,9 @@ from jaxprune.methods._ewr import EWROptions, ewr, lr
 from jaxprune.methods._intrafusion import FusionMap, IntraFusionOptions, intra_fusion
 from jaxprune.methods._ispasp import ISpaSPOptions, ispasp, ispasp_sweep
 from jaxprune.methods._recovery import RecoveryOptions, Support, recover_support
+from jaxprune.methods._repair import LayerReport, RepairOptions, reestimate_batchnorm, repair
 
 __all__ = ["MagnitudeOptions", "magnitude", "random", "uniform_allocation", "ChannelOptions", "prune_channels",
            "EWROptions", "ewr", "lr", "FusionMap", "IntraFusionOptions", "intra_fusion", "ISpaSPOptions", "ispasp",
-           "ispasp_sweep", "RecoveryOptions", "Support", "recover_support"]
+           "ispasp_sweep", "RecoveryOptions", "Support", "recover_support", "repair", "RepairOptions",
+           "LayerReport", "reestimate_batchnorm"]

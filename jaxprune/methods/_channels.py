@@ -15,6 +15,7 @@ from jaxprune.core.forms import Model, as_model, user_loss
 from jaxprune.core.options import Options, resolve
 from jaxprune.core.progress import progress
 from jaxprune.core.results import ChannelResult, make_info
+from jaxprune.methods._repair import RepairOptions, check_repair_request, repair_if_asked
 from jaxprune.structure.channel_groups import ChannelGroups, Group
 from jaxprune.structure.importance import magnitude_importance, random_importance, taylor_grads, taylor_importance
 from jaxprune.structure.surgery import MODES, channel_masks, fold_batchnorm, shrink_channels, write_channels
@@ -165,7 +166,7 @@ def prune_channels(params: Any, groups: Optional[Union[ChannelGroups, Sequence[G
                    batch: Any = None, key: Optional[jax.Array] = None, grads: Any = None,
                    loss_fn: Optional[Callable] = None, batches: Optional[Iterable] = None,
                    options: Optional[ChannelOptions] = None, official: bool = False, show_progress: bool = True,
-                   **overrides) -> ChannelResult:
+                   repair: Any = None, repair_options: Optional[RepairOptions] = None, **overrides) -> ChannelResult:
   """Default structured pruning ("Algorithm 1" of Intra-Fusion): keep the top channels per group.
 
   Groups are processed in order (group 0, nearest the output, first, as the official code does),
@@ -182,6 +183,9 @@ def prune_channels(params: Any, groups: Optional[Union[ChannelGroups, Sequence[G
     key, grads, loss_fn, batches: inputs of the random and Taylor importances (``loss_fn`` receives
       the same kind of tree as ``params``).
     options: :class:`ChannelOptions`; official: its official preset; ``**overrides`` single fields.
+    repair, repair_options: examples ``x`` (a few hundred training inputs) to correct the pruned
+      network's statistics with :func:`jaxprune.repair` before returning (recommended: it is what
+      makes the pruned model usable without fine-tuning), and its :class:`RepairOptions`.
     show_progress: progress bar over groups (and Taylor batches).
 
   Returns:
@@ -190,7 +194,9 @@ def prune_channels(params: Any, groups: Optional[Union[ChannelGroups, Sequence[G
   started = time.perf_counter()
   opts = resolve(ChannelOptions, options, official, overrides)
   model = as_model(params, apply_fn)
-  group_list, norms = _as_groups(resolve_groups(model, groups, batch))
+  check_repair_request(repair, repair_options, model.apply_fn)
+  groups = resolve_groups(model, groups, batch)
+  group_list, norms = _as_groups(groups)
   budgets = plan_budgets(group_list, sparsity, opts.rounding)
   if loss_fn is not None:
     loss_fn = user_loss(model, loss_fn)
@@ -214,5 +220,6 @@ def prune_channels(params: Any, groups: Optional[Union[ChannelGroups, Sequence[G
   masks = channel_masks(original, plans)
   if opts.mode == "shrink":
     variables = shrink_channels(variables, plans)
-  info = make_info("prune_channels", opts, started, fold_bn=bool(opts.fold_bn and norms), groups=per_group)
-  return ChannelResult(variables, masks, info, kept)
+  info = make_info("prune_channels", opts, started, fold_bn=bool(opts.fold_bn and norms), groups=per_group, plans=tuple(plans))
+  result = ChannelResult(variables, masks, info, kept)
+  return repair_if_asked(result, model, repair, repair_options, groups, started, show_progress)

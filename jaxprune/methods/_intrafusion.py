@@ -37,6 +37,7 @@ from jaxprune.core.checks import check_choice
 from jaxprune.core.forms import as_model, user_loss
 from jaxprune.core.options import Options, resolve
 from jaxprune.core.results import ChannelResult, make_info
+from jaxprune.methods._repair import RepairOptions, check_repair_request, repair_if_asked
 from jaxprune.methods._channels import (_as_groups, check_importance, importance_fn, keep_top, plan_budgets,
                                         resolve_groups)
 from jaxprune.structure.importance import taylor_grads, taylor_importance
@@ -216,7 +217,7 @@ def intra_fusion(params: Any, groups: Optional[Union[ChannelGroups, Sequence[Gro
                  batch: Any = None, key: Optional[jax.Array] = None, grads: Any = None,
                  loss_fn: Optional[Callable] = None, batches: Optional[Iterable] = None,
                  options: Optional[IntraFusionOptions] = None, official: bool = False, show_progress: bool = True,
-                 **overrides) -> ChannelResult:
+                 repair: Any = None, repair_options: Optional[RepairOptions] = None, **overrides) -> ChannelResult:
   """Intra-Fusion: keep the top channels of each group and fuse all channels into them with OT.
 
   Args:
@@ -228,6 +229,9 @@ def intra_fusion(params: Any, groups: Optional[Union[ChannelGroups, Sequence[Gro
     key, grads, loss_fn, batches: inputs of the random and Taylor importances. With Taylor the
       gradients are fused along with the weights, as the official code transforms ``.grad``.
     options: :class:`IntraFusionOptions`; official: its official preset; ``**overrides`` single fields.
+    repair, repair_options: examples ``x`` (a few hundred training inputs) to correct the pruned
+      network's statistics with :func:`jaxprune.repair` before returning (recommended: it is what
+      makes the pruned model usable without fine-tuning), and its :class:`RepairOptions`.
     show_progress: progress bar over groups.
 
   Returns:
@@ -238,6 +242,7 @@ def intra_fusion(params: Any, groups: Optional[Union[ChannelGroups, Sequence[Gro
   started = time.perf_counter()
   opts = resolve(IntraFusionOptions, options, official, overrides)
   model = as_model(params, apply_fn)
+  check_repair_request(repair, repair_options, model.apply_fn)
   groups = resolve_groups(model, groups, batch)
   variables = model.tree
   if loss_fn is not None:
@@ -298,5 +303,6 @@ def intra_fusion(params: Any, groups: Optional[Union[ChannelGroups, Sequence[Gro
   masks = channel_masks(original, plans)
   if opts.mode == "shrink":
     variables = shrink_channels(variables, plans)
-  info = make_info("intra_fusion", opts, started, fold_bn=bool(opts.fold_bn and norms), groups=stats, maps=maps)
-  return ChannelResult(variables, masks, info, {i: maps[i].keep for i in indices})
+  info = make_info("intra_fusion", opts, started, fold_bn=bool(opts.fold_bn and norms), groups=stats, maps=maps, plans=tuple(plans))
+  result = ChannelResult(variables, masks, info, {i: maps[i].keep for i in indices})
+  return repair_if_asked(result, model, repair, repair_options, groups, started, show_progress)

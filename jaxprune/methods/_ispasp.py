@@ -25,6 +25,7 @@ from jaxprune.core.checks import check_choice
 from jaxprune.core.forms import as_model
 from jaxprune.core.options import Options, resolve
 from jaxprune.core.results import ChannelResult, make_info
+from jaxprune.methods._repair import RepairOptions, check_repair_request, repair_if_asked
 from jaxprune.methods._channels import model_inputs
 from jaxprune.structure.channel_groups import ChannelGroups
 from jaxprune.core.progress import progress
@@ -121,8 +122,10 @@ class ISpaSPOptions(Options):
     bn_mode: ``"eval"`` (default; the pruned branch's norm in inference mode, so the loop
       compares like with like) or ``"train"`` (official: the pruned branch normalises each chunk
       with its batch statistics).
-    aggregate: ``"signed_sum"`` (official), ``"abs_sum"`` or ``"l2"``: the activation score that
-      thresholds the merged set.
+    aggregate: the activation score that thresholds the merged set: ``"l2"`` (default),
+      ``"signed_sum"`` (official) or ``"abs_sum"``. Measured with repair after pruning, l2 kept
+      better channels: a held-out conv-BN CNN at 30/50/70% 89.0/87.8/78.0 against 85.2/79.4/74.7,
+      ResNet20 units at 50% (``experiments/README.md``)
     stop_at_fixed_point: stop a unit's loop once its support repeats (same result, less work).
     exclude_support: rank the proxy outside the support only (not the official code).
     proxy: ``"examples"`` (the official computation: every example through the second layer,
@@ -136,14 +139,14 @@ class ISpaSPOptions(Options):
   iterations: int = 20
   chunk_size: Optional[int] = 256
   bn_mode: str = "eval"
-  aggregate: str = "signed_sum"
+  aggregate: str = "l2"
   stop_at_fixed_point: bool = False
   exclude_support: bool = False
   proxy: str = "auto"
   mode: str = "shrink"
   rounding: str = "floor"
 
-  OFFICIAL = {"bn_mode": "train", "rounding": "truncate"}
+  OFFICIAL = {"bn_mode": "train", "rounding": "truncate", "aggregate": "signed_sum"}
 
   def check(self) -> None:
     check_choice(self.proxy, ("auto",) + PROXIES, "proxy")
@@ -161,7 +164,7 @@ class ISpaSPOptions(Options):
 def ispasp(params: Any, groups: Optional[Union[ChannelGroups, Sequence[Unit]]], sparsity: Sparsity, *,
            apply_fn: Optional[Callable] = None, batch: Any = None, apply_kwargs: Optional[dict] = None,
            options: Optional[ISpaSPOptions] = None, official: bool = False, show_progress: bool = True,
-           **overrides) -> ChannelResult:
+           repair: Any = None, repair_options: Optional[RepairOptions] = None, **overrides) -> ChannelResult:
   """Prunes the hidden channels of two-layer units with i-SpaSP.
 
   Args:
@@ -176,6 +179,9 @@ def ispasp(params: Any, groups: Optional[Union[ChannelGroups, Sequence[Unit]]], 
       images per unit.
     apply_kwargs: extra keyword arguments for ``apply_fn``.
     options: :class:`ISpaSPOptions`; official: its official preset; ``**overrides`` single fields.
+    repair, repair_options: examples ``x`` (a few hundred training inputs) to correct the pruned
+      network's statistics with :func:`jaxprune.repair` before returning (recommended: it is what
+      makes the pruned model usable without fine-tuning), and its :class:`RepairOptions`.
     show_progress: a progress bar over units.
 
   Returns:
@@ -189,6 +195,7 @@ def ispasp(params: Any, groups: Optional[Union[ChannelGroups, Sequence[Unit]]], 
   opts = resolve(ISpaSPOptions, options, official, overrides)
   options, proxy, order, chunk_size, mode = opts.recovery(), opts.proxy, opts.order, opts.chunk_size, opts.mode
   model = as_model(params, apply_fn)
+  check_repair_request(repair, repair_options, model.apply_fn)
   variables = model.tree
   x = model_inputs(batch)
   apply_kwargs = dict(apply_kwargs or {})
@@ -265,8 +272,9 @@ def ispasp(params: Any, groups: Optional[Union[ChannelGroups, Sequence[Unit]]], 
   masks = channel_masks(original, plans)
   if mode == "shrink":
     v = shrink_channels(v, plans)
-  info = make_info("ispasp", opts, started, units=per_unit, skipped=skipped)
-  return ChannelResult(v, masks, info, kept)
+  info = make_info("ispasp", opts, started, units=per_unit, skipped=skipped, plans=tuple(plans))
+  result = ChannelResult(v, masks, info, kept)
+  return repair_if_asked(result, model, repair, repair_options, groups, started, show_progress)
 
 
 def _resolve(options: RecoveryOptions, proxy: str, unit: Unit) -> RecoveryOptions:

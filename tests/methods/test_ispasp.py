@@ -146,6 +146,7 @@ def test_vmapped_sweep_equals_separate_calls(resnet20):
   for proxy_kind in ("examples", "reduced"):
     opts = RecoveryOptions(proxy=proxy_kind, chunk_size=16)
     swept = np.asarray(jp.ispasp_sweep(unit, v, hidden, [1 - r for r in keeps], proxy=proxy_kind, chunk_size=16,
+                                       aggregate="signed_sum",
                                        rounding="truncate"))
     for row, r in zip(swept, keeps):
       one = recover(unit.output_fn, unit.params_fn(v), hidden, int(16 * r), unit.output_norm(v), options=opts)
