@@ -18,6 +18,7 @@ SCRIPTS = {
     "experiments/intrafusion_cifar_models.py": "vgg11_bn_groups",
     "experiments/ispasp_two_layer.py": "ispasp_two_layer",
     "experiments/ispasp_blocks.py": "ispasp_blocks",
+    "experiments/repair_structured.py": "repair_structured",
 }
 
 
