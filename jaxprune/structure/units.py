@@ -43,6 +43,16 @@ def norm_eval(z: jax.Array, norm: Optional[OutputNorm]) -> jax.Array:
   return (z - norm.mean) * jax.lax.rsqrt(norm.var + norm.eps) * norm.scale + norm.offset
 
 
+def norm_arrays(variables: Any, nl: NormLink) -> OutputNorm:
+  """A norm's arrays (scale 1 and offset 0 where the norm has none)."""
+  mean = jnp.asarray(get_leaf(variables, nl.mean), jnp.float32)
+  scale = jnp.ones_like(mean) if nl.scale is None else jnp.asarray(get_leaf(variables, nl.scale), jnp.float32)
+  offset = jnp.zeros_like(mean) if nl.offset is None else jnp.asarray(get_leaf(variables, nl.offset), jnp.float32)
+  eps = 1e-5 if nl.eps is None else nl.eps
+  return OutputNorm(scale, offset, mean, jnp.asarray(get_leaf(variables, nl.var), jnp.float32),
+                    jnp.asarray(eps, jnp.float32))
+
+
 @dataclasses.dataclass(frozen=True)
 class Unit:
   """A two-layer unit: ``f1`` (model input -> hidden channels of ``group``), ``f2`` (-> unit output).
@@ -78,15 +88,7 @@ class Unit:
 
   def output_norm(self, variables: Any) -> Optional[OutputNorm]:
     """The norm's arrays (scale 1 and offset 0 where the norm has none)."""
-    if self.norm is None:
-      return None
-    nl = self.norm
-    mean = jnp.asarray(get_leaf(variables, nl.mean), jnp.float32)
-    scale = jnp.ones_like(mean) if nl.scale is None else jnp.asarray(get_leaf(variables, nl.scale), jnp.float32)
-    offset = jnp.zeros_like(mean) if nl.offset is None else jnp.asarray(get_leaf(variables, nl.offset), jnp.float32)
-    eps = 1e-5 if nl.eps is None else nl.eps
-    return OutputNorm(scale, offset, mean, jnp.asarray(get_leaf(variables, nl.var), jnp.float32),
-                      jnp.asarray(eps, jnp.float32))
+    return None if self.norm is None else norm_arrays(variables, self.norm)
 
   def output(self, variables: Any, hidden: jax.Array, mask: Optional[jax.Array] = None) -> jax.Array:
     """The unit output ``U`` (norm in inference mode) from ``hidden``, restricted to ``mask``."""
@@ -236,33 +238,102 @@ def derive_units(apply_fn: Callable, variables: Any, example: Any, groups: Optio
   kwargs = tuple(sorted(apply_kwargs.items()))
   units, skipped = [], {}
   for i, g in enumerate(groups):
-    readers = [m for m in g.consumers if m.kind == "kernel"]
-    if len(g.consumers) != 1 or len(readers) != 1:
-      skipped[i] = f"read by {len(g.consumers)} layers (a unit has one reading layer)"
+    found = [_reader(m, g.size, reads, shapes) for m in g.consumers]
+    why = next((f for f in found if isinstance(f, str)), "" if found else "read by no layer")
+    if why:
+      skipped[i] = why
       continue
-    m = readers[0]
-    sites = reads.get(m.path, [])
-    if len(sites) != 1 or not sites[0].as_stored or m.axis != len(shapes[m.path]) - 2:
-      skipped[i] = f"{m.path} is not read by one plain dot_general/conv on its input axis"
+    if len(found) > 1:
+      units.append(_several_readers(apply_fn, variables, example, kwargs, g, i, found, norms))
       continue
-    r = sites[0]
-    rows = _flatten_rows(m, g.size, r)
-    if rows is None:
-      skipped[i] = f"read by {m.path} through a reshape that does not keep the channels innermost"
-      continue
-    params = dict(r.params)
-    if params.get("feature_group_count", 1) != 1:
-      skipped[i] = f"{m.path} is a grouped convolution"
-      continue
-    if not _channels_last(r, params):
-      skipped[i] = f"{m.path} reads activations whose channels are not the last axis"
-      continue
+    m, r, rows = found[0]
     units.append(Unit(group=g, hidden_fn=CapturedInput(apply_fn, r.address, r.operand, kwargs, rows),
                       output_fn=KernelOutput(r.primitive, r.params, r.operand, r.kernel_dtype, rows > 1),
                       params_fn=LayerParams(m.path, r.bias if r.operand == 1 else None), norm=norms.get(m.path),
                       name=_layer_name(m.path),
                       group_index=i, capture=(r.address, r.operand), affine=True))
   return tuple(units), skipped
+
+
+def _reader(m, n: int, reads: dict, shapes: dict):
+  """``(member, read, rows)`` for a consumer a unit can use, or the reason it cannot."""
+  if m.kind != "kernel":
+    return f"read by {m.path} ({m.kind}), not a Dense/Conv kernel"
+  sites = reads.get(m.path, [])
+  if len(sites) != 1 or not sites[0].as_stored or m.axis != len(shapes[m.path]) - 2:
+    return f"{m.path} is not read by one plain dot_general/conv on its input axis"
+  r = sites[0]
+  rows = _flatten_rows(m, n, r)
+  if rows is None:
+    return f"read by {m.path} through a reshape that does not keep the channels innermost"
+  params = dict(r.params)
+  if params.get("feature_group_count", 1) != 1:
+    return f"{m.path} is a grouped convolution"
+  if not _channels_last(r, params):
+    return f"{m.path} reads activations whose channels are not the last axis"
+  return m, r, rows
+
+
+@dataclasses.dataclass(frozen=True)
+class CapturedInputs:
+  """``hidden_fn`` of a group read by several layers: each reading equation's activation as
+  ``(N, P_r, C)`` (positions flattened, channels innermost), concatenated along positions."""
+  apply_fn: Callable
+  addresses: tuple
+  operands: tuple
+  channels: int
+  apply_kwargs: tuple = ()
+
+  def __call__(self, variables: Any, x: jax.Array) -> jax.Array:
+    got = capture_at(self.apply_fn, variables, x, list(self.addresses), list(self.operands), **dict(self.apply_kwargs))
+    return jnp.concatenate([got[a].reshape(x.shape[0], -1, self.channels) for a in self.addresses], axis=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class ReadersOutput:
+  """``output_fn`` of a group read by several layers: every reading layer (its equation, bias and
+  inference-mode norm) on its slice of ``H``, outputs flattened and concatenated: ``(N, sum Q_r)``."""
+  layers: tuple         # (KernelOutput, activation shape without the example axis) per reader
+
+  def __call__(self, params: tuple, hidden: jax.Array) -> jax.Array:
+    outs, start = [], 0
+    for (layer, shape), p in zip(self.layers, params):
+      size = int(np.prod(shape)) // hidden.shape[-1]
+      h = hidden[:, start:start + size].reshape((hidden.shape[0],) + tuple(shape))
+      start += size
+      z = norm_eval(layer(p["layer"], h), p.get("norm"))
+      outs.append(z.reshape(z.shape[0], -1))
+    return jnp.concatenate(outs, axis=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class ReadersParams:
+  """``params_fn`` of :class:`ReadersOutput`: per reader its layer's kernel/bias and norm arrays."""
+  layers: tuple         # (LayerParams, NormLink or None) per reader
+
+  def __call__(self, variables: Any) -> tuple:
+    out = []
+    for layer, link in self.layers:
+      p = {"layer": layer(variables)}
+      if link is not None:
+        p["norm"] = norm_arrays(variables, link)
+      out.append(p)
+    return tuple(out)
+
+
+def _several_readers(apply_fn, variables, example, kwargs, g, i, found, norms) -> Unit:
+  """A unit whose output is every reading layer's output, concatenated (residual streams, or a
+  group read both by a layer and, through a flatten, by another)."""
+  addresses = tuple(r.address for _, r, _ in found)
+  operands = tuple(r.operand for _, r, _ in found)
+  shapes = jax.eval_shape(lambda v, xx: capture_at(apply_fn, v, xx, list(addresses), list(operands), **dict(kwargs)),
+                          variables, example)
+  layers = tuple((KernelOutput(r.primitive, r.params, r.operand, r.kernel_dtype),
+                  tuple(shapes[r.address].shape[1:])) for _, r, _ in found)
+  params = tuple((LayerParams(m.path, r.bias if r.operand == 1 else None), norms.get(m.path)) for m, r, _ in found)
+  return Unit(group=g, hidden_fn=CapturedInputs(apply_fn, addresses, operands, g.size, kwargs),
+              output_fn=ReadersOutput(layers), params_fn=ReadersParams(params), norm=None,
+              name=" + ".join(_layer_name(m.path) for m, _, _ in found), group_index=i, capture=None, affine=True)
 
 
 def _flatten_rows(member, n: int, read) -> Optional[int]:

@@ -191,10 +191,14 @@ def resnet20(checkpoint_dir, data_dir):
 
 def test_units_of_resnet20_mlpnet_and_mobilenet(resnet20, mlpnet_variables):
   v, model, x = resnet20
-  units = jp.two_layer_units(model.apply, v, x[:1])
+  every = jp.two_layer_units(model.apply, v, x[:1])
+  units = [u for u in every if u.capture is not None]   # read by one layer
   assert [u.name for u in units] == [f"layer{s}_{b}/conv2" for s in (3, 2, 1) for b in (2, 1, 0)]
   assert all(u.norm.scale == f"params/{u.name.split('/')[0]}/bn2/scale" for u in units)
   assert all(u.affine and u.norm.eps == pytest.approx(1e-5) for u in units)
+  streams = [u for u in every if u.capture is None]   # the residual streams: every reading layer at once
+  assert [u.group_index for u in streams] == [0, 4, 8] and len(every) == 12
+  assert streams[0].name == "fc + layer3_2/conv1 + layer3_1/conv1"
   mlp = jp.two_layer_units(models.mlpnet().apply, mlpnet_variables, jnp.zeros((1, 28, 28, 1)))
   assert [(u.name, u.size, u.norm) for u in mlp] == [("fc3", 20, None), ("fc2", 40, None)]
   mb = models.MobileNetV1(stem_width=8, widths=(16, 16, 32), strides=(1, 2, 1))
@@ -205,6 +209,21 @@ def test_units_of_resnet20_mlpnet_and_mobilenet(resnet20, mlpnet_variables):
   # the MobileNet hidden group holds the depthwise conv and both norms before the pointwise conv
   first = mb_units[-1]
   assert {m.kind for m in first.group.producers} >= {"kernel", "depthwise", "norm"}
+
+
+def test_a_residual_stream_unit_outputs_every_reading_layer(resnet20):
+  v, model, x = resnet20
+  stream = next(u for u in jp.two_layer_units(model.apply, v, x[:1]) if u.group_index == 0)
+  hidden = stream.hidden_fn(v, x[:8])
+  assert hidden.shape == (8, 1 + 2 * 64, 64)   # pooled features for fc, then two 8x8 feature maps
+  out = np.asarray(stream.output(v, hidden))
+  _, state = model.apply(v, x[:8], capture_intermediates=True, mutable=["intermediates"])
+  inter = state["intermediates"]
+  bn1 = lambda block: np.asarray(inter[block]["bn1"]["__call__"][0]).reshape(8, -1)   # noqa: E731
+  expected = np.concatenate([np.asarray(model.apply(v, x[:8])), bn1("layer3_2"), bn1("layer3_1")], axis=1)
+  np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
+  masked = np.asarray(stream.output(v, hidden, jnp.arange(64) < 32))
+  assert not np.allclose(masked, out)
 
 
 @pytest.mark.parametrize("mode", ["shrink", "mask"])
@@ -248,7 +267,7 @@ def test_oneshot_vmapped_units_equal_unit_by_unit(resnet20):
   for proxy_kind, blocks in (("reduced", (1, 2, 3)), ("examples", (2,))):
     kw = dict(order="parallel", mode="mask", proxy=proxy_kind, chunk_size=32, rounding="truncate", show_progress=False)
     together = jp.ispasp(v, None, 0.6, apply_fn=model.apply, batch=x, **kw)
-    assert len(together.kept) == 9
+    assert len(together.kept) == 12   # every group: nine blocks and three residual streams
     for gi in blocks:   # stage 3 blocks share shapes: solved in one vmapped call above
       alone = jp.ispasp(v, None, {gi: 0.6}, apply_fn=model.apply, batch=x, **kw)
       np.testing.assert_array_equal(together.kept[gi], alone.kept[gi])
