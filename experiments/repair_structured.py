@@ -16,6 +16,7 @@ all-groups case at 30% fine-tuned briefly (4 epochs of the 4000 training images,
 0.9 warmed up linearly to 0.01 over the first epoch, crop/flip, BatchNorm in train mode after a
 function-preserving re-estimation), without and with repair, to see whether repair's lead survives. Part D: where repair corrects (``where``), each group alone at 50%.
 """
+import functools
 import time
 
 import numpy as np
@@ -28,7 +29,12 @@ from jaxprune.training.train import cifar_augment, train_epochs
 import _common
 
 METHODS = {"default": jp.prune_channels, "intra_fusion": jp.intra_fusion, "ispasp": jp.ispasp,
-           "ispasp_signed_sum": jp.ispasp}
+           "ispasp_signed_sum": jp.ispasp,
+           # Intra-Fusion variants (run with --methods): averaging semantics, entropic plans, importance marginals
+           "intra_fusion_average": functools.partial(jp.intra_fusion, semantics="average"),
+           "intra_fusion_entropic": functools.partial(jp.intra_fusion, solver="entropic"),
+           "intra_fusion_importance_marginals": functools.partial(jp.intra_fusion, marginals="importance")}
+DEFAULT_METHODS = ["default", "intra_fusion", "ispasp", "ispasp_signed_sum"]
 
 
 def setup(name, args):
@@ -74,6 +80,8 @@ def main():
   p.add_argument("--examples", type=int, default=500)
   p.add_argument("--parts", default="ABCD")
   p.add_argument("--sparsities", type=float, nargs="+", default=[0.5], help="part A (the issue asks 0.1-0.7)")
+  p.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=list(METHODS))
+  p.add_argument("--tag", default="", help="suffix of the output folder")
   args = p.parse_args()
   show = not args.no_progress
   rows, meta = [], {}
@@ -91,7 +99,7 @@ def main():
       sparsities = [0.5] if args.quick else args.sparsities
       for gi in progress(which, desc=f"{name} per group", disable=not show):
         for s in sparsities:
-          for method in METHODS:
+          for method in args.methods:
             if method.startswith("ispasp") and gi not in units:
               continue
             accs, secs = variants(method, v, groups, {gi: s}, model, x, acc, has_bn)
@@ -100,7 +108,7 @@ def main():
             print(rows[-1], flush=True)
     if "B" in args.parts:
       for s in ([0.3] if args.quick else [0.1, 0.3, 0.5]):
-        for method in ("default", "intra_fusion", "ispasp"):
+        for method in [m for m in ("default", "intra_fusion", "ispasp") if m in args.methods]:
           sp = {i: s for i in units} if method == "ispasp" else s
           accs, secs = variants(method, v, groups, sp, model, x, acc, has_bn)
           rows.append({"part": "B", "model": name, "group": "all" if method != "ispasp" else "units", "sparsity": s,
@@ -109,7 +117,7 @@ def main():
     if "C" in args.parts and name == "resnet20":
       epochs = 1 if args.quick else 4
       data = jp.data.Dataset(train.x[:512], train.y[:512]) if args.quick else train
-      for method in ("default", "intra_fusion"):
+      for method in [m for m in ("default", "intra_fusion") if m in args.methods]:
         res = prune(method, v, groups, 0.3, model, x)
         for variant in ("none", "repair"):
           start = res if variant == "none" else jp.repair(model.apply, v, res, x, groups=groups, show_progress=False)
@@ -127,7 +135,7 @@ def main():
           print(rows[-1], flush=True)
     if "D" in args.parts:
       for gi in progress(which, desc=f"{name} where", disable=not show):
-        for method in ("default", "intra_fusion"):
+        for method in [m for m in ("default", "intra_fusion") if m in args.methods]:
           for where in ("producers", "group"):   # "all" (the default) is part A's repair
             accs, secs = variants(method, v, groups, {gi: 0.5}, model, x, acc, False, where=where)
             rows.append({"part": "D", "model": name, "group": gi, "sparsity": 0.5, "method": method, "where": where,
@@ -136,8 +144,10 @@ def main():
   summary = summarise(rows)
   print_tables(rows)
   print(summary)
-  out = _common.out_dir(args, "repair_structured")
-  _common.write(out, "repair_structured", rows, {"models": meta, "summary": summary})
+  out = _common.out_dir(args, "repair_structured" + (f"_{args.tag}" if args.tag else ""))
+  keys = list(dict.fromkeys(k for r in rows for k in r))   # parts add their own columns
+  _common.write(out, "repair_structured", [{k: r.get(k, "") for k in keys} for r in rows],
+                {"models": meta, "summary": summary, "argv": vars(args)})
   for name in args.models:
     series = {f"{m} {var}": [(r["group"], r[var]) for r in rows
                              if r["part"] == "A" and r["model"] == name and r["method"] == m and r["sparsity"] == 0.5]
