@@ -385,3 +385,37 @@ def test_units_from_the_jaxpr_agree_across_model_forms():
     res = jp.ispasp(params, None, 0.5, apply_fn=apply_fn, batch=x, mode="mask", show_progress=False)
     kept[form] = {g: k.tolist() for g, k in res.kept.items()}
   assert kept["linen"] == kept["pure"] == kept["nnx"]
+
+
+def test_mlpnet_as_a_pure_function_and_as_an_nnx_module(mlpnet_variables, mnist_test):
+  # Units come from the jaxpr, so i-SpaSP runs on any model form (no linen hooks).
+  from flax import nnx
+  p = mlpnet_variables["params"]
+
+  def pure(params, xx):
+    h = jax.nn.relu(xx.reshape(len(xx), -1) @ params["fc1"]["kernel"])
+    h = jax.nn.relu(h @ params["fc2"]["kernel"])
+    return h @ params["fc3"]["kernel"]
+
+  class MLPNet(nnx.Module):
+    def __init__(self):
+      rngs = nnx.Rngs(0)
+      self.fc1, self.fc2, self.fc3 = (nnx.Linear(a, b, use_bias=False, rngs=rngs)
+                                      for a, b in ((784, 40), (40, 20), (20, 10)))
+
+    def __call__(self, xx):
+      return self.fc3(nnx.relu(self.fc2(nnx.relu(self.fc1(xx.reshape(len(xx), -1))))))
+
+  module = MLPNet()
+  for name in ("fc1", "fc2", "fc3"):
+    getattr(module, name).kernel[...] = p[name]["kernel"]
+  x, xt, yt = jnp.asarray(mnist_test.x[:1000]), jnp.asarray(mnist_test.x[5000:]), np.asarray(mnist_test.y[5000:])
+  graphdef = nnx.graphdef(module)
+  runs = {"pure": (p, pure, pure), "nnx": (module, None, lambda s, xx: nnx.merge(graphdef, s)(xx))}
+  acc = lambda fn, params: float((np.asarray(fn(params, xt)).argmax(-1) == yt).mean())   # noqa: E731
+  for form, (params, apply_fn, run) in runs.items():
+    res = jp.ispasp(params, None, 0.5, apply_fn=apply_fn, batch=x, show_progress=False)
+    assert {g: k.size for g, k in res.kept.items()} == {0: 10, 1: 20}, form
+    rand = jp.prune_channels(params, None, 0.5, apply_fn=apply_fn, batch=x, importance="random",
+                             key=jax.random.key(0), show_progress=False)
+    assert acc(run, res.params) > acc(run, rand.params) + 0.05, form
