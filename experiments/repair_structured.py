@@ -33,7 +33,10 @@ METHODS = {"default": jp.prune_channels, "intra_fusion": jp.intra_fusion, "ispas
            # Intra-Fusion variants (run with --methods): averaging semantics, entropic plans, importance marginals
            "intra_fusion_average": functools.partial(jp.intra_fusion, semantics="average"),
            "intra_fusion_entropic": functools.partial(jp.intra_fusion, solver="entropic"),
-           "intra_fusion_importance_marginals": functools.partial(jp.intra_fusion, marginals="importance")}
+           "intra_fusion_importance_marginals": functools.partial(jp.intra_fusion, marginals="importance"),
+           # importance and fusion on the unfolded weights (fold_bn=False)
+           "default_unfolded": jp.prune_channels, "intra_fusion_unfolded": jp.intra_fusion}
+UNFOLDED = {"default_unfolded", "intra_fusion_unfolded"}
 DEFAULT_METHODS = ["default", "intra_fusion", "ispasp", "ispasp_signed_sum"]
 
 
@@ -52,7 +55,7 @@ def prune(method, v, groups, sparsity, model, x, fold_bn=True):
   if method.startswith("ispasp"):   # the official aggregate as a second row
     agg = {"aggregate": "signed_sum"} if method == "ispasp_signed_sum" else {}
     return jp.ispasp(v, groups, sparsity, apply_fn=model.apply, batch=x, **kw, **agg)
-  return METHODS[method](v, groups, sparsity, fold_bn=fold_bn, **kw)
+  return METHODS[method](v, groups, sparsity, fold_bn=fold_bn and method not in UNFOLDED, **kw)
 
 
 def unit_groups(model, v, example, groups):
@@ -108,7 +111,7 @@ def main():
             print(rows[-1], flush=True)
     if "B" in args.parts:
       for s in ([0.3] if args.quick else [0.1, 0.3, 0.5]):
-        for method in [m for m in ("default", "intra_fusion", "ispasp") if m in args.methods]:
+        for method in [m for m in args.methods if m in ("default", "intra_fusion", "ispasp") or m in UNFOLDED]:
           sp = {i: s for i in units} if method == "ispasp" else s
           accs, secs = variants(method, v, groups, sp, model, x, acc, has_bn)
           rows.append({"part": "B", "model": name, "group": "all" if method != "ispasp" else "units", "sparsity": s,

@@ -15,7 +15,7 @@ from jaxprune import data, models, ot, signals
 from jaxprune.checkpoints import load_mlpnet, load_resnet, load_resnet20
 from jaxprune.core import masks, trees
 from jaxprune.core.budget import k_from_sparsity, n_kept_channels, sparsity_from_k
-from jaxprune.core.forms import classification_loss
+from jaxprune.core.forms import classification_loss, register_resize_rule, resized_module
 from jaxprune.core.masks import (SparsityReport, apply_masks, check_masks, count_kept, masks_like, sparsity_report,
                                  topk_mask)
 from jaxprune.core.results import ChannelResult, PruneResult
@@ -55,7 +55,7 @@ __all__ = [
     "groups", "ChannelGroups", "Group", "Member", "NormLink", "make_group", "fold_batchnorm", "select_channels",
     "fuse_channels", "write_channels", "shrink_channels", "channel_masks", "magnitude_importance",
     "taylor_importance", "random_importance", "taylor_grads", "Unit", "make_unit", "two_layer_units", "OutputNorm",
-    "size_report", "measure_size", "SizeReport", "ModelSize",
+    "size_report", "measure_size", "SizeReport", "ModelSize", "resized_module", "register_resize_rule",
     # training
     "keep_pruned_at_zero", "set_masks", "masks_from_zeros", "MaskedState", "gradual_prune", "GradualResult",
     "pruner_for", "register", "evaluate", "Evaluation",

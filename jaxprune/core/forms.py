@@ -83,3 +83,65 @@ def classification_loss(apply_fn: Callable, **apply_kwargs) -> Callable[[Any, An
     logits = apply_fn(params, x, **apply_kwargs)
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
   return loss_fn
+
+
+# --- NNX modules with shrunk arrays ------------------------------------------------------------
+# Per-class rules that set a module's width attributes from its arrays (Torch-Pruning keeps the
+# same kind of table for nn.Module attributes). Extend with register_resize_rule.
+RESIZE_RULES: dict = {}
+
+
+def register_resize_rule(cls: type, rule: Callable[[Any], None]) -> None:
+  """``rule(module)`` sets ``module``'s width attributes from its (already replaced) arrays."""
+  RESIZE_RULES[cls] = rule
+
+
+def _resize_linear(m) -> None:
+  m.in_features, m.out_features = m.kernel.get_value().shape[-2], m.kernel.get_value().shape[-1]
+
+
+def _resize_conv(m) -> None:
+  depthwise = m.feature_group_count > 1 and m.feature_group_count == m.in_features
+  per_group, out = m.kernel.get_value().shape[-2], m.kernel.get_value().shape[-1]
+  if depthwise:   # one group per input channel, a fixed channel multiplier
+    m.feature_group_count = m.in_features = out // (m.out_features // m.in_features)
+  else:
+    m.in_features = per_group * m.feature_group_count
+  m.out_features = out
+
+
+def _resize_norm(m) -> None:
+  from flax import nnx
+  arrays = [getattr(m, name).get_value() for name in ("scale", "bias", "mean", "var")
+            if isinstance(getattr(m, name, None), nnx.Variable)]
+  if arrays:
+    m.num_features = arrays[0].shape[-1]
+
+
+def _default_rules() -> None:
+  from flax import nnx
+  for cls, rule in ((nnx.Linear, _resize_linear), (nnx.Conv, _resize_conv), (nnx.BatchNorm, _resize_norm),
+                    (nnx.LayerNorm, _resize_norm), (nnx.RMSNorm, _resize_norm)):
+    RESIZE_RULES.setdefault(cls, rule)
+
+
+def resized_module(module: Any, params: Any) -> Any:
+  """A copy of the ``nnx.Module`` holding ``params`` (e.g. a shrunk result's ``nnx.State``), with its
+  width attributes (``in_features``, ``out_features``, ``num_features``, a depthwise conv's
+  ``feature_group_count``) set from the arrays, so that the module describes what it computes.
+
+  ``nnx.update(module, result.params)`` alone already runs (NNX layers read their arrays), but
+  leaves the attributes at the dense widths. Layers without a rule (:data:`RESIZE_RULES`,
+  :func:`register_resize_rule`) keep their attributes; the input module is not changed.
+  """
+  from flax import nnx
+  if not is_module(module):
+    raise TypeError(f"module must be an nnx.Module, got {type(module).__name__}")
+  _default_rules()
+  graphdef, _ = nnx.split(module)
+  out = nnx.merge(graphdef, params)
+  for _, sub in nnx.iter_modules(out):
+    rule = next((r for cls, r in RESIZE_RULES.items() if type(sub) is cls), None)
+    if rule is not None:
+      rule(sub)
+  return out

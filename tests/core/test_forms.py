@@ -1,0 +1,41 @@
+"""NNX modules after shrinking: the arrays and the width attributes agree."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import jaxprune as jp
+
+
+class ConvNet(nnx.Module):
+  def __init__(self, rngs):
+    self.conv = nnx.Conv(3, 8, (3, 3), rngs=rngs)
+    self.bn = nnx.BatchNorm(8, rngs=rngs)
+    self.dw = nnx.Conv(8, 8, (3, 3), feature_group_count=8, rngs=rngs)   # depthwise
+    self.pw = nnx.Conv(8, 12, (1, 1), rngs=rngs)
+    self.fc = nnx.Linear(12, 4, rngs=rngs)
+
+  def __call__(self, x):
+    x = nnx.relu(self.bn(self.conv(x)))
+    x = nnx.relu(self.pw(nnx.relu(self.dw(x))))
+    return self.fc(x.mean((1, 2)))
+
+
+def test_a_shrunk_nnx_module_describes_its_arrays():
+  module = ConvNet(nnx.Rngs(0))
+  module.eval()
+  x = jax.random.normal(jax.random.key(1), (4, 10, 10, 3))
+  res = jp.prune_channels(module, None, 0.5, batch=x, show_progress=False)
+  small = jp.resized_module(module, res.params)
+  assert (small.conv.out_features, small.bn.num_features, small.dw.in_features, small.dw.out_features,
+          small.dw.feature_group_count, small.pw.in_features, small.pw.out_features, small.fc.in_features) == (
+              4, 4, 4, 4, 4, 4, 6, 6)
+  assert module.conv.out_features == 8 and module.conv.kernel[...].shape[-1] == 8   # the input is untouched
+  masked = jp.prune_channels(module, None, 0.5, batch=x, mode="mask", show_progress=False)
+  np.testing.assert_allclose(small(x), nnx.merge(nnx.graphdef(module), masked.params)(x), rtol=1e-4, atol=1e-5)
+
+
+def test_resized_module_rejects_a_non_module():
+  with pytest.raises(TypeError, match="module"):
+    jp.resized_module({"a": jnp.ones(2)}, {})
