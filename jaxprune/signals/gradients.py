@@ -81,6 +81,10 @@ def per_example_grads(loss_fn: LossFn, params: PyTree, batch: Any, *, prunable: 
                       show_progress: bool = True, check_finite: bool = True) -> jax.Array:
   """The per-example gradient matrix ``G: (N, p)``, built ``chunk_size`` examples at a time.
 
+  Chunks are written into one preallocated buffer. A batch sharded along its example axis over a
+  ``jax.sharding.Mesh`` gives a ``G`` whose rows are split the same way: each device computes and
+  holds its examples' gradients, and the regression's products with ``G`` use collectives.
+
   Args:
     loss_fn: ``loss_fn(params, batch) -> scalar`` (mean over the batch).
     params: the tree the gradient is taken at; only the ``prunable`` leaves are differentiated.
@@ -97,14 +101,35 @@ def per_example_grads(loss_fn: LossFn, params: PyTree, batch: Any, *, prunable: 
   w, _ = flatten(params, spec=spec)
   chunks = _chunks(n, chunk_size)
   size = min(chunk_size, n)
-  rows = [_grads_chunk(w, params, _pad(batch, s, e, size), loss_fn=loss_fn, spec=spec, dtype=dtype)[: e - s]
-          for s, e in progress(chunks, desc="per-example grads", disable=not show_progress)]
-  G = jnp.concatenate(rows) if len(rows) > 1 else rows[0]
+  G = None if len(chunks) == 1 else _buffer((n, w.size), dtype, _row_sharding(batch))
+  for s, e in progress(chunks, desc="per-example grads", disable=not show_progress):
+    rows = _grads_chunk(w, params, _pad(batch, s, e, size), loss_fn=loss_fn, spec=spec, dtype=dtype)[: e - s]
+    G = rows if G is None else _write_rows(G, rows, s)
   if check_finite and not bool(jnp.isfinite(G).all()):
     bad = np.flatnonzero(~np.asarray(jnp.isfinite(G).all(axis=1)))
     raise ValueError(f"per-example gradients are NaN or infinite for examples {bad[:10].tolist()}"
                      f"{' ...' if bad.size > 10 else ''}: check loss_fn and the batch")
   return G
+
+
+def _row_sharding(batch: Any) -> Any:
+  """Rows of ``G`` live where the batch's examples do: a batch sharded along its example axis
+  over a mesh gives ``G`` the same split of rows (``None``: the default device)."""
+  sharding = getattr(jax.tree_util.tree_leaves(batch)[0], "sharding", None)
+  if isinstance(sharding, jax.sharding.NamedSharding) and len(sharding.spec) and sharding.spec[0] is not None:
+    return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(sharding.spec[0], None))
+  return None
+
+
+def _buffer(shape: tuple, dtype, sharding: Any) -> jax.Array:
+  """A preallocated ``G`` that the chunks are written into (placed by ``sharding``)."""
+  return jnp.zeros(shape, dtype, device=sharding)   # created in place on each device
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _write_rows(G: jax.Array, rows: jax.Array, start: int) -> jax.Array:
+  # In place (the buffer is donated), keeping the buffer's sharding.
+  return jax.lax.dynamic_update_slice_in_dim(G, rows.astype(G.dtype), start, axis=0)
 
 
 @functools.partial(jax.jit, static_argnames=("loss_fn", "spec", "dtype"))
