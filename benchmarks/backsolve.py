@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from _timing import gradient_problem
+from _timing import gradient_problem, write_results
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("JAXPRUNE_SHARED", REPO.parent / "shared"))
@@ -96,21 +96,15 @@ def main():
                            str(1 if args.quick else args.repeats)], capture_output=True, text=True, check=True,
                           env={**os.environ, "JAXPRUNE_NO_PROGRESS": "1"})
     rows += json.loads(proc.stdout.strip().splitlines()[-1])
-  import jax
-  machine = {"backend": jax.default_backend(), "cores": os.cpu_count(), "jax": jax.__version__}
-  lines = [f"machine: {machine}", "", "| model | N | p | what | first call (s) | warm (s) | warm / G |",
+  lines = [f"cores: {os.cpu_count()}", "", "| model | N | p | what | first call (s) | warm (s) | warm / G |",
            "| --- | --- | --- | --- | --- | --- | --- |"]
   for r in rows:
     g = next(x["warm_s"] for x in rows if x["model"] == r["model"] and x["what"] == "G")
     ratio = f"{r['warm_s'] / g:.2f}" if r["warm_s"] != "" else f"{r['first_s'] / g:.1f} (first)"
     lines.append(f"| {r['model']} | {r['n']} | {r['p']} | {r['what']} | {r['first_s']} | {r['warm_s']} | {ratio} |")
-  table = "\n".join(lines)
-  print(table)
-  out = Path(args.out)
-  out.mkdir(parents=True, exist_ok=True)
-  name = "backsolve_quick" if args.quick else "backsolve"
-  (out / f"{name}.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=1))
-  (out / f"{name}.md").write_text(table + "\n")
+  print("\n".join(lines))
+  write_results(args.out, "backsolve_quick" if args.quick else "backsolve", {"cores": os.cpu_count(), "rows": rows},
+                lines, 1 if args.quick else args.repeats)
 
 
 if __name__ == "__main__":
