@@ -129,10 +129,9 @@ def refit_cg(op, keep, target, w_ref, mu, jitter=1e-6, iterations: int = 200, to
 
 
 def choose_solver(solver: str, k: int, n: int, materialized: bool) -> str:
-  """``"auto"``: ``cholesky`` when ``k <= N``, else ``woodbury``; ``cg`` for matrix-free signals."""
+  """``"auto"``: ``cholesky`` when ``k <= N``, else ``woodbury``; ``cg`` for matrix-free signals
+  (``EWROptions.check`` has already refused a dense solver with them, naming the option)."""
   if not materialized:
-    if solver not in ("auto", "cg"):
-      raise ValueError(f"solver={solver!r} needs a materialised G; matrix-free signals refit with solver='cg'")
     return "cg"
   if solver == "auto":
     return "cholesky" if k <= n else "woodbury"
