@@ -62,6 +62,18 @@ def _release_compilations():
   # Compiled executables of one module are rarely reused by the next; dropping them keeps the
   # suite's peak memory at what one module needs (XLA:CPU caches grow to gigabytes otherwise).
   yield
+  _release()
+
+
+@pytest.fixture(autouse=True)
+def _release_per_test(request):
+  # Modules whose tests each compile large programs (RELEASE_EACH_TEST = True) drop them per test.
+  yield
+  if getattr(request.module, "RELEASE_EACH_TEST", False):
+    _release()
+
+
+def _release():
   import ctypes
   import gc
   import jax

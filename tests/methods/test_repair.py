@@ -13,6 +13,8 @@ import pytest
 import jaxprune as jp
 from jaxprune.methods import _repair
 
+RELEASE_EACH_TEST = True   # each test compiles its own large programs (see conftest)
+
 
 class CNN(nn.Module):
   momentum: float = 0.9
