@@ -45,9 +45,9 @@ from jaxprune.core.trees import get_leaf, leaves_with_paths, replace_leaves
 from jaxprune.structure.channel_groups import CONSUMER, PRODUCER, ChannelGroups, Group, KernelRead, NormLink
 from jaxprune.structure.interpret import evaluate
 from jaxprune.structure.surgery import channel_masks, check_keep, removed_positions, shrink_channels
+from jaxprune.structure.units import norm_arrays
 
 WHERE = ("producers", "group", "all")
-DEFAULT_EPS = 1e-5   # a norm's epsilon when the trace did not reveal it (Flax's default)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,15 +139,12 @@ class LayerArrays(NamedTuple):
 
 
 def layer_arrays(tree: Any, t: Target, channels: int) -> LayerArrays:
-  leaf = lambda p: jnp.asarray(get_leaf(tree, p), jnp.float32)   # noqa: E731
   zeros = jnp.zeros((channels,), jnp.float32)
-  bias = zeros if t.bias is None else leaf(t.bias)
+  bias = zeros if t.bias is None else jnp.asarray(get_leaf(tree, t.bias), jnp.float32)
   if t.norm is None:
     return LayerArrays(bias, jnp.ones_like(zeros), zeros, zeros)
-  nl = t.norm
-  eps = DEFAULT_EPS if nl.eps is None else nl.eps
-  gain = leaf(nl.scale) * jax.lax.rsqrt(leaf(nl.var) + eps)
-  return LayerArrays(bias, gain, leaf(nl.mean), leaf(nl.offset))
+  n = norm_arrays(tree, t.norm)
+  return LayerArrays(bias, n.scale * jax.lax.rsqrt(n.var + n.eps), n.mean, n.offset)
 
 
 def output_stats(m: Moments, arr: LayerArrays) -> tuple[jax.Array, jax.Array]:
@@ -186,10 +183,8 @@ def match_stats(m: Moments, arr: LayerArrays, dense: tuple, kept: jax.Array, min
 
 def batch_norm_stats(m: Moments, arr: LayerArrays, t: Target, tree: Any) -> Correction:
   """The change of ``y`` when the norm's running statistics become the batch's."""
-  nl = t.norm
-  eps = DEFAULT_EPS if nl.eps is None else nl.eps
-  scale = jnp.asarray(get_leaf(tree, nl.scale), jnp.float32)
-  new_mean, new_gain = m.mean + arr.bias, scale * jax.lax.rsqrt(m.var + eps)
+  n = norm_arrays(tree, t.norm)
+  new_mean, new_gain = m.mean + arr.bias, n.scale * jax.lax.rsqrt(m.var + n.eps)
   on = arr.gain != 0
   a = jnp.where(on, new_gain / jnp.where(on, arr.gain, 1.0), 1.0)
   return Correction(a, jnp.where(on, arr.offset * (1 - a) + new_gain * (arr.mean - new_mean), 0.0))
@@ -430,7 +425,7 @@ def fold_statistics(tree: Any, targets: Sequence[Target], found: Sequence[Moment
     new[t.norm.mean] = jnp.where(on, new_mean, mean).astype(jnp.asarray(mean).dtype)
     new[t.norm.var] = jnp.where(on, new_var, var).astype(jnp.asarray(var).dtype)
     if preserve_function:
-      eps = DEFAULT_EPS if t.norm.eps is None else t.norm.eps
+      eps = norm_arrays(tree, t.norm).eps
       scale, offset = get_leaf(tree, t.norm.scale), get_leaf(tree, t.norm.offset)
       new[t.norm.scale] = jnp.where(on, arr.gain * jnp.sqrt(new_var + eps), scale).astype(jnp.asarray(scale).dtype)
       new[t.norm.offset] = jnp.where(on, arr.offset + arr.gain * (new_mean - arr.mean),
