@@ -84,7 +84,7 @@ def kernels(mlp_problem, resnet_problem, repeats):
   pruned = jp.prune_channels(vr, groups, 0.5, mode="mask", show_progress=False)
   shapes = {q: np.shape(a) for q, a in jp.leaves_with_paths(vr)}
   targets, _ = _repair.find_targets(groups, pruned.info["plans"], "all", shapes)
-  kept = tuple(jnp.asarray(_repair.kept_channels(t, pruned.info["plans"], shapes[t.kernel][-1])) for t in targets)
+  kept = tuple(jnp.asarray(_repair.kept_channels(t, pruned.info["plans"], shapes[t.kernel])) for t in targets)
   dense = _repair.dense_stats(resnet.apply, targets, vr, xr, None, False)
   a = jnp.full((n,), 1.0 / n)
   cost = jnp.abs(jnp.arange(n, dtype=jnp.float32)[:, None] - jnp.arange(n, dtype=jnp.float32)[None, :]) / n

@@ -1,7 +1,9 @@
 """``python -m jaxprune``: prune a model with every available method over a sparsity sweep.
 
 With no arguments it trains a small MLP on scikit-learn's bundled digits (no download, a few
-seconds) and sweeps it. ``--dataset mnist --data-dir DIR --checkpoint mlpnet_mnist.npz`` runs
+seconds) and sweeps it, then trains a two-block transformer on a generated sequence task
+(:func:`jaxprune.data.repeats`, seconds) and prunes its whole attention heads and MLP channels
+with every structured method. ``--dataset mnist --data-dir DIR --checkpoint mlpnet_mnist.npz`` runs
 the one-shot MLPNet/MNIST benchmark of the pruning literature instead.
 """
 from __future__ import annotations
@@ -26,7 +28,8 @@ from jaxprune.structure.trace import groups as trace_groups
 from jaxprune.training import registry as methods
 from jaxprune.checkpoints import load_mlpnet
 from jaxprune.training.evaluate import evaluate
-from jaxprune.models import mlpnet, MLP
+from jaxprune.models import mlpnet, MLP, transformer
+from jaxprune.training.train import train_epochs
 from jaxprune.core.progress import progress
 
 CACHE_DIR = Path.home() / ".cache" / "jaxprune" / "xla"
@@ -58,6 +61,28 @@ def train_digits_mlp(train: data.Dataset, *, steps: int = 400, seed: int = 0, sh
   return model, {"params": params}
 
 
+def train_repeats_transformer(train: data.Dataset, *, epochs: int = 16, seed: int = 0, show_progress: bool = True):
+  """The reference transformer (2 blocks, 4 heads of 8, MLP 64) trained with Adam on
+  :func:`jaxprune.data.repeats` (about 500 steps of 128; about 99% test accuracy)."""
+  model = transformer()
+  variables = model.init(jax.random.key(seed), train.x[:1])
+  result = train_epochs(model.apply, variables, train, epochs=epochs, optimizer=optax.adam(3e-3), seed=seed,
+                        show_progress=show_progress)
+  return model, result.params
+
+
+def heads_and_mlp(groups) -> list[int]:
+  """Indices of the whole-head groups (query, key and value heads read by ``out``) and the MLP
+  channel groups (written by ``fc1``) of the reference transformer."""
+  found = []
+  for i, g in enumerate(groups):
+    producers = {m.rsplit("/", 1)[-1] for m in g.modules("producer")}
+    consumers = {m.rsplit("/", 1)[-1] for m in g.modules("consumer")}
+    if producers == {"fc1"} or ({"query", "key", "value"} <= producers and consumers == {"out"}):
+      found.append(i)
+  return found
+
+
 # One-shot EWR/LR as the CLI runs them: the official per-stage step (one IHT step, mask only)
 # over several stages with G recomputed at the current weights. A single step from the dense
 # point is magnitude pruning (the residual is zero there), hence the stages.
@@ -69,9 +94,7 @@ PRESETS = {"lr": ONE_SHOT, "ewr": ONE_SHOT}
 def sweep(model, variables, test: data.Dataset, sparsities, method_names, *, batch, seed: int = 0,
           show_progress: bool = True) -> list[dict]:
   """Accuracy and loss of every method at every sparsity (one-shot, no fine-tuning)."""
-  dense = evaluate(model.apply, variables, test.x, test.y)
-  rows = [{"method": "dense", "kind": "dense", "sparsity": 0.0, "k": count_prunable(variables),
-           "accuracy": dense.accuracy, "loss": dense.loss, "seconds": 0.0}]
+  rows = [dense_row(model, variables, test)]
   loss_fn = classification_loss(model.apply)
   todo = [(m, s) for m in method_names for s in sparsities]
   for name, s in progress(todo, desc="sweep", disable=not show_progress):
@@ -82,40 +105,57 @@ def sweep(model, variables, test: data.Dataset, sparsities, method_names, *, bat
     jax.block_until_ready(result.params)
     seconds = time.perf_counter() - t0
     ev = evaluate(model.apply, result.params, test.x, test.y)
-    rows.append({"method": name, "kind": "unstructured", "sparsity": s, "k": k, "accuracy": ev.accuracy,
-                 "loss": ev.loss, "seconds": seconds})
+    rows.append({"model": "mlp", "method": name, "kind": "unstructured", "sparsity": s, "k": k,
+                 "accuracy": ev.accuracy, "loss": ev.loss, "seconds": seconds})
   return rows
 
 
-def structured_sweep(model, variables, test: data.Dataset, sparsities, method_names, *, batch, seed: int = 0,
-                     show_progress: bool = True) -> list[dict]:
-  """Accuracy of every structured method with every channel group at each channel sparsity.
+def dense_row(model, variables, test: data.Dataset, name: str = "mlp") -> dict:
+  dense = evaluate(model.apply, variables, test.x, test.y)
+  return {"model": name, "method": "dense", "kind": "dense", "sparsity": 0.0, "k": count_prunable(variables),
+          "accuracy": dense.accuracy, "loss": dense.loss, "seconds": 0.0}
 
-  ``k`` is the number of channels kept over all groups.
+
+def structured_sweep(model, variables, test: data.Dataset, sparsities, method_names, *, batch, seed: int = 0,
+                     show_progress: bool = True, select=None, name: str = "mlp") -> list[dict]:
+  """Accuracy of every structured method with every channel group (or the groups ``select``
+  picks from the traced groups) at each channel sparsity.
+
+  ``k`` is the number of channels kept over the pruned groups.
   """
   groups = trace_groups(model.apply, variables, test.x[:1])
+  chosen = None if select is None else select(groups)
   rows = []
   todo = [(m, s) for m in method_names for s in sparsities]
-  for name, s in progress(todo, desc="structured sweep", disable=not show_progress):
+  for method, s in progress(todo, desc=f"structured sweep ({name})", disable=not show_progress):
     t0 = time.perf_counter()
-    result = methods.pruner_for(name)(variables, groups, s, key=jax.random.key(seed), apply_fn=model.apply,
-                                      batch=batch[0])
+    sparsity = s if chosen is None else {i: s for i in chosen}
+    result = methods.pruner_for(method)(variables, groups, sparsity, key=jax.random.key(seed), apply_fn=model.apply,
+                                        batch=batch[0])
     jax.block_until_ready(jax.tree_util.tree_leaves(result.params))
     seconds = time.perf_counter() - t0
     ev = evaluate(model.apply, result.params, test.x, test.y)
-    rows.append({"method": name, "kind": "structured", "sparsity": s,
+    rows.append({"model": name, "method": method, "kind": "structured", "sparsity": s,
                  "k": int(sum(k.size for k in result.kept.values())), "accuracy": ev.accuracy, "loss": ev.loss,
                  "seconds": seconds})
   return rows
 
 
-def format_table(rows: list[dict], method_names, kind: str = "unstructured") -> str:
+TABLE_TITLES = {
+    ("mlp", "unstructured"): "accuracy (%) by sparsity, one-shot, no fine-tuning",
+    ("mlp", "structured"): "accuracy (%) by channel sparsity of every group, one-shot, no fine-tuning",
+    ("transformer", "structured"): "transformer: accuracy (%) by sparsity of its whole heads and MLP channels "
+                                   "(every block), one-shot, no fine-tuning",
+}
+
+
+def format_table(rows: list[dict], method_names, kind: str = "unstructured", model: str = "mlp") -> str:
+  rows = [r for r in rows if r["model"] == model]
   sparsities = sorted({r["sparsity"] for r in rows if r["kind"] == kind})
   acc = {(r["method"], r["sparsity"]): r["accuracy"] for r in rows}
   dense = acc[("dense", 0.0)]
   width = max(len(m) for m in list(method_names) + ["sparsity"])
-  what = ("accuracy (%) by sparsity, one-shot, no fine-tuning" if kind == "unstructured" else
-          "accuracy (%) by channel sparsity of every group, one-shot, no fine-tuning")
+  what = TABLE_TITLES[(model, kind)]
   lines = [f"dense accuracy: {100 * dense:.2f}%", what,
            f"{'method':<{width}}" + "".join(f"{s:>8.2f}" for s in sparsities)]
   for m in method_names:
@@ -128,19 +168,24 @@ def plot(rows: list[dict], method_names, path: Path, title: str) -> None:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   structured = [m for m in method_names if m in methods.STRUCTURED]
-  panels = [("unstructured", [m for m in method_names if m not in methods.STRUCTURED], "weight sparsity")]
+  panels = [("mlp", "unstructured", [m for m in method_names if m not in methods.STRUCTURED], "weight sparsity",
+             f"{title}: unstructured")]
   if structured:
-    panels.append(("structured", structured, "channel sparsity (every group)"))
+    panels.append(("mlp", "structured", structured, "channel sparsity (every group)", f"{title}: structured"))
+  if any(r["model"] == "transformer" for r in rows):
+    panels.append(("transformer", "structured", structured, "sparsity of heads and MLP channels",
+                   "transformer on repeats: structured"))
   fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
-  dense = next(r["accuracy"] for r in rows if r["method"] == "dense")
-  for ax, (kind, names, xlabel) in zip(axes[0], panels):
+  for ax, (model, kind, names, xlabel, heading) in zip(axes[0], panels):
+    mine = [r for r in rows if r["model"] == model]
+    dense = next(r["accuracy"] for r in mine if r["method"] == "dense")
     ax.axhline(100 * dense, color="gray", ls="--", label="dense")
     for m in names:
-      pts = sorted((r["sparsity"], r["accuracy"]) for r in rows if r["method"] == m)
+      pts = sorted((r["sparsity"], r["accuracy"]) for r in mine if r["method"] == m and r["kind"] == kind)
       ax.plot([s for s, _ in pts], [100 * a for _, a in pts], marker="o", label=m)
     ax.set_xlabel(xlabel)
     ax.set_ylabel("test accuracy (%)")
-    ax.set_title(f"{title}: {kind}")
+    ax.set_title(heading)
     ax.grid(alpha=0.3)
     ax.legend()
   fig.tight_layout()
@@ -194,6 +239,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--n-examples", type=_positive_int, default=500,
                  help="training examples whose per-example gradients EWR/LR use")
   p.add_argument("--no-progress", action="store_true", help="no progress bars")
+  p.add_argument("--no-transformer", action="store_true",
+                 help="skip the transformer's structured sweep (run with --dataset digits and structured methods)")
   p.add_argument("--compilation-cache", default=os.environ.get("JAXPRUNE_COMPILATION_CACHE", str(CACHE_DIR)),
                  help="folder of JAX's persistent compilation cache, so a second run skips most compiles "
                       "(default: $JAXPRUNE_COMPILATION_CACHE or %(default)s); 'none' turns it off")
@@ -251,12 +298,22 @@ def main(argv=None) -> int:
   if structured:
     rows += structured_sweep(model, variables, test, args.channel_sparsities, structured, batch=batch,
                              seed=args.seed, show_progress=show)
+  with_transformer = structured and args.dataset == "digits" and not args.no_transformer
+  if with_transformer:
+    seq_train, seq_test = data.repeats("train", seed=args.seed), data.repeats("test", seed=args.seed)
+    tmodel, tvars = train_repeats_transformer(seq_train, seed=args.seed, show_progress=show)
+    rows.append(dense_row(tmodel, tvars, seq_test, "transformer"))
+    rows += structured_sweep(tmodel, tvars, seq_test, args.channel_sparsities, structured,
+                             batch=(seq_train.x[:args.n_examples], seq_train.y[:args.n_examples]), seed=args.seed,
+                             show_progress=show, select=heads_and_mlp, name="transformer")
   # Tables only after every progress bar has closed (tqdm writes to stderr; flush it first).
   sys.stderr.flush()
   if unstructured:
     print(format_table(rows, unstructured))
   if structured:
     print(format_table(rows, structured, kind="structured"))
+  if with_transformer:
+    print(format_table(rows, structured, kind="structured", model="transformer"))
   out = _out_dir(args.out)
   out.mkdir(parents=True, exist_ok=True)
   with open(out / "results.csv", "w", newline="") as f:

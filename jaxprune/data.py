@@ -184,3 +184,32 @@ def digits(split: str = "train", test_fraction: float = 0.25, seed: int = 0) -> 
   n_test = int(round(test_fraction * len(y)))
   idx = order[:n_test] if split == "test" else order[n_test:]
   return Dataset(x[idx][..., None], y[idx])
+
+
+def repeats(split: str = "train", n: Optional[int] = None, *, length: int = 12, vocab: int = 16,
+            seed: int = 0) -> Dataset:
+  """Token sequences labelled 1 when the first token occurs again later in the sequence.
+
+  Generated, so nothing is downloaded; the task needs attention (each position compares its token
+  with the first), and with the defaults the two labels are about equally frequent. The
+  embedded task of the CLI's transformer.
+
+  Args:
+    split: ``"train"`` (default 4000 sequences) or ``"test"`` (1000); the splits are drawn from
+      independent streams of ``seed``.
+    n: number of sequences (default by split).
+    length, vocab: sequence length and number of distinct tokens.
+
+  Returns:
+    :class:`Dataset` ``(x: (n, length) int32, y: (n,) int32)``.
+  """
+  if split not in ("train", "test"):
+    raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+  if n is None:
+    n = 4000 if split == "train" else 1000
+  if int(n) < 1 or int(length) < 2 or int(vocab) < 2:
+    raise ValueError(f"n, length, vocab: need n >= 1, length >= 2, vocab >= 2, got {n}, {length}, {vocab}")
+  rng = np.random.default_rng((int(seed), 0 if split == "train" else 1))
+  x = rng.integers(0, vocab, size=(int(n), int(length))).astype(np.int32)
+  y = (x[:, 1:] == x[:, :1]).any(axis=1).astype(np.int32)
+  return Dataset(x, y)

@@ -81,7 +81,7 @@ def sparsity_from_k(params: PyTree, k: int, prunable: PrunableSpec = None) -> fl
 CHANNEL_ROUNDINGS = ("floor", "truncate")
 
 
-def n_kept_channels(n: int, sparsity: float, rounding: str = "floor") -> int:
+def n_kept_channels(n: int, sparsity: float, rounding: str = "floor", round_to: int = 1) -> int:
   """Channels a group of ``n`` keeps at a channel ``sparsity``: the one rule of every structured method.
 
   ``"floor"`` (default) is the rule of the weight budgets (:func:`k_from_sparsity`): prune
@@ -91,12 +91,20 @@ def n_kept_channels(n: int, sparsity: float, rounding: str = "floor") -> int:
   not an integer (0.3 of 16 keeps 11). Both count products within 1e-9 of an integer as that
   integer, so 40 channels at 0.9 keep 4 under either rule, as ``int(40 * 0.1)`` does in the
   i-SpaSP code (the float ``int(40 * (1 - 0.9))`` would give 3).
+
+  ``round_to > 1`` then rounds the kept count up to a multiple of ``round_to`` (at most ``n``), as
+  Torch-Pruning's ``round_to`` does: widths such as 23 or 45 can run slower than the dense 32 or
+  64 (ResNet20 on a CPU, ``experiments/README.md``, size report), multiples of 8 do not.
   """
   s = check_sparsity(sparsity)
+  if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
+    raise ValueError(f"round_to must be a positive int, got {round_to!r}")
   if rounding == "floor":
-    return n - n_pruned_from_sparsity(n, s, "floor")
-  if rounding != "truncate":
+    m = n - n_pruned_from_sparsity(n, s, "floor")
+  elif rounding == "truncate":
+    exact = (1.0 - s) * n
+    near = round(exact)
+    m = int(near) if abs(exact - near) <= 1e-9 * max(1.0, exact) else int(math.floor(exact))
+  else:
     raise ValueError(f"rounding must be one of {CHANNEL_ROUNDINGS}, got {rounding!r}")
-  exact = (1.0 - s) * n
-  near = round(exact)
-  return int(near) if abs(exact - near) <= 1e-9 * max(1.0, exact) else int(math.floor(exact))
+  return m if round_to == 1 else min(n, -(-m // round_to) * round_to)

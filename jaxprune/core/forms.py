@@ -118,17 +118,38 @@ def _resize_norm(m) -> None:
     m.num_features = arrays[0].shape[-1]
 
 
+def _resize_linear_general(m) -> None:
+  shape = m.kernel.get_value().shape
+  n_batch, n_in = len(m.batch_axis), len(m.axis)
+  m.in_features = tuple(shape[n_batch:n_batch + n_in])
+  m.out_features = tuple(shape[n_batch + n_in:])
+
+
+def _resize_attention(m) -> None:
+  """``nnx.MultiHeadAttention``: heads, key/value heads and head size from the projections
+  (after removing heads, or the residual channels it reads and writes)."""
+  query, key = m.query.kernel.get_value().shape, m.key.kernel.get_value().shape
+  m.in_features, m.in_kv_features = query[0], key[0]
+  m.num_heads, m.head_dim = query[-2], query[-1]
+  m.qkv_features = m.num_heads * m.head_dim
+  if hasattr(m, "num_kv_heads"):
+    m.num_kv_heads = key[-2]
+  m.out_features = m.out.kernel.get_value().shape[-1]
+
+
 def _default_rules() -> None:
   from flax import nnx
   for cls, rule in ((nnx.Linear, _resize_linear), (nnx.Conv, _resize_conv), (nnx.BatchNorm, _resize_norm),
-                    (nnx.LayerNorm, _resize_norm), (nnx.RMSNorm, _resize_norm)):
+                    (nnx.LayerNorm, _resize_norm), (nnx.RMSNorm, _resize_norm),
+                    (nnx.LinearGeneral, _resize_linear_general), (nnx.MultiHeadAttention, _resize_attention)):
     RESIZE_RULES.setdefault(cls, rule)
 
 
 def resized_module(module: Any, params: Any) -> Any:
   """A copy of the ``nnx.Module`` holding ``params`` (e.g. a shrunk result's ``nnx.State``), with its
   width attributes (``in_features``, ``out_features``, ``num_features``, a depthwise conv's
-  ``feature_group_count``) set from the arrays, so that the module describes what it computes.
+  ``feature_group_count``, an attention layer's ``num_heads``, ``num_kv_heads``, ``head_dim``
+  and ``qkv_features``) set from the arrays, so that the module describes what it computes.
 
   ``nnx.update(module, result.params)`` alone already runs (NNX layers read their arrays), but
   leaves the attributes at the dense widths. Layers without a rule (:data:`RESIZE_RULES`,

@@ -38,7 +38,7 @@ from jaxprune.core.forms import as_model, user_loss
 from jaxprune.core.options import Options, resolve
 from jaxprune.core.results import ChannelResult, make_info
 from jaxprune.methods._repair import RepairOptions, check_repair_request, repair_if_asked
-from jaxprune.methods._channels import (_as_groups, check_importance, importance_fn, keep_top, plan_budgets,
+from jaxprune.methods._channels import (_as_groups, check_importance, check_round_to, importance_fn, keep_top, plan_budgets,
                                         resolve_groups)
 from jaxprune.structure.importance import taylor_grads, taylor_importance
 from jaxprune.core.progress import progress
@@ -183,6 +183,7 @@ class IntraFusionOptions(Options):
       ``"parallel"`` (every map from the input weights; entropic plans of one shape in one call).
     sinkhorn: static Sinkhorn settings.
     rounding: ``"floor"`` or ``"truncate"`` (official), see :func:`jaxprune.n_kept_channels`.
+    round_to: keep a multiple of this many channels per group (see :class:`ChannelOptions`).
   """
   importance: Any = "l1"
   mode: str = "shrink"
@@ -197,11 +198,13 @@ class IntraFusionOptions(Options):
   order: str = "sequential"
   sinkhorn: ot.SinkhornOptions = ot.SinkhornOptions(threshold=1e-5, max_iterations=20000)
   rounding: str = "floor"
+  round_to: int = 1
 
   OFFICIAL = {"include_eps": False, "rounding": "truncate"}
 
   def check(self) -> None:
     check_importance(self.importance)
+    check_round_to(self.round_to)
     for value, allowed, name in ((self.solver, SOLVERS, "solver"), (self.semantics, SEMANTICS, "semantics"),
                                  (self.marginals, MARGINALS, "marginals"), (self.order, ORDERS, "order"),
                                  (self.mode, MODES, "mode"), (self.rounding, CHANNEL_ROUNDINGS, "rounding")):
@@ -248,7 +251,7 @@ def intra_fusion(params: Any, groups: Optional[Union[ChannelGroups, Sequence[Gro
   if loss_fn is not None:
     loss_fn = user_loss(model, loss_fn)
   group_list, norms = _as_groups(groups)
-  budgets = plan_budgets(group_list, sparsity, opts.rounding)
+  budgets = plan_budgets(group_list, sparsity, opts.rounding, opts.round_to)
   taylor = isinstance(opts.importance, str) and opts.importance == "taylor"
   score = None if taylor else importance_fn(opts.importance, key=key)
   if taylor and grads is None and (loss_fn is None or batches is None):

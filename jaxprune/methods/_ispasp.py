@@ -26,7 +26,7 @@ from jaxprune.core.forms import as_model
 from jaxprune.core.options import Options, resolve
 from jaxprune.core.results import ChannelResult, make_info
 from jaxprune.methods._repair import RepairOptions, check_repair_request, repair_if_asked
-from jaxprune.methods._channels import model_inputs
+from jaxprune.methods._channels import check_round_to, model_inputs
 from jaxprune.structure.channel_groups import ChannelGroups
 from jaxprune.core.progress import progress
 from jaxprune.methods._recovery import PROXIES, RecoveryOptions, aggregate_activations, check_options, recover_support
@@ -60,7 +60,7 @@ def unit_labels(units: Sequence[Unit]) -> list:
   return labels
 
 
-def plan_units(units: Sequence[Unit], sparsity: Sparsity, rounding: str = "floor") -> dict:
+def plan_units(units: Sequence[Unit], sparsity: Sparsity, rounding: str = "floor", round_to: int = 1) -> dict:
   """``{unit position: (sparsity, m)}``; validates every budget before any work.
 
   ``sparsity`` is one channel sparsity for every unit or a dict keyed by :func:`unit_labels`
@@ -80,7 +80,7 @@ def plan_units(units: Sequence[Unit], sparsity: Sparsity, rounding: str = "floor
   for i, r in chosen.items():
     if isinstance(r, bool) or not isinstance(r, numbers.Real) or not 0.0 <= float(r) < 1.0:
       raise ValueError(f"sparsity of unit {labels[i]!r} must be a float in [0, 1), got {r!r}")
-    m = n_kept_channels(units[i].size, float(r), rounding)
+    m = n_kept_channels(units[i].size, float(r), rounding, round_to)
     if m < 1:
       raise ValueError(f"sparsity {r} keeps no channel of unit {labels[i]!r} ({units[i].name}, "
                        f"{units[i].size} channels)")
@@ -135,6 +135,7 @@ class ISpaSPOptions(Options):
     mode: ``"shrink"`` (smaller arrays; rebuild the model with ``from_params``) or ``"mask"``.
     rounding: ``"floor"`` or ``"truncate"`` (official ``int(C keep)``), see
       :func:`jaxprune.n_kept_channels`.
+    round_to: keep a multiple of this many channels per unit (see :class:`ChannelOptions`).
   """
   order: str = "sequential"
   iterations: int = 20
@@ -146,6 +147,7 @@ class ISpaSPOptions(Options):
   proxy: str = "auto"
   mode: str = "shrink"
   rounding: str = "floor"
+  round_to: int = 1
 
   OFFICIAL = {"bn_mode": "train", "rounding": "truncate", "aggregate": "signed_sum"}
 
@@ -154,6 +156,7 @@ class ISpaSPOptions(Options):
     check_choice(self.order, ORDERS, "order")
     check_choice(self.mode, MODES, "mode")
     check_choice(self.rounding, CHANNEL_ROUNDINGS, "rounding")
+    check_round_to(self.round_to)
     self.recovery()
 
   def recovery(self) -> RecoveryOptions:
@@ -216,7 +219,7 @@ def ispasp(params: Any, groups: Optional[Union[ChannelGroups, Sequence[Unit]]], 
       raise ValueError(f"groups: no two-layer unit found ({reasons}); give units by hand with jaxprune.make_unit")
     units = units[::-1]   # groups run output to input; the official loop goes shallow to deep
   apply_fn = None if hand_made else model.apply_fn
-  budgets = plan_units(units, sparsity, opts.rounding)
+  budgets = plan_units(units, sparsity, opts.rounding, opts.round_to)
   labels = unit_labels(units)
   for i in budgets:   # fail before any work
     _resolve(options, proxy, units[i])
@@ -287,6 +290,13 @@ def _resolve(options: RecoveryOptions, proxy: str, unit: Unit) -> RecoveryOption
   return options._replace(proxy="reduced" if exact else "examples")
 
 
+def _arranged(unit: Unit, captured: jax.Array) -> jax.Array:
+  """A captured activation in the unit's ``H: (N, ..., C)`` layout (a flatten's rows split off,
+  the channel axis moved last)."""
+  arrange = getattr(unit.hidden_fn, "arrange", None)
+  return captured if arrange is None else arrange(captured)
+
+
 def _dense_hiddens(units, indices, variables, x, chunk_size, apply_kwargs, apply_fn) -> dict:
   """Every unit's hidden activations from the dense network (one forward pass for derived units)."""
   derived = [i for i in indices if units[i].capture is not None and callable(apply_fn)]
@@ -296,7 +306,7 @@ def _dense_hiddens(units, indices, variables, x, chunk_size, apply_kwargs, apply
     operands = [units[i].capture[1] for i in derived]
     fn = jax.jit(lambda vv, xx: capture_at(apply_fn, vv, xx, addresses, operands, **apply_kwargs))
     got = _chunked(lambda xx: fn(variables, xx), x, chunk_size)
-    out.update({i: got[units[i].capture[0]] for i in derived})
+    out.update({i: _arranged(units[i], got[units[i].capture[0]]) for i in derived})
   for i in indices:
     if i not in out:
       out[i] = _chunked(lambda xx: _hidden(units[i].hidden_fn, variables, xx), x, chunk_size)
@@ -318,7 +328,7 @@ def ispasp_sweep(unit: Unit, params: Any, hidden: jax.Array, sparsities: Sequenc
     ``(len(sparsities), C)`` bool masks, row ``i`` with :func:`jaxprune.n_kept_channels` channels.
   """
   opts = resolve(ISpaSPOptions, options, official, overrides)
-  ks = jnp.asarray([plan_units([unit], s, opts.rounding)[0][1] for s in sparsities])
+  ks = jnp.asarray([plan_units([unit], s, opts.rounding, opts.round_to)[0][1] for s in sparsities])
   rec = _resolve(opts.recovery(), opts.proxy, unit)
   return _sweep(unit.output_fn, unit.params_fn(params), hidden, ks, unit.output_norm(params), rec)
 

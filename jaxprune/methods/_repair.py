@@ -90,12 +90,19 @@ class Target:
     address: the equation that reads the kernel (:mod:`jaxprune.structure.interpret`).
     bias: the layer's bias leaf added to the equation's output, or None.
     norm: the BatchNorm right after it, or None.
+    out_axes: how many trailing axes of the kernel (and of the equation's output) are output
+      channels: 1 for Dense and Conv; 2 for a ``DenseGeneral`` to ``(heads, head_dim)``, whose
+      ``heads * head_dim`` channels are corrected one by one.
   """
   name: str
   kernel: str
   address: tuple
   bias: Optional[str] = None
   norm: Optional[NormLink] = None
+  out_axes: int = 1
+
+  def channels(self, kernel_shape: Sequence[int]) -> int:
+    return int(np.prod(kernel_shape[len(kernel_shape) - self.out_axes:]))
 
 
 class Moments(NamedTuple):
@@ -140,7 +147,7 @@ class LayerArrays(NamedTuple):
 
 def layer_arrays(tree: Any, t: Target, channels: int) -> LayerArrays:
   zeros = jnp.zeros((channels,), jnp.float32)
-  bias = zeros if t.bias is None else jnp.asarray(get_leaf(tree, t.bias), jnp.float32)
+  bias = zeros if t.bias is None else jnp.asarray(get_leaf(tree, t.bias), jnp.float32).reshape(-1)
   if t.norm is None:
     return LayerArrays(bias, jnp.ones_like(zeros), zeros, zeros)
   n = norm_arrays(tree, t.norm)
@@ -194,6 +201,11 @@ def _identity(channels: int) -> Correction:
   return Correction(jnp.ones((channels,), jnp.float32), jnp.zeros((channels,), jnp.float32))
 
 
+def _flat_channels(z: jax.Array, t: Target) -> jax.Array:
+  """A target's equation output with its ``out_axes`` channel axes flattened into the last."""
+  return z if t.out_axes == 1 else z.reshape(z.shape[:z.ndim - t.out_axes] + (-1,))
+
+
 def _run(apply_fn: Callable, tree: Any, x: Any, targets: Sequence[Target], hook: Callable) -> None:
   """Evaluates ``apply_fn(tree, x)``, calling ``hook(i, z) -> z`` at target ``i``'s equation."""
   closed = jax.make_jaxpr(apply_fn)(tree, x)
@@ -209,7 +221,7 @@ def reference_pass(apply_fn: Callable, targets: tuple, tree: Any, x: Any) -> tup
   out = [None] * len(targets)
 
   def hook(i, z):
-    out[i] = moments(z)
+    out[i] = moments(_flat_channels(z, targets[i]))
     return z
   _run(apply_fn, tree, x, targets, hook)
   return tuple(out)
@@ -229,12 +241,13 @@ def correction_pass(apply_fn: Callable, targets: tuple, kind: str, min_ratio: fl
 
   def hook(i, z):
     t = targets[i]
-    arr = layer_arrays(tree, t, z.shape[-1])
-    m = moments(z)
+    flat = _flat_channels(z, t)
+    arr = layer_arrays(tree, t, flat.shape[-1])
+    m = moments(flat)
     c = fixed[i] if fixed is not None else _solve(kind, m, arr, t, tree, None if dense is None else dense[i], kept[i],
                                                                  min_ratio)
     found[i], made[i] = m, c
-    return apply_correction(z, c, arr)
+    return apply_correction(flat, c, arr).reshape(z.shape)
   _run(apply_fn, tree, x, targets, hook)
   return tuple(found), tuple(made)
 
@@ -305,7 +318,7 @@ def _reads_output_channels_last(read: KernelRead, kernel_ndim: int) -> str:
     return ""
   if read.primitive.name == "dot_general":
     (_, rc), (lb, rb) = params["dimension_numbers"]
-    if read.operand != 1 or lb or rb or kernel_ndim != 2 or tuple(rc) != (0,):
+    if read.operand != 1 or lb or rb or tuple(rc) != tuple(range(len(rc))) or len(rc) >= kernel_ndim:
       return "not a plain x @ kernel product"
     return ""
   return f"read by {read.primitive.name}"
@@ -343,20 +356,30 @@ def find_targets(cg: ChannelGroups, plans: Sequence[tuple], where: str, shapes: 
       skipped[path] = why
       continue
     name = "/".join(p for p in path.split("/")[:-1] if p != "params")
-    targets.append(Target(name, path, sites[0].address, bias, norm))
+    out_axes = 1
+    if sites[0].primitive.name == "dot_general":
+      out_axes = ndim - len(dict(sites[0].params)["dimension_numbers"][0][1])
+    if out_axes > 1 and norm is not None:
+      skipped[path] = "a norm after a layer with several output axes"
+      continue
+    targets.append(Target(name, path, sites[0].address, bias, norm, out_axes))
   return tuple(sorted(targets, key=lambda t: t.address)), skipped
 
 
-def kept_channels(t: Target, plans: Sequence[tuple], channels: int) -> np.ndarray:
-  """``(C,)`` bool: the target's output channels that the plans keep."""
-  kept = np.ones(channels, bool)
+def kept_channels(t: Target, plans: Sequence[tuple], kernel_shape: Sequence[int]) -> np.ndarray:
+  """``(C,)`` bool: the target's output channels (its trailing ``out_axes`` flattened) that the
+  plans keep."""
+  out_shape = tuple(kernel_shape[len(kernel_shape) - t.out_axes:])
+  kept = np.ones(out_shape, bool)
   for g, keep in plans:
     for m in g.producers:
       if m.path == t.kernel and m.kind in ("kernel", "depthwise"):
-        mine = np.zeros(channels, bool)
-        mine[m.positions(g.size)[keep].ravel()] = True
+        mine = np.zeros(out_shape, bool)
+        index = [slice(None)] * len(out_shape)
+        index[m.axis - (len(kernel_shape) - t.out_axes)] = m.positions(g.size)[keep].ravel()
+        mine[tuple(index)] = True
         kept &= mine
-  return kept
+  return kept.reshape(-1)
 
 
 # --- trees -----------------------------------------------------------------------------------
@@ -404,6 +427,8 @@ def fold_corrections(tree: Any, targets: Sequence[Target], corrections: Sequence
       put(t.norm.scale, a * jnp.asarray(leaves[t.norm.scale], jnp.float32))
       put(t.norm.offset, a * jnp.asarray(leaves[t.norm.offset], jnp.float32) + s)
     else:   # without a bias the shift is 0 (match_stats(shift=False))
+      out_shape = np.shape(leaves[t.kernel])[np.ndim(leaves[t.kernel]) - t.out_axes:]
+      a, s = a.reshape(out_shape), s.reshape(out_shape)
       put(t.kernel, jnp.asarray(leaves[t.kernel], jnp.float32) * a)
       if t.bias is not None:
         put(t.bias, a * jnp.asarray(leaves[t.bias], jnp.float32) + s)
@@ -523,7 +548,7 @@ def repair(apply_fn: Optional[Callable], dense_params: Any, result: Any, x: Any,
   targets, skipped = find_targets(_trace(model, x, groups), plans, opts.where, shapes)
   if not targets:
     raise ValueError(f"result: no layer to correct ({'; '.join(f'{p}: {w}' for p, w in skipped.items()) or 'none'})")
-  kept = tuple(jnp.asarray(kept_channels(t, plans, shapes[t.kernel][-1])) for t in targets)
+  kept = tuple(jnp.asarray(kept_channels(t, plans, shapes[t.kernel])) for t in targets)
   dense = dense_stats(model.apply_fn, targets, model.tree, x, opts.chunk_size, show_progress)
   found, made, passes = find_corrections(model.apply_fn, targets, "repair", full, x, dense=dense, kept=kept,
                                          chunk_size=opts.chunk_size, max_passes=opts.max_passes,
@@ -585,7 +610,7 @@ def reestimate_batchnorm(apply_fn: Optional[Callable], params: Any, x: Any, *, g
   targets, skipped = find_targets(_trace(model, x, groups), (), "all", shapes, need_norm=True)
   if not targets:
     raise ValueError("params: the model has no BatchNorm after a Dense/Conv layer to re-estimate")
-  kept = tuple(jnp.ones((shapes[t.kernel][-1],), bool) for t in targets)
+  kept = tuple(jnp.ones((t.channels(shapes[t.kernel]),), bool) for t in targets)
   if preserve_function:   # nothing changes on the way: one pass measures every norm's input
     found = _accumulate(lambda c: reference_pass(model.apply_fn, targets, model.tree, c), _chunks(x, chunk_size),
                         show_progress, "statistics")

@@ -8,7 +8,9 @@ BatchNorm statistics live in the ``batch_stats`` collection; call with ``train=T
 from jaxprune.models.mlp import MLP, mlpnet, two_layer_mlp
 from jaxprune.models.mobilenet import MobileNetV1
 from jaxprune.models.resnet import BasicBlock, CifarResNet, resnet18, resnet20
+from jaxprune.models.transformer import BlockWidths, Transformer, transformer
 from jaxprune.models.vgg import VGG, VGG11_CFG, vgg11_bn
 
 __all__ = ["MLP", "mlpnet", "two_layer_mlp", "CifarResNet", "BasicBlock", "resnet20", "resnet18",
-           "VGG", "VGG11_CFG", "vgg11_bn", "MobileNetV1"]
+           "VGG", "VGG11_CFG", "vgg11_bn", "MobileNetV1",
+           "Transformer", "BlockWidths", "transformer"]

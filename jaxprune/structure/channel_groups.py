@@ -70,12 +70,16 @@ class Group:
     consumers: consumer members (kernels' input axes).
     prunable: whether channels may be removed.
     reason: why not, when ``prunable`` is False.
+    mask_note: why masking the channels (``mode="mask"``) only approximates removing them
+      (``mode="shrink"``), e.g. a residual stream under LayerNorm or RMSNorm, whose statistics
+      still count the zeros; empty when masking equals removal.
   """
   size: int
   producers: tuple[Member, ...]
   consumers: tuple[Member, ...]
   prunable: bool = True
   reason: str = ""
+  mask_note: str = ""
 
   @property
   def members(self) -> tuple[Member, ...]:
@@ -100,7 +104,8 @@ class Group:
                  if m.kind in kinds and (role is None or m.role == role))
 
   def __str__(self) -> str:
-    head = f"Group(n={self.size}" + ("" if self.prunable else f", unprunable: {self.reason}") + ")"
+    head = (f"Group(n={self.size}" + ("" if self.prunable else f", unprunable: {self.reason}")
+            + (f", {self.mask_note}" if self.mask_note else "") + ")")
     lines = [head] + [f"  producer {m}" for m in self.producers] + [f"  consumer {m}" for m in self.consumers]
     return "\n".join(lines)
 
@@ -198,7 +203,7 @@ class ChannelGroups:
     for i, g in enumerate(self.groups):
       prods = ", ".join(g.modules(PRODUCER))
       cons = ", ".join(g.modules(CONSUMER)) or "-"
-      rows.append(f"{i:>3} {g.size:>5}  {prods}  ->  {cons}")
+      rows.append(f"{i:>3} {g.size:>5}  {prods}  ->  {cons}" + ("  (mask approximate)" if g.mask_note else ""))
     for g in self.unprunable:
       rows.append(f"  - {g.size:>5}  {', '.join(g.modules(PRODUCER)) or g.name}: {g.reason}")
     return "  #     n  producers  ->  consumers\n" + "\n".join(rows)

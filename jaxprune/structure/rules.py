@@ -30,7 +30,7 @@ random_gamma_grad bessel_i0e bessel_i1e regularized_incomplete_beta
 """.split())
 LAYOUT = {"convert_element_type", "copy", "copy_p", "reduce_precision"}
 AFFINE = {"add", "sub", "mul", "div", "convert_element_type", "copy", "copy_p", "neg"}
-IDENTITY = {"device_put", "optimization_barrier", "sharding_constraint", "mesh_cast", "reshard"}
+IDENTITY = {"device_put", "optimization_barrier", "sharding_constraint", "mesh_cast", "reshard", "stop_gradient"}
 REDUCE = {"reduce_sum", "reduce_max", "reduce_min", "reduce_prod", "reduce_and", "reduce_or",
            "reduce_xor", "argmax", "argmin"}
 CUMULATIVE = {"cumsum", "cumprod", "cummax", "cummin", "cumlogsumexp", "sort"}
@@ -230,6 +230,8 @@ def rev(w, eqn, infos, out_shapes):
 def reduce_axes(w, eqn, infos, out_shapes):
   x = infos[0]
   red = {a % max(len(x.axes), 1) for a in eqn.params["axes"]}
+  if x.data:
+    w.note_reduction([x.axes[a] for a in sorted(red)], eqn.primitive.name)
   return [AxisInfo(axes=tuple(a for i, a in enumerate(x.axes) if i not in red))]
 
 

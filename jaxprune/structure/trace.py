@@ -53,6 +53,11 @@ def groups(apply_fn: Callable[..., Any], variables: Any, *example_args: Any, exc
   sub-jaxprs that Flax and JAX create (``jit``, ``custom_jvp``/``custom_vjp`` calls, ``remat``).
   Channels that reach the model output or come from its input are not prunable; neither are
   those touched by an op this tracer does not understand (``unprunable`` says which and why).
+  Identities such as ``stop_gradient`` (inside softmax) pass through, so attention gives whole-head
+  groups (query, key and value heads with the output projection's rows), grouped-query
+  key/value-head groups whose query heads are their rows, and per-head dimension groups. A group
+  that some reduction runs over (a LayerNorm's or RMSNorm's statistics over a residual stream)
+  carries a ``mask_note``: masking its channels only approximates removing them.
 
   Trace the *inference* call (BatchNorm on running statistics): a training call that returns
   updated statistics would make every normalised channel reach the output.
@@ -157,6 +162,7 @@ def _collect(tr: Walker, param_infos, paths, linen: bool) -> ChannelGroups:
   for cls, path in conflicts.items():
     tr.cls.mark([(cls,)], f"{path} reads and writes the same channels")
   prunable, unprunable = [], []
+  reduced = tr.reduced_classes()
   for cls, entries in members.items():
     cls = tr.cls.find(cls)
     kernels = [(o, m) for o, m in entries if m.role == PRODUCER and m.kind in ("kernel", "depthwise")]
@@ -167,8 +173,12 @@ def _collect(tr: Walker, param_infos, paths, linen: bool) -> ChannelGroups:
                    key=lambda e: (kind_rank[e[1].kind], -e[0], e[1].path))
     cons = sorted((e for e in entries if e[1].role == CONSUMER), key=lambda e: (-e[0], e[1].path))
     reasons = sorted(cls.reasons)
+    note = ""
+    if cls in reduced:
+      note = (f"mask mode only approximates removal: the model reduces over these channels "
+              f"({', '.join(reduced[cls])}, e.g. a LayerNorm's statistics), where masked zeros still count")
     g = Group(size=cls.size, producers=tuple(m for _, m in prods), consumers=tuple(m for _, m in cons),
-              prunable=not reasons, reason="; ".join(reasons))
+              prunable=not reasons, reason="; ".join(reasons), mask_note=note)
     last = max(o for o, _ in kernels)
     (prunable if g.prunable else unprunable).append((last, g))
   prunable.sort(key=lambda e: -e[0])

@@ -169,12 +169,45 @@ class CapturedInput:
   address: tuple
   operand: int
   apply_kwargs: tuple = ()
-  rows: int = 1   # > 1: a flattened (N, rows * C) activation, channel innermost, comes back as (N, rows, C)
+  layout: Optional["ChannelLayout"] = None   # None: the channels are the activation's last axis
 
   def __call__(self, variables: Any, x: jax.Array) -> jax.Array:
-    h = capture_at(self.apply_fn, variables, x, [self.address], [self.operand],
-                   **dict(self.apply_kwargs))[self.address]
-    return h if self.rows == 1 else h.reshape(h.shape[0], self.rows, -1)
+    return self.arrange(capture_at(self.apply_fn, variables, x, [self.address], [self.operand],
+                                   **dict(self.apply_kwargs))[self.address])
+
+  def arrange(self, h: jax.Array) -> jax.Array:
+    """The captured activation as ``H: (N, ..., C)``, channels last."""
+    return h if self.layout is None else self.layout.arrange(h)
+
+
+class ChannelLayout(NamedTuple):
+  """Where a group's channels sit in the activation a layer reads, when not simply on its last axis.
+
+  Axis ``axis`` of the activation holds ``rows * C`` entries: the channels are its inner factor
+  (``inner=True``: an NHWC flatten of ``(H, W, C)``, ``rows = H W``) or its outer factor
+  (``inner=False``: query heads of one key/value head in grouped-query attention, ``rows`` each),
+  or the whole axis (``rows = 1``: the head axis of an attention output projection).
+  """
+  axis: int
+  rows: int = 1
+  inner: bool = True
+
+  def arrange(self, h: jax.Array) -> jax.Array:
+    """``h`` with the channel factor split off and moved last: ``(N, ..., C)``."""
+    a, shape = self.axis, h.shape
+    if self.rows == 1:
+      return jnp.moveaxis(h, a, -1)
+    split = (self.rows, shape[a] // self.rows) if self.inner else (shape[a] // self.rows, self.rows)
+    h = h.reshape(shape[:a] + split + shape[a + 1:])
+    return jnp.moveaxis(h, a + 1 if self.inner else a, -1)
+
+  def restore(self, hidden: jax.Array) -> jax.Array:
+    """The inverse of :meth:`arrange`."""
+    a = self.axis
+    if self.rows == 1:
+      return jnp.moveaxis(hidden, -1, a)
+    h = jnp.moveaxis(hidden, -1, a + 1 if self.inner else a)
+    return h.reshape(h.shape[:a] + (h.shape[a] * h.shape[a + 1],) + h.shape[a + 2:])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,11 +220,11 @@ class KernelOutput:
   params: tuple
   operand: int
   kernel_dtype: Any
-  flatten: bool = False   # H: (N, rows, C) is flattened back to (N, rows * C) first
+  layout: Optional[ChannelLayout] = None   # how ``H`` goes back to the activation's own layout
 
   def __call__(self, params: Any, hidden: jax.Array) -> jax.Array:
     kernel = jnp.asarray(params["kernel"], self.kernel_dtype)
-    hidden = hidden.reshape(hidden.shape[0], -1) if self.flatten else hidden
+    hidden = hidden if self.layout is None else self.layout.restore(hidden)
     operands = (hidden, kernel) if self.operand == 1 else (kernel, hidden)
     out = self.primitive.bind(*operands, **dict(self.params))
     return out + params["bias"] if "bias" in params else out
@@ -244,11 +277,14 @@ def derive_units(apply_fn: Callable, variables: Any, example: Any, groups: Optio
       skipped[i] = why
       continue
     if len(found) > 1:
+      if any(lay is not None and (lay.axis != r.activation_ndim - 1 or not lay.inner) for _, r, lay in found):
+        skipped[i] = "read by several layers, not all on the activation's last axis"
+        continue
       units.append(_several_readers(apply_fn, variables, example, kwargs, g, i, found, norms))
       continue
-    m, r, rows = found[0]
-    units.append(Unit(group=g, hidden_fn=CapturedInput(apply_fn, r.address, r.operand, kwargs, rows),
-                      output_fn=KernelOutput(r.primitive, r.params, r.operand, r.kernel_dtype, rows > 1),
+    m, r, layout = found[0]
+    units.append(Unit(group=g, hidden_fn=CapturedInput(apply_fn, r.address, r.operand, kwargs, layout),
+                      output_fn=KernelOutput(r.primitive, r.params, r.operand, r.kernel_dtype, layout),
                       params_fn=LayerParams(m.path, r.bias if r.operand == 1 else None), norm=norms.get(m.path),
                       name=_layer_name(m.path),
                       group_index=i, capture=(r.address, r.operand), affine=True))
@@ -256,22 +292,37 @@ def derive_units(apply_fn: Callable, variables: Any, example: Any, groups: Optio
 
 
 def _reader(m, n: int, reads: dict, shapes: dict):
-  """``(member, read, rows)`` for a consumer a unit can use, or the reason it cannot."""
+  """``(member, read, layout)`` for a consumer a unit can use, or the reason it cannot."""
   if m.kind != "kernel":
     return f"read by {m.path} ({m.kind}), not a Dense/Conv kernel"
   sites = reads.get(m.path, [])
-  if len(sites) != 1 or not sites[0].as_stored or m.axis != len(shapes[m.path]) - 2:
+  if len(sites) != 1 or not sites[0].as_stored or _channel_axis(m, sites[0]) is None:
     return f"{m.path} is not read by one plain dot_general/conv on its input axis"
   r = sites[0]
-  rows = _flatten_rows(m, n, r)
-  if rows is None:
-    return f"read by {m.path} through a reshape that does not keep the channels innermost"
-  params = dict(r.params)
-  if params.get("feature_group_count", 1) != 1:
+  if dict(r.params).get("feature_group_count", 1) != 1:
     return f"{m.path} is a grouped convolution"
-  if not _channels_last(r, params):
-    return f"{m.path} reads activations whose channels are not the last axis"
-  return m, r, rows
+  layout = _layout(m, n, _channel_axis(m, r), r.activation_ndim)
+  if isinstance(layout, str):
+    return f"read by {m.path} {layout}"
+  return m, r, layout
+
+
+def _channel_axis(member, read) -> Optional[int]:
+  """The activation axis that the consumer kernel's group axis contracts with, or ``None`` when
+  the kernel does not read the group on an input axis. A Dense reads its channels on the last
+  axis; a ``DenseGeneral`` over ``(heads, head_dim)`` (an attention output projection) reads a
+  head group on the activation's head axis."""
+  params = dict(read.params)
+  if read.primitive.name == "conv_general_dilated":
+    dn = params["dimension_numbers"]
+    if member.axis != dn.rhs_spec[1] or dn.lhs_spec[1] != len(dn.lhs_spec) - 1:
+      return None
+    return len(dn.lhs_spec) - 1
+  (lc, rc), (lb, rb) = params["dimension_numbers"]
+  kernel_c, act_c = (rc, lc) if read.operand == 1 else (lc, rc)
+  if lb or rb or member.axis not in kernel_c:
+    return None
+  return int(act_c[list(kernel_c).index(member.axis)])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -336,32 +387,23 @@ def _several_readers(apply_fn, variables, example, kwargs, g, i, found, norms) -
               name=" + ".join(_layer_name(m.path) for m, _, _ in found), group_index=i, capture=None, affine=True)
 
 
-def _flatten_rows(member, n: int, read) -> Optional[int]:
-  """Rows per channel of the activation the reading layer sees: 1 without a flatten; ``r`` for a
-  Dense after a flatten whose channel is the innermost factor (NHWC ``(H, W, C)`` -> ``H W C``,
-  so the activation reshapes to ``(N, r, C)``); ``None`` for any other layout."""
+def _layout(member, n: int, axis: int, ndim: int):
+  """The :class:`ChannelLayout` of the channels on activation axis ``axis`` (``None``: plainly the
+  last axis), or why they cannot be laid out as ``(N, ..., C)``."""
   if not member.mapped:
-    return 1
+    return None if axis == ndim - 1 else ChannelLayout(axis)
   r = member.index.shape[1]
-  innermost = np.arange(r)[None, :] * n + np.arange(n)[:, None]
-  if read.primitive.name != "dot_general" or read.activation_ndim != 2 or not np.array_equal(member.index, innermost):
-    return None
-  return r
+  if np.array_equal(member.index, np.arange(r)[None, :] * n + np.arange(n)[:, None]):
+    return ChannelLayout(axis, r, inner=True)
+  if np.array_equal(member.index, np.arange(n)[:, None] * r + np.arange(r)[None, :]):
+    return ChannelLayout(axis, r, inner=False)
+  return "through a reshape that splits its axis other than into (channels, rows) or (rows, channels)"
 
 
 def _layer_name(kernel_path: str) -> str:
   """``"params/layer1_0/conv2/kernel"`` -> ``"layer1_0/conv2"`` (linen); NNX paths lose the leaf name only."""
   parts = kernel_path.split("/")[:-1]
   return "/".join(parts[1:] if parts and parts[0] == "params" else parts)
-
-
-def _channels_last(read, params) -> bool:
-  """The activation's contracted (channel) axis is its last one."""
-  if read.primitive.name == "conv_general_dilated":
-    return params["dimension_numbers"].lhs_spec[1] == len(params["dimension_numbers"].lhs_spec) - 1
-  (lc, rc), _ = params["dimension_numbers"]
-  contract = lc if read.operand == 1 else rc   # the activation's contracted axes
-  return tuple(contract) == (read.activation_ndim - 1,)
 
 
 def two_layer_units(apply_fn: Callable, variables: Any, example: Any, groups: Optional[ChannelGroups] = None,

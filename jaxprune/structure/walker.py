@@ -27,6 +27,7 @@ class Walker:
     self.eps: dict = {}           # leaf -> scalar added to it (a norm's epsilon)
     self.reads: list = []         # (kernel leaf, address, operand, eqn, as stored) per kernel read
     self.address: tuple = ()      # the equation being walked: indices through nested sub-jaxprs
+    self.reductions: list = []    # (axis, primitive) where an activation is reduced along an axis
     self.step = 0
 
   # -- helpers ---------------------------------------------------------------------------------
@@ -130,6 +131,19 @@ class Walker:
       self.roles.setdefault((leaf, a), set()).add(role)
     self.order[leaf] = self.step
     return True
+
+  def note_reduction(self, axes, primitive: str) -> None:
+    """Notes activation axes reduced by ``primitive`` (a LayerNorm's mean over channels): masking
+    such channels is not removing them, since the zeros still enter the reduction."""
+    self.reductions.extend((axis, primitive) for axis in axes)
+
+  def reduced_classes(self) -> dict:
+    """``{class root: sorted primitive names}`` of the index classes some reduction ran over."""
+    found: dict = {}
+    for axis, primitive in self.reductions:
+      for leaf in self.cls.leaves(axis):
+        found.setdefault(self.cls.find(leaf), set()).add(primitive)
+    return {root: sorted(names) for root, names in found.items()}
 
   def record_read(self, kernel: AxisInfo, operand: int, eqn) -> None:
     """Notes that this equation reads the kernel leaf behind ``kernel`` as operand ``operand``."""

@@ -13,10 +13,19 @@ def test_default_main_job_on_embedded_digits(tmp_path, capsys):
   assert cli.main(["--out", str(tmp_path), "--sparsities", "0.5", "0.9", "--no-progress", "--n-examples", "200"]) == 0
   out = capsys.readouterr().out
   assert "accuracy (%) by sparsity" in out
-  rows = list(csv.DictReader(open(tmp_path / "results.csv")))
+  everything = list(csv.DictReader(open(tmp_path / "results.csv")))
+  rows = [r for r in everything if r["model"] == "mlp"]
   assert {r["method"] for r in rows} == {"dense", *methods.UNSTRUCTURED, *methods.STRUCTURED}
   assert len(rows) == 1 + 2 * len(methods.UNSTRUCTURED) + 4 * len(methods.STRUCTURED)
   assert "by channel sparsity of every group" in out
+  # the transformer's whole heads and MLP channels, pruned by every structured method
+  seq = [r for r in everything if r["model"] == "transformer"]
+  assert len(seq) == 1 + 4 * len(methods.STRUCTURED) and "transformer: accuracy" in out
+  seq_acc = {(r["method"], float(r["sparsity"])): float(r["accuracy"]) for r in seq}
+  assert seq_acc[("dense", 0.0)] > 0.9                   # the embedded sequence task really trained
+  for m in methods.STRUCTURED:
+    assert int(next(r["k"] for r in seq if r["method"] == m and float(r["sparsity"]) == 0.5)) == 2 * (2 + 32)
+    assert seq_acc[(m, 0.3)] > 0.6
   by = {(r["method"], float(r["sparsity"])): float(r["accuracy"]) for r in rows}
   assert by[("dense", 0.0)] > 0.9                       # the MLP really trained
   assert by[("magnitude", 0.5)] > by[("random", 0.5)]   # magnitude beats random

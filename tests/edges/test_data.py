@@ -80,6 +80,22 @@ def test_digits_is_embedded_and_split():
     data.digits("val")
 
 
+def test_repeats_is_generated_balanced_and_labelled_by_a_recurring_first_token():
+  train, test = data.repeats("train"), data.repeats("test")
+  assert train.x.shape == (4000, 12) and test.x.shape == (1000, 12) and train.x.dtype == np.int32
+  for d in (train, test):
+    expected = np.array([row[0] in row[1:] for row in d.x])
+    np.testing.assert_array_equal(d.y, expected)            # an independent reading of the rule
+    assert 0.4 < d.y.mean() < 0.6
+  assert not np.array_equal(train.x[:1000], test.x)          # independent streams
+  np.testing.assert_array_equal(data.repeats("test").x, test.x)   # deterministic
+  assert data.repeats("train", 10, length=5, vocab=3, seed=2).x.max() < 3
+  with pytest.raises(ValueError, match="split"):
+    data.repeats("val")
+  with pytest.raises(ValueError, match="length"):
+    data.repeats("train", length=1)
+
+
 def test_offline_load_fails_fast_naming_data_dir_and_the_variable(tmp_path, monkeypatch):
   # No local files and no prepared tfds copy: a FileNotFoundError that says where to point, no download.
   monkeypatch.delenv("JAXPRUNE_DATA_DIR", raising=False)

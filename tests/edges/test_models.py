@@ -88,3 +88,20 @@ def test_from_params_rebuilds_pruned_mlp_and_vgg():
   vgg = VGG(cfg=(8, "M", 16, "M", 16, 16, "M", 32, 32, "M", 32, 32, "M"))
   vv = vgg.init(jax.random.key(0), X32)
   np.testing.assert_allclose(VGG.from_params(vv).apply(vv, X32), vgg.apply(vv, X32), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kv_heads", [None, 2])
+def test_transformer_from_params_reads_every_width_back(kv_heads):
+  from jaxprune.models import BlockWidths, Transformer, transformer
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, 16, size=(3, 12)), jnp.int32)
+  model = transformer(kv_heads=kv_heads)
+  v = model.init(jax.random.key(0), tokens)
+  assert model.apply(v, tokens).shape == (3, 2)
+  rebuilt = Transformer.from_params(v)
+  assert rebuilt.blocks == (BlockWidths(4, kv_heads or 4, 8, 8, 64),) * 2 and rebuilt.width == 32
+  np.testing.assert_allclose(rebuilt.apply(v, tokens), model.apply(v, tokens), rtol=1e-5, atol=1e-5)
+  uneven = Transformer(vocab=16, length=12, width=24, blocks=(BlockWidths(3, 1, 4, 6, 40), BlockWidths(2, 2, 8, 5, 7)))
+  w = uneven.init(jax.random.key(1), tokens)
+  assert Transformer.from_params(w) == uneven      # per-block widths, as a pruned tree has them
+  with pytest.raises(ValueError, match="kv_heads"):
+    transformer(heads=4, kv_heads=3).init(jax.random.key(0), tokens)

@@ -141,3 +141,23 @@ def test_prune_channels_bad_input():
     jp.prune_channels(v, g, 0.5, which=0, show_progress=False)
   with pytest.raises(TypeError, match="groups must be"):
     jp.prune_channels(v, ["fc1"], 0.5, show_progress=False)
+
+
+def test_round_to_keeps_multiples_of_eight_in_every_structured_method():
+  model = models.resnet20()
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(16, 32, 32, 3)), jnp.float32)
+  v = model.init(jax.random.key(0), x[:1])
+  groups = jp.groups(model.apply, v, CIFAR)
+  assert [jp.n_kept_channels(n, 0.3, round_to=8) for n in (16, 32, 64)] == [16, 24, 48]
+  assert [jp.n_kept_channels(n, 0.3) for n in (16, 32, 64)] == [12, 23, 45]
+  assert jp.n_kept_channels(10, 0.9, round_to=8) == 8 and jp.n_kept_channels(6, 0.5, round_to=8) == 6   # at most n
+  results = {"prune_channels": jp.prune_channels(v, groups, 0.3, round_to=8, show_progress=False),
+             "intra_fusion": jp.intra_fusion(v, groups, 0.3, round_to=8, show_progress=False),
+             "ispasp": jp.ispasp(v, groups, 0.3, apply_fn=model.apply, batch=x, round_to=8, show_progress=False)}
+  for name, r in results.items():
+    assert {i: len(k) for i, k in r.kept.items()} == {i: jp.n_kept_channels(groups[i].size, 0.3, round_to=8)
+                                                      for i in r.kept}, name
+    small = models.CifarResNet.from_params(r.params)
+    assert all(w % 8 == 0 for w in list(small.stage_widths) + list(small.hidden_widths)), name
+  with pytest.raises(ValueError, match="round_to"):
+    jp.prune_channels(v, groups, 0.3, round_to=0)

@@ -76,7 +76,7 @@ def test_repaired_channels_have_the_dense_statistics(cnn, method, where):
   assert len(targets) == {"producers": 2, "group": 3, "all": 3}[where]
   dense, after = _stats(model.apply, v, x, targets), _stats(model.apply, out.params, x, targets)
   for t, (md, sd), (ma, sa) in zip(targets, dense, after):
-    kept = _repair.kept_channels(t, plans, md.shape[0])
+    kept = _repair.kept_channels(t, plans, shapes[t.kernel])
     np.testing.assert_allclose(np.asarray(sa)[kept], np.asarray(sd)[kept], rtol=1e-3, atol=1e-5, err_msg=t.name)
     np.testing.assert_allclose(np.asarray(ma)[kept], np.asarray(md)[kept], rtol=1e-3, atol=1e-4, err_msg=t.name)
   before = _stats(model.apply, pruned.params, x, targets)
@@ -155,7 +155,7 @@ def test_repair_equals_an_independent_numpy_computation(cnn):
   out = jp.repair(model.apply, v, pruned, x, where="all", show_progress=False)
   shapes = {p: np.shape(a) for p, a in jp.leaves_with_paths(v)}
   targets, _ = _repair.find_targets(groups, pruned.info["plans"], "all", shapes)
-  kept = [_repair.kept_channels(t, pruned.info["plans"], shapes[t.kernel][-1]) for t in targets]
+  kept = [_repair.kept_channels(t, pruned.info["plans"], shapes[t.kernel]) for t in targets]
   ref = _numpy_repair(model, v, pruned.params, x, targets, kept)
   assert _max_rel(out.params, ref) < 1e-4
 
@@ -173,7 +173,7 @@ def test_resnet20_group_repair_equals_the_numpy_computation(checkpoint_dir, data
   shapes = {p: np.shape(a) for p, a in jp.leaves_with_paths(v)}
   targets, skipped = _repair.find_targets(groups, pruned.info["plans"], "group", shapes)
   assert len(targets) >= 6 and not skipped
-  kept = [_repair.kept_channels(t, pruned.info["plans"], shapes[t.kernel][-1]) for t in targets]
+  kept = [_repair.kept_channels(t, pruned.info["plans"], shapes[t.kernel]) for t in targets]
   ref = _numpy_repair(model, v, pruned.params, x, targets, kept)
   assert _max_rel(out.params, ref) < 1e-4
 
