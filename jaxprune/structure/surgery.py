@@ -12,6 +12,7 @@ Several groups are pruned by :func:`write_channels` on each (same shapes, in ord
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Optional, Sequence, Union
 
 import jax
@@ -81,16 +82,34 @@ def write_channels(variables: Any, group: Group, keep: Any, fusion_map: Optional
     if leaf.shape[mem.axis] < (mem.index.max() + 1 if mem.index is not None else n):
       raise ValueError(f"variables: {mem.path} has {leaf.shape[mem.axis]} entries on axis {mem.axis}; "
                        f"the group expects {n} channels (was the tree already shrunk?)")
-    pos = mem.positions(n)
-    w = jnp.moveaxis(jnp.asarray(leaf), mem.axis, 0)
     t = t_cons if mem.role == CONSUMER else t_prod
-    if t is not None and mem.kind in ("kernel", "depthwise", "bias"):
-      mixed = jnp.einsum("kj,jr...->kr...", t.astype(w.dtype), w[pos])
-      w = w.at[pos[keep]].set(mixed)
-    if zero and mem.kind != "stat" and removed.size:
-      w = w.at[pos[removed].ravel()].set(0)
-    new[mem.path] = jnp.moveaxis(w, 0, mem.axis)
+    mixes = t is not None and mem.kind in ("kernel", "depthwise", "bias")
+    silence = zero and mem.kind != "stat" and removed.size > 0
+    if mixes:
+      full = jnp.zeros((n, n), jnp.float32).at[keep].set(jnp.asarray(t, jnp.float32))
+      if not silence:
+        full = full.at[removed, removed].set(1.0)
+      new[mem.path] = _apply_channel_map(leaf, mem, n, full=full)
+    elif silence:
+      new[mem.path] = _apply_channel_map(leaf, mem, n, scale=np.isin(np.arange(n), keep))
   return replace_leaves(variables, new)
+
+
+def _apply_channel_map(leaf: Any, mem, n: int, *, full: Optional[jax.Array] = None,
+                       scale: Optional[np.ndarray] = None) -> jax.Array:
+  """``leaf`` with channel ``k`` of the member replaced by ``sum_j full[k, j] channel_j`` (or
+  multiplied by ``scale[k]``). Every shape here is the dense one, whichever channels are kept, so
+  a new sparsity reuses the compiled operations instead of compiling new ones."""
+  w = jnp.moveaxis(jnp.asarray(leaf), mem.axis, 0)
+  pos = mem.positions(n)
+  plain = mem.index is None
+  rows = w[:n][:, None] if plain else w[pos]                    # (n, r, ...)
+  if full is not None:
+    rows = jnp.einsum("kj,jr...->kr...", full.astype(w.dtype), rows)
+  else:
+    rows = rows * jnp.asarray(scale, w.dtype).reshape((n, 1) + (1,) * (rows.ndim - 2))
+  w = rows[:, 0] if plain and w.shape[0] == n else w.at[pos.ravel()].set(rows.reshape((-1,) + rows.shape[2:]))
+  return jnp.moveaxis(w, 0, mem.axis)
 
 
 def removed_positions(group: Group, keep: Any) -> dict:
@@ -122,13 +141,39 @@ def shrink_channels(variables: Any, plans: Sequence[tuple[Group, Any]]) -> Any:
   by_path: dict = {}
   for (path, axis), pos in drop.items():
     by_path.setdefault(path, []).append((axis, np.unique(np.concatenate(pos))))
-  new = {}
-  for path, cuts in by_path.items():
-    leaf = leaves[path]
-    for axis, pos in cuts:
-      leaf = jnp.delete(jnp.asarray(leaf), pos, axis=axis, assume_unique_indices=True)
-    new[path] = leaf
-  return replace_leaves(variables, new)
+  kept = {path: tuple((axis, np.setdiff1d(np.arange(np.shape(leaves[path])[axis]), pos)) for axis, pos in cuts)
+          for path, cuts in by_path.items()}
+  paths = sorted(kept)
+  axes = tuple(tuple(a for a, _ in kept[p]) for p in paths)
+  arrays = [leaves[p] for p in paths]
+  if all(_on_one_cpu(a) for a in arrays):   # host memory already: numpy gathers, nothing to compile
+    small = [jnp.asarray(_take_numpy(np.asarray(a), kept[p])) for a, p in zip(arrays, paths)]
+  else:
+    small = _gather_kept(axes, arrays, [[jnp.asarray(i, jnp.int32) for _, i in kept[p]] for p in paths])
+  return replace_leaves(variables, dict(zip(paths, small)))
+
+
+def _on_one_cpu(leaf: Any) -> bool:
+  devices = leaf.devices() if isinstance(leaf, jax.Array) else None
+  return devices is None or (len(devices) == 1 and next(iter(devices)).platform == "cpu")
+
+
+def _take_numpy(leaf: np.ndarray, cuts: tuple) -> np.ndarray:
+  for axis, index in cuts:
+    leaf = np.take(leaf, index, axis=axis)
+  return leaf
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _gather_kept(axes: tuple, leaves: list, index: list) -> list:
+  """Every shrunk leaf in one compiled program on an accelerator or a sharded tree (the only
+  step whose shapes follow the widths)."""
+  out = []
+  for leaf_axes, leaf, idx in zip(axes, leaves, index):
+    for axis, i in zip(leaf_axes, idx):
+      leaf = jnp.take(leaf, i, axis=axis)
+    out.append(leaf)
+  return out
 
 
 def select_channels(variables: Any, group: Group, keep: Any, *, mode: str = "shrink") -> Any:

@@ -38,3 +38,39 @@ def test_sharded_batch_keeps_the_support_and_shards_g():
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAXPRUNE_NO_PROGRESS="1")
   proc = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=600, env=env)
   assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]
+
+
+STRUCTURED = textwrap.dedent("""
+    import jax, jax.numpy as jnp, numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    import jaxprune as jp
+    from jaxprune.models import mlpnet
+    assert len(jax.devices()) == 8, jax.devices()
+    model = mlpnet()
+    v = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(256, 28, 28, 1)), jnp.float32)
+    mesh = Mesh(np.array(jax.devices()), ("d",))
+    # fc1's kernel split over its 784 input rows, the rest replicated: a model too big for one device
+    spec = lambda path, leaf: P("d", None) if leaf.shape[0] % 8 == 0 and leaf.ndim == 2 else P()
+    vs = jax.tree_util.tree_map_with_path(
+        lambda p, leaf: jax.device_put(leaf, NamedSharding(mesh, spec(p, leaf))), v)
+    assert len(vs["params"]["fc1"]["kernel"].sharding.device_set) == 8
+    xs = jax.device_put(x, NamedSharding(mesh, P("d")))
+    groups = jp.groups(model.apply, v, x[:1])
+    runs = {"prune_channels": lambda t, b: jp.prune_channels(t, groups, 0.5, show_progress=False),
+            "intra_fusion": lambda t, b: jp.intra_fusion(t, groups, 0.5, show_progress=False),
+            "ispasp": lambda t, b: jp.ispasp(t, groups, 0.5, apply_fn=model.apply, batch=b, show_progress=False)}
+    for name, run in runs.items():
+        one, eight = run(v, x), run(vs, xs)
+        assert {g: list(k) for g, k in one.kept.items()} == {g: list(k) for g, k in eight.kept.items()}, name
+        for a, b in zip(jax.tree_util.tree_leaves(one.params), jax.tree_util.tree_leaves(eight.params)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6, err_msg=name)
+        assert eight.params["params"]["fc1"]["kernel"].shape == (784, 20), name
+    print("OK")
+""")
+
+
+def test_structured_methods_take_sharded_parameters():
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAXPRUNE_NO_PROGRESS="1")
+  proc = subprocess.run([sys.executable, "-c", STRUCTURED], capture_output=True, text=True, timeout=600, env=env)
+  assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]
