@@ -23,6 +23,7 @@ left by the previous ones, as the official ``MetaPruner`` does (``order="sequent
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from typing import Any, Callable, Iterable, Mapping, NamedTuple, Optional, Sequence, Union
 
@@ -90,15 +91,23 @@ def pairing_vectors(variables: Any, group: Group, *, include_bias: bool = False)
 def pairing_cost(x: jax.Array, keep: Any, p: float = 1, *, chunk: int = 32) -> jax.Array:
   """``C: (n, m)``: ``l_p`` distances between l2-normalised rows of ``x`` and the kept rows.
 
-  Rows with zero norm stay zero (the official code divides by zero and gets NaN). Computed in
-  chunks of ``chunk`` rows so that memory stays ``O(chunk * m * D)``.
+  Rows with zero norm stay zero (the official code divides by zero and gets NaN). The distances
+  between all ``n`` rows are computed by one jitted function per ``(n, D)`` shape, in chunks of
+  ``chunk`` rows (memory ``O(chunk * n * D)``), and the kept columns taken after: a new sparsity
+  changes ``m`` but compiles nothing.
   """
+  full = np.asarray(all_pairs_cost(jnp.asarray(x), float(p), int(chunk)))
+  return jax.device_put(full[:, np.asarray(keep)])   # device_put: jnp.asarray would compile per shape
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def all_pairs_cost(x: jax.Array, p: float, chunk: int) -> jax.Array:
+  """``(n, n)`` ``l_p`` distances between the l2-normalised rows of ``x: (n, D)``."""
   norms = jnp.linalg.norm(x, axis=1, keepdims=True)
   xn = x / jnp.where(norms > 0, norms, 1.0)
-  target = xn[jnp.asarray(keep)]
 
   def row(v):
-    d = jnp.abs(v[None, :] - target)
+    d = jnp.abs(v[None, :] - xn)
     return jnp.sum(d, axis=1) if p == 1 else jnp.sum(d ** p, axis=1) ** (1.0 / p)
 
   return jax.lax.map(row, xn, batch_size=chunk)

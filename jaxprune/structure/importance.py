@@ -13,6 +13,7 @@ Each importance maps ``(variables, group)`` to scores ``(n,)`` (higher = more im
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Iterable
 
 import jax
@@ -28,9 +29,20 @@ REDUCTIONS = ("mean", "sum", "max")
 
 def per_channel_sums(leaf: jax.Array, member, n: int) -> jax.Array:
   """``(n,)`` sums of ``leaf`` over each channel's slice (all rows of the member's mapping)."""
-  w = jnp.moveaxis(jnp.asarray(leaf), member.axis, 0)
-  rows = w[member.positions(n)]                  # (n, r, ...)
-  return rows.reshape(n, -1).sum(axis=1)
+  return _sums(leaf, None, member.positions(n).astype(np.int32), member.axis, "sum")
+
+
+@functools.partial(jax.jit, static_argnums=(3, 4))
+def _sums(leaf: jax.Array, grad: Any, pos: jax.Array, axis: int, kind: Any) -> jax.Array:
+  """``(n,)`` per-channel sums of ``leaf`` (``kind="sum"``), ``|leaf|^p`` (``kind=p``, a number)
+  or ``|leaf * grad|`` (``kind="taylor"``), in float32: one compiled function per leaf shape."""
+  w = jnp.asarray(leaf, jnp.float32)
+  if kind == "taylor":
+    w = jnp.abs(w * grad)
+  elif kind != "sum":
+    w = jnp.abs(w) ** kind
+  rows = jnp.moveaxis(w, axis, 0)[pos]           # (n, r, ...)
+  return rows.reshape(pos.shape[0], -1).sum(axis=1)
 
 
 def _reduce(per_member: list, reduction: str, normalize: bool, group: Group) -> np.ndarray:
@@ -38,8 +50,8 @@ def _reduce(per_member: list, reduction: str, normalize: bool, group: Group) -> 
     raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
   if not per_member:
     raise ValueError(f"group {group.name} has no kernel members to score")
-  stacked = jnp.stack(per_member)
-  imp = {"mean": jnp.mean, "sum": jnp.sum, "max": jnp.max}[reduction](stacked, axis=0)
+  stacked = np.stack([np.asarray(p, np.float32) for p in per_member])   # on the host: no compile per group
+  imp = {"mean": np.mean, "sum": np.sum, "max": np.max}[reduction](stacked, axis=0)
   imp = np.asarray(imp, np.float64)
   if normalize and imp.mean() > 0:
     imp = imp / imp.mean()
@@ -50,8 +62,8 @@ def magnitude_importance(variables: Any, group: Group, p: float = 1, *, reductio
                          normalize: bool = True) -> np.ndarray:
   """``(n,)`` group-mean ``sum |w|^p`` of the group's kernels (``p=1``: l1, ``p=2``: l2)."""
   leaves = dict(leaves_with_paths(variables))
-  parts = [per_channel_sums(jnp.abs(jnp.asarray(leaves[m.path], jnp.float32)) ** p, m, group.size)
-           for m in group.kernels]
+  kind = 1 if p == 1 else float(p)
+  parts = [_sums(leaves[m.path], None, m.positions(group.size).astype(np.int32), m.axis, kind) for m in group.kernels]
   return _reduce(parts, reduction, normalize, group)
 
 
@@ -63,7 +75,7 @@ def taylor_importance(variables: Any, grads: Any, group: Group, *, reduction: st
   missing = [m.path for m in group.kernels if m.path not in gleaves]
   if missing:
     raise KeyError(f"grads: no gradient for {missing[0]}; pass gradients shaped like variables")
-  parts = [per_channel_sums(jnp.abs(jnp.asarray(leaves[m.path], jnp.float32) * gleaves[m.path]), m, group.size)
+  parts = [_sums(leaves[m.path], gleaves[m.path], m.positions(group.size).astype(np.int32), m.axis, "taylor")
            for m in group.kernels]
   return _reduce(parts, reduction, normalize, group)
 

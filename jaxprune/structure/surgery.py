@@ -44,11 +44,11 @@ def _check_mode(mode: str) -> None:
     raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
 
 
-def _check_map(fusion_map: Any, m: int, n: int, name: str) -> jax.Array:
-  t = jnp.asarray(fusion_map)
+def _check_map(fusion_map: Any, m: int, n: int, name: str) -> np.ndarray:
+  t = np.asarray(fusion_map)   # on the host: an (m, n) check would compile for every new m
   if t.shape != (m, n):
     raise ValueError(f"{name} must have shape (m, n) = ({m}, {n}), got {t.shape}")
-  if not bool(jnp.all(jnp.isfinite(t))):
+  if not np.all(np.isfinite(t)):
     raise ValueError(f"{name} has non-finite entries")
   return t
 
@@ -86,30 +86,38 @@ def write_channels(variables: Any, group: Group, keep: Any, fusion_map: Optional
     mixes = t is not None and mem.kind in ("kernel", "depthwise", "bias")
     silence = zero and mem.kind != "stat" and removed.size > 0
     if mixes:
-      full = jnp.zeros((n, n), jnp.float32).at[keep].set(jnp.asarray(t, jnp.float32))
+      full = np.zeros((n, n), np.float32)   # built on the host: its shape never depends on m
+      full[keep] = np.asarray(t, np.float32)
       if not silence:
-        full = full.at[removed, removed].set(1.0)
+        full[removed, removed] = 1.0
       new[mem.path] = _apply_channel_map(leaf, mem, n, full=full)
     elif silence:
       new[mem.path] = _apply_channel_map(leaf, mem, n, scale=np.isin(np.arange(n), keep))
   return replace_leaves(variables, new)
 
 
-def _apply_channel_map(leaf: Any, mem, n: int, *, full: Optional[jax.Array] = None,
+def _apply_channel_map(leaf: Any, mem, n: int, *, full: Optional[np.ndarray] = None,
                        scale: Optional[np.ndarray] = None) -> jax.Array:
   """``leaf`` with channel ``k`` of the member replaced by ``sum_j full[k, j] channel_j`` (or
-  multiplied by ``scale[k]``). Every shape here is the dense one, whichever channels are kept, so
-  a new sparsity reuses the compiled operations instead of compiling new ones."""
-  w = jnp.moveaxis(jnp.asarray(leaf), mem.axis, 0)
-  pos = mem.positions(n)
-  plain = mem.index is None
-  rows = w[:n][:, None] if plain else w[pos]                    # (n, r, ...)
-  if full is not None:
-    rows = jnp.einsum("kj,jr...->kr...", full.astype(w.dtype), rows)
+  multiplied by ``scale[k]``). One jitted function per leaf shape and axis: every shape here is
+  the dense one, whichever channels are kept, so a new sparsity compiles nothing."""
+  coef = full if full is not None else np.asarray(scale, np.float32)
+  return _map_rows(leaf, coef, mem.positions(n).astype(np.int32), mem.axis, mem.index is None)
+
+
+@functools.partial(jax.jit, static_argnums=(3, 4))
+def _map_rows(leaf: jax.Array, coef: jax.Array, pos: jax.Array, axis: int, plain: bool) -> jax.Array:
+  """``coef: (n, n)`` mixes the channels' rows ``pos: (n, r)`` of ``leaf`` along ``axis``; ``(n,)`` scales them."""
+  w = jnp.moveaxis(jnp.asarray(leaf), axis, 0)
+  n = pos.shape[0]
+  plain = plain and w.shape[0] == n
+  rows = w[:, None] if plain else w[pos]                        # (n, r, ...)
+  if coef.ndim == 2:
+    rows = jnp.einsum("kj,jr...->kr...", coef.astype(w.dtype), rows)
   else:
-    rows = rows * jnp.asarray(scale, w.dtype).reshape((n, 1) + (1,) * (rows.ndim - 2))
-  w = rows[:, 0] if plain and w.shape[0] == n else w.at[pos.ravel()].set(rows.reshape((-1,) + rows.shape[2:]))
-  return jnp.moveaxis(w, 0, mem.axis)
+    rows = rows * coef.astype(w.dtype).reshape((n, 1) + (1,) * (rows.ndim - 2))
+  w = rows[:, 0] if plain else w.at[pos.ravel()].set(rows.reshape((-1,) + rows.shape[2:]))
+  return jnp.moveaxis(w, 0, axis)
 
 
 def removed_positions(group: Group, keep: Any) -> dict:
@@ -147,7 +155,7 @@ def shrink_channels(variables: Any, plans: Sequence[tuple[Group, Any]]) -> Any:
   axes = tuple(tuple(a for a, _ in kept[p]) for p in paths)
   arrays = [leaves[p] for p in paths]
   if all(_on_one_cpu(a) for a in arrays):   # host memory already: numpy gathers, nothing to compile
-    small = [jnp.asarray(_take_numpy(np.asarray(a), kept[p])) for a, p in zip(arrays, paths)]
+    small = [jax.device_put(_take_numpy(np.asarray(a), kept[p]), _device_of(a)) for a, p in zip(arrays, paths)]
   else:
     small = _gather_kept(axes, arrays, [[jnp.asarray(i, jnp.int32) for _, i in kept[p]] for p in paths])
   return replace_leaves(variables, dict(zip(paths, small)))
@@ -156,6 +164,10 @@ def shrink_channels(variables: Any, plans: Sequence[tuple[Group, Any]]) -> Any:
 def _on_one_cpu(leaf: Any) -> bool:
   devices = leaf.devices() if isinstance(leaf, jax.Array) else None
   return devices is None or (len(devices) == 1 and next(iter(devices)).platform == "cpu")
+
+
+def _device_of(leaf: Any):
+  return next(iter(leaf.devices())) if isinstance(leaf, jax.Array) else None
 
 
 def _take_numpy(leaf: np.ndarray, cuts: tuple) -> np.ndarray:
