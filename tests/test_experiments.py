@@ -19,6 +19,7 @@ SCRIPTS = {
     "experiments/ispasp_two_layer.py": "ispasp_two_layer",
     "experiments/ispasp_blocks.py": "ispasp_blocks",
     "experiments/repair_structured.py": "repair_structured",
+    "experiments/size_report.py": "size_report",
 }
 
 
@@ -53,7 +54,8 @@ def test_regression_benchmarks_quick(script, stem, whats, seconds, tmp_path):
 @pytest.mark.parametrize("script, stem, key", [("benchmarks/structure.py", "structure_quick", "rows"),
                                                ("benchmarks/intrafusion.py", "intrafusion_quick", "models"),
                                                ("benchmarks/ispasp.py", "ispasp_quick", "block"),
-                                               ("benchmarks/device_check.py", "device_check_quick", "rows")])
+                                               ("benchmarks/device_check.py", "device_check_quick", "rows"),
+                                               ("benchmarks/structured_calls.py", "structured_calls_quick", "rows")])
 def test_structure_benchmarks_quick(script, stem, key, tmp_path):
   proc = subprocess.run([sys.executable, str(REPO / script), "--quick", "--out", str(tmp_path)],
                         capture_output=True, text=True, timeout=900)
