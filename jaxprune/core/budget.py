@@ -81,6 +81,12 @@ def sparsity_from_k(params: PyTree, k: int, prunable: PrunableSpec = None) -> fl
 CHANNEL_ROUNDINGS = ("floor", "truncate")
 
 
+def check_round_to(round_to) -> None:
+  """``round_to`` (channels kept in multiples of it) must be a positive int."""
+  if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
+    raise ValueError(f"round_to must be a positive int, got {round_to!r}")
+
+
 def n_kept_channels(n: int, sparsity: float, rounding: str = "floor", round_to: int = 1) -> int:
   """Channels a group of ``n`` keeps at a channel ``sparsity``: the one rule of every structured method.
 
@@ -97,8 +103,7 @@ def n_kept_channels(n: int, sparsity: float, rounding: str = "floor", round_to: 
   64 (ResNet20 on a CPU, ``experiments/README.md``, size report), multiples of 8 do not.
   """
   s = check_sparsity(sparsity)
-  if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
-    raise ValueError(f"round_to must be a positive int, got {round_to!r}")
+  check_round_to(round_to)
   if rounding == "floor":
     m = n - n_pruned_from_sparsity(n, s, "floor")
   elif rounding == "truncate":

@@ -9,7 +9,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 import jax
 import numpy as np
 
-from jaxprune.core.budget import CHANNEL_ROUNDINGS, n_kept_channels
+from jaxprune.core.budget import CHANNEL_ROUNDINGS, check_round_to, n_kept_channels
 from jaxprune.core.checks import check_choice
 from jaxprune.core.forms import Model, as_model, user_loss
 from jaxprune.core.options import Options, resolve
@@ -160,11 +160,6 @@ class ChannelOptions(Options):
     check_choice(self.mode, MODES, "mode")
     check_choice(self.rounding, CHANNEL_ROUNDINGS, "rounding")
     check_round_to(self.round_to)
-
-
-def check_round_to(round_to: Any) -> None:
-  if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
-    raise ValueError(f"round_to must be a positive int, got {round_to!r}")
 
 
 def check_importance(importance: Any) -> None:

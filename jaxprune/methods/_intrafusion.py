@@ -33,13 +33,13 @@ import numpy as np
 
 from jaxprune import ot
 from jaxprune.structure.channel_groups import ChannelGroups, Group
-from jaxprune.core.budget import CHANNEL_ROUNDINGS
+from jaxprune.core.budget import CHANNEL_ROUNDINGS, check_round_to
 from jaxprune.core.checks import check_choice
 from jaxprune.core.forms import as_model, user_loss
 from jaxprune.core.options import Options, resolve
 from jaxprune.core.results import ChannelResult, make_info
 from jaxprune.methods._repair import RepairOptions, check_repair_request, repair_if_asked
-from jaxprune.methods._channels import (_as_groups, check_importance, check_round_to, importance_fn, keep_top, plan_budgets,
+from jaxprune.methods._channels import (_as_groups, check_importance, importance_fn, keep_top, plan_budgets,
                                         resolve_groups)
 from jaxprune.structure.importance import taylor_grads, taylor_importance
 from jaxprune.core.progress import progress

@@ -20,13 +20,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxprune.core.budget import CHANNEL_ROUNDINGS, n_kept_channels
+from jaxprune.core.budget import CHANNEL_ROUNDINGS, check_round_to, n_kept_channels
 from jaxprune.core.checks import check_choice
 from jaxprune.core.forms import as_model
 from jaxprune.core.options import Options, resolve
 from jaxprune.core.results import ChannelResult, make_info
 from jaxprune.methods._repair import RepairOptions, check_repair_request, repair_if_asked
-from jaxprune.methods._channels import check_round_to, model_inputs
+from jaxprune.methods._channels import model_inputs
 from jaxprune.structure.channel_groups import ChannelGroups
 from jaxprune.core.progress import progress
 from jaxprune.methods._recovery import PROXIES, RecoveryOptions, aggregate_activations, check_options, recover_support
