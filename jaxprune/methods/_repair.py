@@ -355,7 +355,7 @@ def find_targets(cg: ChannelGroups, plans: Sequence[tuple], where: str, shapes: 
     if why:
       skipped[path] = why
       continue
-    name = "/".join(p for p in path.split("/")[:-1] if p != "params")
+    name = "/".join(p for p in path.split("/")[:-1] if p != "params") or path   # a top-level kernel: its own name
     out_axes = 1
     if sites[0].primitive.name == "dot_general":
       out_axes = ndim - len(dict(sites[0].params)["dimension_numbers"][0][1])

@@ -148,8 +148,10 @@ def test_every_method_runs_on_heads_and_mlp_channels_of_the_pure_function():
     assert r.params["block0"]["value"]["kernel"].shape == (D, 1, HEAD_DIM), name
     assert r.params["block1"]["fc2"]["kernel"].shape == (32, D), name
     assert bool(jnp.all(jnp.isfinite(pure_apply(r.params, x)))), name
-  assert "params" not in runs["repair"].info["repair"]["skipped"]
-  assert not any("out/kernel" in k or "query/kernel" in k for k in runs["repair"].info["repair"]["skipped"])
+  layers = set(runs["repair"].info["repair"]["layers"])
+  assert {f"block{b}/{name}" for b in range(DEPTH) for name in ("query", "key", "value", "out")} <= layers
+  assert "embed" in layers and "" not in layers   # a top-level kernel is named by its own path
+  assert not runs["repair"].info["repair"]["skipped"]
 
 
 def test_units_of_head_groups_read_the_heads_axis_of_the_output_projection():
