@@ -59,7 +59,12 @@ def check_finite(tree: Any, name: str) -> None:
 
 
 def check_labels(y: Any, n_classes: int, name: str = "labels") -> None:
-  """Integer class labels in ``[0, n_classes)`` (1-indexed labels give a NaN loss otherwise)."""
+  """Integer class labels in ``[0, n_classes)`` (1-indexed labels give a NaN loss otherwise).
+  Traced labels (under a user's ``jit``) have their dtype checked only."""
+  if isinstance(y, jax.core.Tracer):
+    if not jnp.issubdtype(y.dtype, jnp.integer):
+      raise TypeError(f"{name} must be integer class indices, got dtype {y.dtype}")
+    return
   y = np.asarray(y)
   if not np.issubdtype(y.dtype, np.integer):
     raise TypeError(f"{name} must be integer class indices, got dtype {y.dtype}")

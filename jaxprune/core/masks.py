@@ -16,16 +16,42 @@ from jaxprune.core.trees import (FlatSpec, PrunableSpec, PyTree, leaves_with_pat
 def topk_mask(scores: jax.Array, k) -> jax.Array:
   """Bool mask with exactly ``k`` True entries at the largest ``scores``.
 
-  Ties are broken deterministically: among equal scores the lower flat index is kept.
-  ``scores`` may have any shape. Rank-based, so ``k`` may be a traced integer: one
-  compilation serves every budget (stages, sweeps, ``vmap`` over ``k``). A concrete ``k`` is
-  checked (an integer in ``[0, scores.size]``); a traced one cannot be, and is the caller's to check.
+  Ties are broken deterministically: among equal scores the lower flat index is kept (``-0.0``
+  equals ``0.0``; NaN ranks below every number). ``scores`` may have any shape. Rank-based, so
+  ``k`` may be a traced integer: one compilation serves every budget (stages, sweeps, ``vmap``
+  over ``k``). A concrete ``k`` is checked (an integer in ``[0, scores.size]``); a traced one
+  cannot be, and is the caller's to check.
+
+  The k-th largest score is found by a 32-step radix search over the scores' order-preserving
+  ``uint32`` keys (32 counting passes, ``O(32 p)``), not a sort: a sort of ``p`` floats is the
+  slowest op of an IHT step on CPU (7.5 ms against under 1 ms at ``p = 32K``).
   """
   check_budget(k, int(np.size(scores)), "k")
-  flat = jnp.ravel(scores)
-  order = jnp.argsort(-flat, stable=True)
-  ranks = jnp.zeros(flat.shape, jnp.int32).at[order].set(jnp.arange(flat.size, dtype=jnp.int32))
-  return (ranks < k).reshape(scores.shape)
+  keys = _order_keys(jnp.ravel(scores))
+  kth = _kth_largest_key(keys, k)
+  above = keys > kth
+  ties = keys == kth
+  tie_rank = jnp.cumsum(ties.astype(jnp.int32))               # 1-based rank among the ties, by index
+  keep = above | (ties & (tie_rank <= k - jnp.sum(above, dtype=jnp.int32)))
+  return keep.reshape(jnp.shape(scores))
+
+
+def _order_keys(flat: jax.Array) -> jax.Array:
+  """``uint32`` keys with the order of the float32 values (``-0.0`` as ``0.0``, NaN lowest)."""
+  x = flat.astype(jnp.float32)
+  bits = jax.lax.bitcast_convert_type(x, jnp.int32)
+  signed = jnp.where(bits < 0, -(bits & jnp.int32(0x7FFFFFFF)), bits)   # monotone in the float's value
+  signed = jnp.where(jnp.isnan(x), jnp.iinfo(jnp.int32).min, signed)
+  return jax.lax.bitcast_convert_type(signed ^ jnp.int32(-2 ** 31), jnp.uint32)  # flip the sign bit: unsigned order
+
+
+def _kth_largest_key(keys: jax.Array, k) -> jax.Array:
+  """The largest ``t`` with at least ``k`` keys ``>= t``, built bit by bit from the top
+  (``k = 0`` gives the largest key value, so nothing is above it)."""
+  def bit(i, t):
+    candidate = t | jnp.left_shift(jnp.uint32(1), jnp.uint32(31 - i))
+    return jnp.where(jnp.sum(keys >= candidate, dtype=jnp.int32) >= k, candidate, t)
+  return jax.lax.fori_loop(0, 32, bit, jnp.uint32(0))
 
 
 def masks_from_flat(keep: jax.Array, params: PyTree, spec: FlatSpec) -> PyTree:

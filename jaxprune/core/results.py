@@ -12,7 +12,61 @@ from __future__ import annotations
 import time
 from typing import Any, NamedTuple
 
+import jax
+import numpy as np
+
 INFO_CORE = ("method", "options", "seconds")
+
+
+class Info(dict):
+  """A result's ``info``: a plain ``dict`` that is also a pytree whose leaves are its arrays.
+
+  Names, options and Python numbers are static (the pytree's auxiliary data), so a result can be
+  returned from a user's ``jax.jit`` (``jax.jit(functools.partial(jp.lr, k=..., loss_fn=...))``):
+  the diagnostics computed on device come back as arrays, the rest as they were.
+  """
+
+
+def _is_array(leaf: Any) -> bool:
+  return isinstance(leaf, (jax.Array, np.ndarray, np.generic))
+
+
+def _flatten_info(info: Info):
+  leaves, treedef = jax.tree_util.tree_flatten(list(info.values()))   # a list keeps the keys' order
+  arrays = tuple(_is_array(leaf) for leaf in leaves)
+  static = tuple(None if a else _Static(leaf) for leaf, a in zip(leaves, arrays))
+  return [leaf for leaf, a in zip(leaves, arrays) if a], (tuple(info), treedef, static)
+
+
+def _unflatten_info(aux, children) -> Info:
+  keys, treedef, static = aux
+  children = iter(children)
+  values = jax.tree_util.tree_unflatten(treedef, [next(children) if s is None else s.value for s in static])
+  return Info(zip(keys, values))
+
+
+class _Static:
+  """A static leaf of :class:`Info`, compared by identity when it is not hashable."""
+  __slots__ = ("value",)
+
+  def __init__(self, value):
+    self.value = value
+
+  def _key(self):
+    try:
+      hash(self.value)
+      return (type(self.value), self.value)
+    except TypeError:
+      return (type(self.value), id(self.value))
+
+  def __eq__(self, other):
+    return isinstance(other, _Static) and self._key() == other._key()
+
+  def __hash__(self):
+    return hash(self._key())
+
+
+jax.tree_util.register_pytree_node(Info, _flatten_info, _unflatten_info)
 
 
 class PruneResult(NamedTuple):
@@ -47,4 +101,4 @@ class ChannelResult(NamedTuple):
 
 def make_info(method: str, options: Any, started: float, **extra: Any) -> dict:
   """``info`` with the common core first: ``method``, ``options``, ``seconds`` since ``started``."""
-  return {"method": method, "options": options, "seconds": round(time.perf_counter() - started, 4), **extra}
+  return Info({"method": method, "options": options, "seconds": round(time.perf_counter() - started, 4), **extra})

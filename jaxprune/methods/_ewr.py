@@ -59,7 +59,7 @@ from jaxprune.core.progress import progress
 from jaxprune.core.results import PruneResult, make_info
 from jaxprune.core.schedules import KINDS as SCHEDULES, budgets_between, schedule_fractions
 from jaxprune.signals.gradients import (DenseOperator, add_gradient_noise, batch_size, dense_operator,
-                                       gradient_operator, per_example_grads)
+                                       gradient_operator, grads_and_projections, raise_if_not_finite)
 from jaxprune.core.trees import PrunableSpec, PyTree, flat_spec, flatten, unflatten
 
 DIRECTIONS = ("official", "exact")
@@ -152,7 +152,8 @@ lipschitz_constant = jax.jit(lipschitz_constant, static_argnames=("n", "p", "lam
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
-def iht_step(op, w: jax.Array, w_ref: jax.Array, y: jax.Array, k, cfg: StepConfig, lipschitz: jax.Array = 1.0):
+def iht_step(op, w: jax.Array, w_ref: jax.Array, y: jax.Array, k, cfg: StepConfig, lipschitz: jax.Array = 1.0,
+             z: Optional[jax.Array] = None):
   """One EWR/LR IHT step.
 
   Args:
@@ -161,22 +162,35 @@ def iht_step(op, w: jax.Array, w_ref: jax.Array, y: jax.Array, k, cfg: StepConfi
     k: number of weights kept (traced: every budget shares one compilation).
     cfg: static :class:`StepConfig`.
     lipschitz: ``L`` for ``cfg.step == "lipschitz"`` (see :func:`lipschitz_constant`).
+    z: ``(N,)`` = ``G w`` if already known (taken with the gradients), else computed here.
 
   Returns:
     ``(w_next: (p,), keep: (p,) bool with exactly k True, StepInfo)``; ``w_next = H_k(w - tau d)``.
+
+  Products with ``G`` are memory-bound, so they are batched: with ``z`` given, the official step
+  reads ``G`` twice (``G^T u`` for the direction, then ``G [a, b, d]`` for the line search), and a
+  third time only when the step leaves the support (past ``tau_c``) for the final objective.
   """
   n = y.shape[0]
-  z = op.matvec(w)
-  plan, pinfo = _plan(y, z, cfg)
-  row_mass, col_mass = plan.sum(1), plan.sum(0)
-  plan_t_y = plan.T @ y
+  z = op.matvec(w) if z is None else z
+  if cfg.coupling == "identity":   # Pi = I/N, never formed (LR)
+    zero = jnp.zeros((), y.dtype)
+    pinfo = ot.PlanInfo(jnp.asarray(0), jnp.asarray(True), zero, zero)
+    transport_plan = lambda x: x / n   # noqa: E731
+    row_mass = col_mass = jnp.full((n,), 1.0 / n, y.dtype)
+    plan_t_y = y / n
+  else:
+    plan, pinfo = _plan(y, z, cfg)
+    transport_plan = lambda x: plan @ x   # noqa: E731
+    row_mass, col_mass = plan.sum(1), plan.sum(0)
+    plan_t_y = plan.T @ y
 
   def objective(z_, w_):
     transport = jnp.dot(row_mass, y * y) - 2.0 * jnp.dot(plan_t_y, z_) + jnp.dot(col_mass, z_ * z_)
     return 0.5 * n * transport + 0.5 * n * cfg.lam * jnp.sum((w_ - w_ref) ** 2), transport
 
   if cfg.direction == "official":
-    d = op.rmatvec(plan @ (z - y)) + cfg.lam * (w - w_ref)
+    d = op.rmatvec(transport_plan(z - y)) + cfg.lam * (w - w_ref)
     d = d * n if cfg.scale_by_n else d
   else:
     d = op.rmatvec(z - n * plan_t_y) + n * cfg.lam * (w - w_ref)
@@ -189,27 +203,30 @@ def iht_step(op, w: jax.Array, w_ref: jax.Array, y: jax.Array, k, cfg: StepConfi
     # Closed-form minimiser of Q(a - tau b), a = H_k(w), b = d on supp(a) (brief section 10).
     a = jnp.where(keep_w, w, 0.0)
     b = jnp.where(keep_w, d, 0.0)
-    u, v = op.matvec(a), op.matvec(b)
+    u, v, gd = jnp.moveaxis(op.matmat(jnp.stack([a, b, d], axis=1)), 1, 0)   # one pass over G
     num = cfg.lam * jnp.dot(b, a - w_ref) - jnp.dot(v, plan_t_y) + jnp.dot(col_mass * u, v)
     den = jnp.dot(col_mass * v, v) + cfg.lam * jnp.dot(b, b)
     tau_star = jnp.clip(jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), 0.0), 0.0, tau_c)
 
     # Past tau_c: grow by 1.05 while Q(w - tau d) decreases (unthresholded w, unmasked d).
-    gd = op.matvec(d)
     q_line = lambda t: objective(z - t * gd, w - t * d)[0]
 
     def grow_cond(state):
       t, i = state
       return (i < cfg.max_growth_steps) & (q_line(cfg.growth * t) < q_line(t))
 
-    tau_grown, _ = jax.lax.while_loop(grow_cond, lambda s: (s[0] * cfg.growth, s[1] + 1), (tau_c, 0))
-    tau = jnp.where(tau_star < tau_c, tau_star, tau_grown)
+    grow = lambda: jax.lax.while_loop(grow_cond, lambda s: (s[0] * cfg.growth, s[1] + 1), (tau_c, 0))[0]  # noqa: E731
+    tau = jax.lax.cond(tau_star < tau_c, lambda: tau_star, grow)   # the growth loop runs only when it is used
 
   w_step = w - tau * d
   keep = topk_mask(jnp.abs(w_step), k)
   w_next = jnp.where(keep, w_step, 0.0)
+  if cfg.step == "lipschitz":
+    z_next = op.matvec(w_next)
+  else:   # on the same support, G w_next = G a - tau G b: no pass over G
+    z_next = jax.lax.cond(jnp.all(keep == keep_w), lambda: u - tau * v, lambda: op.matvec(w_next))
   q_before, transport = objective(z, w)
-  q_after, _ = objective(op.matvec(w_next), w_next)
+  q_after, _ = objective(z_next, w_next)
   info = StepInfo(q_before, q_after, transport, tau, tau_c, pinfo.iterations, pinfo.converged, pinfo.marginal_error,
                   pinfo.sinkhorn_error)
   return w_next, keep, info
@@ -444,14 +461,16 @@ def _run(params, batch, k, loss_fn, apply_fn, key, w_ref, prunable, opts: EWROpt
   history, keep = [], None
   noise_keys = None if opts.noise is None else jax.random.split(key, opts.stages)
   name = "EWR" if transport else "LR"
+  traced = any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves((tree, batch, w_ref_vec)))
   for stage, k_t in enumerate(progress(budgets, desc=f"{name} stages", disable=not show_progress or opts.stages == 1)):
     current = unflatten(w_vec, tree, spec)
-    op = _signals(loss, current, batch, spec, opts, None if noise_keys is None else noise_keys[stage], show_progress)
-    ref = w_vec if opts.reset_reference else w_ref_vec
-    w_next, keep, records = _stage(op, w_vec, ref, k_t, cfg, opts, n, p, f"{name} stage {stage}")
+    ref = w_vec if opts.reset_reference or (stage == 0 and w_ref is None) else w_ref_vec
+    signals = _signals(loss, current, batch, spec, opts, None if noise_keys is None else noise_keys[stage],
+                       show_progress, w_vec, None if ref is w_vec else ref)
+    w_next, keep, records = _stage(signals, w_vec, ref, k_t, cfg, opts, n, p, f"{name} stage {stage}", traced)
     for it, record in enumerate(records):
       history.append({"stage": stage, "k": k_t, **record})
-      if not math.isfinite(record["objective_after"]):
+      if not traced and not math.isfinite(record["objective_after"]):
         raise FloatingPointError(
             f"{name} diverged at stage {stage} (record {it}): the objective is {record['objective_after']}. "
             "step='lipschitz' is safe for LR and direction='exact' with a fixed plan; with the official "
@@ -472,29 +491,42 @@ def _budgets(p: int, k: int, opts: EWROptions) -> list[int]:
   return budgets_between(p, k_start, k, schedule_fractions(opts.stages, opts.stage_schedule))
 
 
-def _signals(loss, current, batch, spec, opts: EWROptions, noise_key, show_progress):
-  """The stage's gradient operator at ``current``: materialised ``G`` (with noise) or matrix-free."""
+class Signals(NamedTuple):
+  """A stage's gradient operator, with what was computed alongside ``G`` (``None`` where not)."""
+  op: Any                          # DenseOperator or MatrixFreeOperator
+  z: Optional[jax.Array] = None    # (N,) G w at the stage's input weights
+  y: Optional[jax.Array] = None    # (N,) G ref (the reference's projection; z when ref is w)
+  finite: Optional[jax.Array] = None   # (N,) every gradient of example i is finite
+
+
+def _signals(loss, current, batch, spec, opts: EWROptions, noise_key, show_progress, w, ref=None) -> Signals:
+  """The stage's signals at ``current``: materialised ``G`` (with noise) or matrix-free. With a
+  materialised, noiseless ``G``, ``z = G w`` and ``y = G ref`` are taken in the gradient pass."""
   if opts.signals == "matrix_free":
-    return gradient_operator(loss, current, batch, spec=spec, chunk_size=opts.chunk_size)
-  G = per_example_grads(loss, current, batch, spec=spec, chunk_size=opts.chunk_size, dtype=opts.grads_dtype,
-                        show_progress=show_progress)
+    return Signals(gradient_operator(loss, current, batch, spec=spec, chunk_size=opts.chunk_size))
+  vectors = None if noise_key is not None else jnp.stack([w] + ([] if ref is None else [ref]), axis=1)
+  G, finite, proj = grads_and_projections(loss, current, batch, vectors, spec=spec, chunk_size=opts.chunk_size,
+                                          dtype=opts.grads_dtype, show_progress=show_progress)
   if noise_key is not None:
     G = add_gradient_noise(G, noise_key, float(opts.noise[0]), float(opts.noise[1]))
-  return dense_operator(G)
+    return Signals(dense_operator(G), finite=finite)
+  return Signals(dense_operator(G), proj[:, 0], proj[:, -1], finite)
 
 
-def _iht_support(op, w, ref, y, k_t, cfg: StepConfig, opts: EWROptions, n, p, where):
-  """The official support step: ``iterations`` IHT steps (plan refreshed between them)."""
+def _iht_support(signals: Signals, w, ref, k_t, cfg: StepConfig, opts: EWROptions, n, p):
+  """The official support step: ``iterations`` IHT steps (plan refreshed between them). The step
+  diagnostics stay on device: ``(w, keep, [StepInfo])``."""
+  op = signals.op
   L = (lipschitz_constant(op, n, p, float(opts.lam), opts.scale_by_n) if opts.step == "lipschitz"
        else jnp.asarray(1.0))
-  records = []
-  for it in range(opts.iterations):
-    w, keep, info = iht_step(op, w, ref, y, jnp.asarray(k_t, jnp.int32), cfg, L)
-    records.append({"kind": "iht", **{f: float(v) for f, v in info._asdict().items()}})
-    if cfg.coupling == "entropic":
-      ot.report_convergence(ot.PlanInfo(info.sinkhorn_iterations, info.sinkhorn_converged, info.marginal_error,
-                                        info.sinkhorn_error), opts.sinkhorn, f"{where}, iteration {it}")
-  return w, keep, records
+  y = op.matvec(ref) if signals.y is None else signals.y
+  z = signals.z
+  infos = []
+  for _ in range(opts.iterations):
+    w, keep, info = iht_step(op, w, ref, y, jnp.asarray(k_t, jnp.int32), cfg, L, z)
+    infos.append(info)
+    z = None   # later iterations project their own weights
+  return w, keep, infos
 
 
 class RefitConfig(NamedTuple):
@@ -522,7 +554,7 @@ class RefitRecord(NamedTuple):
 
 @functools.partial(jax.jit, static_argnames=("cfg", "rcfg"))
 def backsolve_stage(op, w: jax.Array, ref: jax.Array, k, mu, cfg: StepConfig, rcfg: RefitConfig,
-                    keep: Optional[jax.Array] = None):
+                    keep: Optional[jax.Array] = None, y: Optional[jax.Array] = None):
   """One stage of the default solver, jitted whole: support, then ``refits`` rounds of (target
   from the plan at the current weights, exact ridge refit).
 
@@ -533,11 +565,12 @@ def backsolve_stage(op, w: jax.Array, ref: jax.Array, k, mu, cfg: StepConfig, rc
     k: the budget (traced, except through ``rcfg.k`` for the Cholesky solver); mu: ``N lam``.
     cfg: the plan's :class:`StepConfig` (``coupling="identity"`` for LR); rcfg: :class:`RefitConfig`.
     keep: ``(p,)`` bool support for ``rcfg.support == "given"``.
+    y: ``(N,)`` = ``G ref`` if already known (taken with the gradients).
 
   Returns:
     ``(w: (p,) zero off the support, keep: (p,) bool with exactly k True, RefitRecord stacked)``.
   """
-  y = op.matvec(ref)
+  y = op.matvec(ref) if y is None else y
   if rcfg.support == "obs":
     keep = topk_mask(_backsolve.obs_saliency(op.G, w, mu, rcfg.jitter), k)
   elif rcfg.support == "magnitude":
@@ -558,29 +591,47 @@ def backsolve_stage(op, w: jax.Array, ref: jax.Array, k, mu, cfg: StepConfig, rc
   return w, keep, jax.tree.map(lambda *x: jnp.stack(x), *records)
 
 
-def _stage(op, w, ref, k_t, cfg: StepConfig, opts: EWROptions, n, p, where):
-  """A stage on the host: the official IHT support or the jitted backsolve stage; diagnostics come
-  back once, as host records."""
-  records, keep = [], None
+def _stage(signals: Signals, w, ref, k_t, cfg: StepConfig, opts: EWROptions, n, p, where, traced=False):
+  """A stage: the official IHT support and/or the jitted backsolve stage. Every diagnostic (and the
+  gradients' finite flags) stays on device until one transfer at the end of the stage; under a
+  user's ``jit`` (``traced``) the records stay arrays and the host checks are skipped."""
+  op, infos, rec, keep = signals.op, [], None, None
   if opts.support == "iht":
-    w, keep, records = _iht_support(op, w, ref, op.matvec(ref), k_t, cfg, opts, n, p, where)
-    if opts.refit == "none":
-      return w, keep, records
-  solver = _backsolve.choose_solver(opts.solver, k_t, n, isinstance(op, DenseOperator))
-  rcfg = RefitConfig("given" if keep is not None else opts.support, solver,
-                     opts.refits if cfg.coupling != "identity" else 1, float(opts.jitter), float(opts.first_order),
-                     opts.cg_iterations, k_t if solver == "cholesky" else None)
-  w, keep, rec = backsolve_stage(op, w, ref, jnp.asarray(k_t, jnp.int32), jnp.asarray(n * opts.lam, jnp.float32),
-                                 cfg, rcfg, keep)
-  rec = jax.device_get(rec)
-  for r in range(rcfg.refits):
-    if cfg.coupling == "entropic":
-      ot.report_convergence(ot.PlanInfo(rec.sinkhorn_iterations[r], rec.plan_converged[r], rec.marginal_error[r],
-                                        rec.sinkhorn_error[r]), opts.sinkhorn, f"{where}, refit {r}")
-    records.append({"kind": f"refit ({solver})", "objective_after": float(rec.objective[r]),
-                    "transport_cost": float(rec.transport_cost[r]), "mu": float(rec.mu[r]),
-                    "refit_residual": float(rec.residual[r]), "sinkhorn_iterations": int(rec.sinkhorn_iterations[r])})
+    w, keep, infos = _iht_support(signals, w, ref, k_t, cfg, opts, n, p)
+  if not (opts.support == "iht" and opts.refit == "none"):
+    solver = _backsolve.choose_solver(opts.solver, k_t, n, isinstance(op, DenseOperator))
+    rcfg = RefitConfig("given" if keep is not None else opts.support, solver,
+                       opts.refits if cfg.coupling != "identity" else 1, float(opts.jitter), float(opts.first_order),
+                       opts.cg_iterations, k_t if solver == "cholesky" else None)
+    w, keep, rec = backsolve_stage(op, w, ref, jnp.asarray(k_t, jnp.int32), jnp.asarray(n * opts.lam, jnp.float32),
+                                   cfg, rcfg, keep, signals.y)
+  if not traced:
+    infos, rec, finite = jax.device_get((infos, rec, signals.finite))
+    if finite is not None:
+      raise_if_not_finite(finite)
+  records = [_iht_record(info, cfg, opts, f"{where}, iteration {it}", traced) for it, info in enumerate(infos)]
+  if rec is not None:
+    records += [_refit_record(rec, r, solver, cfg, opts, f"{where}, refit {r}", traced) for r in range(rcfg.refits)]
   return w, keep, records
+
+
+def _iht_record(info: StepInfo, cfg: StepConfig, opts: EWROptions, where: str, traced: bool) -> dict:
+  if cfg.coupling == "entropic" and not traced:
+    ot.report_convergence(ot.PlanInfo(info.sinkhorn_iterations, info.sinkhorn_converged, info.marginal_error,
+                                      info.sinkhorn_error), opts.sinkhorn, where)
+  return {"kind": "iht", **{f: v if traced else float(v) for f, v in info._asdict().items()}}
+
+
+def _refit_record(rec: RefitRecord, r: int, solver: str, cfg: StepConfig, opts: EWROptions, where: str,
+                  traced: bool) -> dict:
+  if cfg.coupling == "entropic" and not traced:
+    ot.report_convergence(ot.PlanInfo(rec.sinkhorn_iterations[r], rec.plan_converged[r], rec.marginal_error[r],
+                                      rec.sinkhorn_error[r]), opts.sinkhorn, where)
+  as_float = (lambda v: v) if traced else float
+  return {"kind": f"refit ({solver})", "objective_after": as_float(rec.objective[r]),
+          "transport_cost": as_float(rec.transport_cost[r]), "mu": as_float(rec.mu[r]),
+          "refit_residual": as_float(rec.residual[r]),
+          "sinkhorn_iterations": rec.sinkhorn_iterations[r] if traced else int(rec.sinkhorn_iterations[r])}
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))

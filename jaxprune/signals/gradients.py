@@ -91,10 +91,30 @@ def per_example_grads(loss_fn: LossFn, params: PyTree, batch: Any, *, prunable: 
     batch: pytree of arrays with a leading example axis ``N``.
     chunk_size: examples per vmapped chunk (memory ~ chunk_size x activations).
     dtype: storage dtype of ``G`` (e.g. ``jnp.bfloat16`` halves memory).
-    check_finite: raise ``ValueError`` if a gradient is NaN or infinite.
+    check_finite: raise ``ValueError`` if a gradient is NaN or infinite (read from each row's sum,
+      computed with the gradients: no second pass over ``G``; a row sum that overflows float32 is
+      reported too). Under a user's ``jax.jit`` it cannot raise and is skipped
+      (:func:`grads_and_projections` returns the per-example flags instead).
 
   Returns:
     ``G: (N, p)``; row ``i`` is the gradient of example ``i``'s loss.
+  """
+  G, finite, _ = grads_and_projections(loss_fn, params, batch, prunable=prunable, chunk_size=chunk_size,
+                                       dtype=dtype, spec=spec, show_progress=show_progress)
+  if check_finite:
+    raise_if_not_finite(finite)
+  return G
+
+
+def grads_and_projections(loss_fn: LossFn, params: PyTree, batch: Any, vectors: jax.Array | None = None, *,
+                          prunable: PrunableSpec = None, chunk_size: int = 256, dtype=jnp.float32,
+                          spec: FlatSpec | None = None, show_progress: bool = True):
+  """``G: (N, p)`` with, computed in the same pass, ``finite: (N,)`` (row ``i`` of ``G`` is
+  finite, read from its projections) and ``G @ vectors: (N, m)`` for ``vectors: (p, m)`` (``None`` if no vectors).
+
+  The regression needs ``y = G w_ref`` and ``z = G w`` before anything else; taking them (and the
+  finite check) while each chunk's rows are fresh saves two passes over ``G``, which is
+  memory-bound. The projections are taken before the cast to ``dtype`` (in float32).
   """
   n = batch_size(batch)
   spec = flat_spec(params, prunable) if spec is None else spec
@@ -102,14 +122,28 @@ def per_example_grads(loss_fn: LossFn, params: PyTree, batch: Any, *, prunable: 
   chunks = _chunks(n, chunk_size)
   size = min(chunk_size, n)
   G = None if len(chunks) == 1 else _buffer((n, w.size), dtype, _row_sharding(batch))
+  finite, projections = [], []
   for s, e in progress(chunks, desc="per-example grads", disable=not show_progress):
-    rows = _grads_chunk(w, params, _pad(batch, s, e, size), loss_fn=loss_fn, spec=spec, dtype=dtype)[: e - s]
+    rows, ok, proj = _grads_chunk(w, params, _pad(batch, s, e, size), vectors, loss_fn=loss_fn, spec=spec, dtype=dtype)
+    if e - s < size:   # the padded last chunk (a slice of a full chunk would copy it)
+      rows, ok, proj = rows[: e - s], ok[: e - s], None if proj is None else proj[: e - s]
     G = rows if G is None else _write_rows(G, rows, s)
-  if check_finite and not bool(jnp.isfinite(G).all()):
-    bad = np.flatnonzero(~np.asarray(jnp.isfinite(G).all(axis=1)))
-    raise ValueError(f"per-example gradients are NaN or infinite for examples {bad[:10].tolist()}"
-                     f"{' ...' if bad.size > 10 else ''}: check loss_fn and the batch")
-  return G
+    finite.append(ok)
+    projections.append(proj)
+  join = (lambda xs: xs[0]) if len(chunks) == 1 else jnp.concatenate
+  return G, join(finite), None if vectors is None else join(projections)
+
+
+def raise_if_not_finite(finite: jax.Array) -> None:
+  """``ValueError`` naming the examples whose gradients are NaN or infinite (``finite: (N,)``);
+  nothing under a user's ``jit``, where the flags cannot be read."""
+  if isinstance(finite, jax.core.Tracer):
+    return
+  finite = np.asarray(finite)
+  if not finite.all():
+    bad = np.flatnonzero(~finite)
+    raise ValueError(f"per-example gradients are NaN or infinite (or their sums overflow float32) for examples "
+                     f"{bad[:10].tolist()}{' ...' if bad.size > 10 else ''}: check loss_fn and the batch")
 
 
 def _row_sharding(batch: Any) -> Any:
@@ -133,11 +167,20 @@ def _write_rows(G: jax.Array, rows: jax.Array, start: int) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames=("loss_fn", "spec", "dtype"))
-def _grads_chunk(w, params, chunk, *, loss_fn, spec, dtype):
+def _grads_chunk(w, params, chunk, vectors=None, *, loss_fn, spec, dtype):
+  """``(rows: (n, p) in dtype, finite: (n,), rows @ vectors: (n, m) or None)`` of one chunk.
+
+  ``finite`` is read from the projections (row sums without ``vectors``): ``0 x NaN`` and
+  ``0 x inf`` are NaN, so a non-finite gradient always shows, and an elementwise ``isfinite`` over
+  the rows (a second full read of them) is not needed. A projection that overflows float32 is
+  reported too: the regression could not use it.
+  """
   # vmap of the per-example gradient: each example's backward pass sees only that example.
   # Module-level jit: repeated calls (stages, sweeps) with the same loss_fn reuse the compilation.
   one = _example_loss_fn(loss_fn, params, spec)
-  return jax.vmap(jax.grad(one), in_axes=(None, 0))(w, chunk).astype(dtype)
+  rows = jax.vmap(jax.grad(one), in_axes=(None, 0))(w, chunk)
+  proj = jnp.dot(rows, jnp.ones((rows.shape[1], 1), rows.dtype) if vectors is None else vectors.astype(rows.dtype))
+  return rows.astype(dtype), jnp.isfinite(proj).all(axis=1), None if vectors is None else proj
 
 
 @struct.dataclass
@@ -154,6 +197,10 @@ class DenseOperator:
 
   def rmatvec(self, u: jax.Array) -> jax.Array:
     return jnp.dot(u.astype(self.G.dtype), self.G, preferred_element_type=jnp.float32)
+
+  def matmat(self, V: jax.Array) -> jax.Array:
+    """``G V: (N, m)`` for ``V: (p, m)`` in one pass over ``G``."""
+    return jnp.dot(self.G, V.astype(self.G.dtype), preferred_element_type=jnp.float32)
 
 
 @struct.dataclass
@@ -183,6 +230,10 @@ class MatrixFreeOperator:
   def matvec(self, v: jax.Array) -> jax.Array:
     out = jax.lax.map(lambda c: jax.jvp(lambda w: self._losses(w, c), (self.w0,), (v,))[1], self.chunks)
     return out.reshape(-1)[: self.n]
+
+  def matmat(self, V: jax.Array) -> jax.Array:
+    """``G V: (N, m)`` for ``V: (p, m)``: the JVPs of all ``m`` tangents share each chunk's forward pass."""
+    return jax.vmap(self.matvec, in_axes=1, out_axes=1)(V)
 
   def rmatvec(self, u: jax.Array) -> jax.Array:
     n_chunks, size = self.valid.shape

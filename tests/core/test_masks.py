@@ -18,6 +18,24 @@ def test_topk_mask_exact_k_and_lowest_index_wins_ties(k):
   np.testing.assert_array_equal(np.flatnonzero(keep), np.sort(order[:k]))
 
 
+def test_topk_mask_matches_a_stable_sort_on_signed_tied_and_nan_scores():
+  """The radix search against ``argsort`` of ``(-score, index)`` (NaN last, -0.0 == 0.0)."""
+  rng = np.random.default_rng(1)
+  for trial in range(20):
+    scores = rng.choice([-2.5, -1.0, -0.0, 0.0, 1e-30, 0.5, 3.0, np.inf, -np.inf], size=37).astype(np.float32)
+    normal = rng.random(37) < 0.3
+    scores[normal] = rng.normal(size=int(normal.sum()))
+    scores[rng.integers(0, 37, 3)] = np.nan if trial % 3 == 0 else 7.0
+    nan = np.isnan(scores)
+    order = np.lexsort((np.arange(37), -np.where(nan, 0.0, scores), nan))   # numbers first, by -score, then index
+    for k in (0, 1, 5, 18, 36, 37):
+      np.testing.assert_array_equal(np.flatnonzero(np.asarray(jp.topk_mask(jnp.asarray(scores), k))),
+                                    np.sort(order[:k]), err_msg=f"trial {trial}, k {k}")
+  big = rng.normal(size=100_000).astype(np.float32)
+  np.testing.assert_array_equal(np.flatnonzero(np.asarray(jp.topk_mask(jnp.asarray(big), 777))),
+                                np.sort(np.argsort(-big, kind="stable")[:777]))
+
+
 def test_topk_mask_takes_a_traced_budget_and_vmaps_over_it():
   scores = jnp.asarray(np.random.default_rng(0).normal(size=50))
   ks = jnp.array([1, 7, 25, 50])

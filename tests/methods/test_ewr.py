@@ -243,3 +243,37 @@ def test_official_single_step_on_mlpnet_is_magnitude_with_tau_zero(method, mlpne
   mag = jp.magnitude(mlpnet_variables, k)
   for (_, a), (_, b) in zip(jp.leaves_with_paths(res.params), jp.leaves_with_paths(mag.params)):
     np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("method", ["lr", "ewr"])
+@pytest.mark.parametrize("official", [True, False])
+def test_a_users_jit_of_the_method_gives_the_eager_result(method, official):
+  """``jax.jit(functools.partial(jp.lr, k=..., ...))`` traces the whole call into one program; the
+  result (params, masks, diagnostics as arrays, names and options static) equals the eager call."""
+  import functools
+  v, batch, loss = _mlp_setup()
+  kw = dict(k=30, loss_fn=loss, official=official, show_progress=False, **({"stages": 2} if not official else {}))
+  eager = getattr(jp, method)(v, batch, **kw)
+  jitted = jax.jit(functools.partial(getattr(jp, method), **kw))(v, batch)
+  assert jp.count_kept(jitted.masks) == 30
+  for (pa, a), (_, b) in zip(jp.leaves_with_paths(eager.params), jp.leaves_with_paths(jitted.params)):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=2e-4, atol=1e-6, err_msg=pa)
+  for (_, a), (_, b) in zip(jp.leaves_with_paths(eager.masks), jp.leaves_with_paths(jitted.masks)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert jitted.info["method"] == method and jitted.info["options"] == eager.info["options"]
+  assert list(jitted.info) == list(eager.info) and jitted.info["k"] == 30
+  assert [s["kind"] for s in jitted.info["steps"]] == [s["kind"] for s in eager.info["steps"]]
+  assert isinstance(jitted.info["objective"], jax.Array)
+  np.testing.assert_allclose(float(jitted.info["objective"]), eager.info["objective"], rtol=1e-3)
+
+
+def test_the_regression_reads_its_projections_from_the_gradient_pass():
+  """``y = G w_ref`` and ``z = G w`` taken with the gradients equal the products with the built ``G``."""
+  v, batch, loss = _mlp_setup()
+  spec = jp.trees.flat_spec(v)
+  w, _ = jp.flatten(v, spec=spec)
+  ref = w * 0.5
+  G, finite, proj = signals.grads_and_projections(loss, v, batch, jnp.stack([w, ref], 1), chunk_size=16,
+                                                   show_progress=False)
+  np.testing.assert_allclose(np.asarray(proj), np.asarray(G) @ np.stack([w, ref], 1), rtol=1e-4, atol=1e-5)
+  assert finite.shape == (G.shape[0],) and bool(finite.all())

@@ -86,3 +86,18 @@ def test_bad_batches_and_nan_gradients():
   nan_loss = lambda p, b: loss(p, b) * jnp.nan
   with pytest.raises(ValueError, match="NaN or infinite"):
     signals.per_example_grads(nan_loss, v, (x, y), show_progress=False)
+
+
+def test_a_non_finite_gradient_is_caught_where_the_projection_weight_is_zero():
+  """The finite check is read from the projections: ``0 x inf`` is NaN, so a non-finite gradient
+  shows even where the projected weights are zero, and only its example is named."""
+  model, v, (x, y), loss = _setup()
+  x = x.at[3].set(jnp.inf)
+  w, _ = jp.flatten(v)
+  G, finite, proj = signals.grads_and_projections(loss, v, (x, y), jnp.zeros((w.size, 1)), chunk_size=8,
+                                                   show_progress=False)
+  rows = ~np.isfinite(np.asarray(G)).all(axis=1)
+  np.testing.assert_array_equal(np.flatnonzero(rows), [3])
+  np.testing.assert_array_equal(~np.asarray(finite), rows)
+  with pytest.raises(ValueError, match=r"NaN or infinite .* for examples \[3\]"):
+    signals.per_example_grads(loss, v, (x, y), chunk_size=8, show_progress=False)
