@@ -5,10 +5,12 @@ Self-contained (random-init models, synthetic inputs: nothing from ``../shared``
 lent GPU/TPU machine as it is: ``python benchmarks/device_check.py``. Part 1 times the public calls
 end to end (their host drivers included): MLPNet for magnitude/LR/EWR, ResNet20 for the structured
 methods and repair. Part 2 places every input on the device first and runs each jitted kernel
-inside the transfer guard: per-example gradients, one LR and one EWR backsolve stage, the i-SpaSP
+inside the transfer guard: a whole official LR and EWR stage (``jax.jit`` of the public call),
+per-example gradients, one LR and one EWR backsolve stage, the i-SpaSP
 loop of one unit, one repair pass, one entropic plan. A kernel that needs a host transfer fails
 there, and the row says so instead of a time.
 """
+import functools
 import time
 
 import jax
@@ -89,9 +91,13 @@ def kernels(mlp_problem, resnet_problem, repeats):
   a = jnp.full((n,), 1.0 / n)
   cost = jnp.abs(jnp.arange(n, dtype=jnp.float32)[:, None] - jnp.arange(n, dtype=jnp.float32)[None, :]) / n
   recover = jax.jit(jp.recover_support, static_argnums=0, static_argnames="options")
+  official = {m: jax.jit(functools.partial(getattr(jp, m), k=p // 10, loss_fn=loss, official=True, show_progress=False))
+              for m in ("lr", "ewr")}
   return {
+      "official LR stage, whole (jax.jit(jp.lr))": (lambda vv, b: official["lr"](vv, b).params, (vm, (xm, y))),
+      "official EWR stage, whole (jax.jit(jp.ewr))": (lambda vv, b: official["ewr"](vv, b).params, (vm, (xm, y))),
       "per-example grads (MLPNet)": (lambda ww, pp, c: _grads_chunk(ww, pp, c, loss_fn=loss, spec=spec,
-                                                                      dtype=jnp.float32), (w, vm, (xm, y))),
+                                                                      dtype=jnp.float32)[0], (w, vm, (xm, y))),
       "backsolve stage, LR": (lambda o_, w_, k_, m_: _ewr.backsolve_stage(o_, w_, w_, k_, m_, step("identity"), rcfg),
                               (op, w, k, mu)),
       "backsolve stage, EWR": (lambda o_, w_, k_, m_: _ewr.backsolve_stage(o_, w_, w_, k_, m_, step("entropic"), rcfg),

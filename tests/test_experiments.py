@@ -63,3 +63,14 @@ def test_structure_benchmarks_quick(script, stem, key, tmp_path):
   rows = json.loads((tmp_path / f"{stem}.json").read_text())[key]
   assert rows and all(v > 0 for r in rows for k, v in r.items() if k.endswith("_s"))
 
+
+
+@pytest.mark.slow
+def test_official_stage_benchmark_quick(tmp_path):
+  proc = subprocess.run([sys.executable, str(REPO / "benchmarks/official_stage.py"), "--quick", "--out", str(tmp_path)],
+                        capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  rows = json.loads((tmp_path / "official_stage_quick.json").read_text())["rows"]
+  assert {r["call"] for r in rows} == {"floor", "lr", "lr jit", "ewr", "ewr jit"}
+  assert all(r["warm (s)"] > 0 and r["first (s)"] > 0 for r in rows)
+  assert all(r["Sinkhorn its"] > 0 for r in rows if r["call"].startswith("ewr"))
