@@ -101,12 +101,13 @@ class StepInfo(NamedTuple):
   sinkhorn_converged: jax.Array
   marginal_error: jax.Array
   sinkhorn_error: jax.Array       # marginal error of Sinkhorn's plan before rounding
+  potentials: Any = None          # Sinkhorn's (f, g), to warm-start the next iteration's plan
 
 
-def _plan(y, z, cfg: StepConfig):
+def _plan(y, z, cfg: StepConfig, init=None):
   n = y.shape[0]
   if cfg.coupling == "entropic":
-    return ot.entropic_plan_1d(y, z, cfg.eps, relative=cfg.relative_eps, options=cfg.sinkhorn)
+    return ot.entropic_plan_1d(y, z, cfg.eps, relative=cfg.relative_eps, options=cfg.sinkhorn, init=init)
   plan = ot.identity_plan(n, y.dtype) if cfg.coupling == "identity" else cfg.coupling(y, z)
   err = ot.marginal_error(plan)
   return plan, ot.PlanInfo(jnp.asarray(0), jnp.asarray(True), err, err)
@@ -153,7 +154,7 @@ lipschitz_constant = jax.jit(lipschitz_constant, static_argnames=("n", "p", "lam
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def iht_step(op, w: jax.Array, w_ref: jax.Array, y: jax.Array, k, cfg: StepConfig, lipschitz: jax.Array = 1.0,
-             z: Optional[jax.Array] = None):
+             z: Optional[jax.Array] = None, init: Any = None):
   """One EWR/LR IHT step.
 
   Args:
@@ -163,6 +164,7 @@ def iht_step(op, w: jax.Array, w_ref: jax.Array, y: jax.Array, k, cfg: StepConfi
     cfg: static :class:`StepConfig`.
     lipschitz: ``L`` for ``cfg.step == "lipschitz"`` (see :func:`lipschitz_constant`).
     z: ``(N,)`` = ``G w`` if already known (taken with the gradients), else computed here.
+    init: Sinkhorn potentials to start the plan from (``StepInfo.potentials`` of the previous step).
 
   Returns:
     ``(w_next: (p,), keep: (p,) bool with exactly k True, StepInfo)``; ``w_next = H_k(w - tau d)``.
@@ -180,7 +182,7 @@ def iht_step(op, w: jax.Array, w_ref: jax.Array, y: jax.Array, k, cfg: StepConfi
     row_mass = col_mass = jnp.full((n,), 1.0 / n, y.dtype)
     plan_t_y = y / n
   else:
-    plan, pinfo = _plan(y, z, cfg)
+    plan, pinfo = _plan(y, z, cfg, init)
     transport_plan = lambda x: plan @ x   # noqa: E731
     row_mass, col_mass = plan.sum(1), plan.sum(0)
     plan_t_y = plan.T @ y
@@ -228,7 +230,7 @@ def iht_step(op, w: jax.Array, w_ref: jax.Array, y: jax.Array, k, cfg: StepConfi
   q_before, transport = objective(z, w)
   q_after, _ = objective(z_next, w_next)
   info = StepInfo(q_before, q_after, transport, tau, tau_c, pinfo.iterations, pinfo.converged, pinfo.marginal_error,
-                  pinfo.sinkhorn_error)
+                  pinfo.sinkhorn_error, pinfo.potentials)
   return w_next, keep, info
 
 
@@ -287,9 +289,13 @@ class EWROptions(Options):
       ``(y, z) -> plan: (N, N)``.
     step: ``"official"`` (support-preserving ``tau_c``, closed-form line minimiser, 1.05 growth)
       or ``"lipschitz"`` (plain IHT with ``tau = 1/L``: the paper's Algorithm-1 prototype).
+    warm_start: start each IHT step's Sinkhorn from the previous step's potentials (across
+      iterations and stages; default). The plan is the same to ``sinkhorn.threshold``; only the
+      iteration count drops. The official code starts every solve from zero (``False``). The
+      refit's plans (``refits``) start from zero either way.
   """
   OFFICIAL = {"eps": 1.0, "lam": 0.01, "support": "iht", "refit": "none", "update_weights": False, "stages": 1,
-              "stage_schedule": "linear", "initial_sparsity": 0.0, "reset_reference": False}
+              "stage_schedule": "linear", "initial_sparsity": 0.0, "reset_reference": False, "warm_start": False}
 
   eps: float = 0.0
   lam: Optional[float] = None
@@ -316,6 +322,7 @@ class EWROptions(Options):
   sinkhorn: ot.SinkhornOptions = ot.SinkhornOptions()
   coupling: Any = "entropic"
   step: str = "official"
+  warm_start: bool = True
 
   def check(self) -> None:
     """Raises ``ValueError``/``TypeError`` naming the first bad field."""
@@ -329,6 +336,9 @@ class EWROptions(Options):
       raise ValueError(f"eps must be a float >= 0 or inf (0: exact sorted matching), got {eps!r}")
     if self.support is not None:
       check_choice(self.support, SUPPORTS, "support")
+    for name in ("warm_start", "update_weights", "reset_reference", "scale_by_n", "relative_eps"):
+      if not isinstance(getattr(self, name), bool):
+        raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
     for name in ("lam", "jitter", "first_order"):
       value = getattr(self, name)
       if name == "lam" and value is None:
@@ -462,12 +472,15 @@ def _run(params, batch, k, loss_fn, apply_fn, key, w_ref, prunable, opts: EWROpt
   noise_keys = None if opts.noise is None else jax.random.split(key, opts.stages)
   name = "EWR" if transport else "LR"
   traced = any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves((tree, batch, w_ref_vec)))
+  potentials = None
   for stage, k_t in enumerate(progress(budgets, desc=f"{name} stages", disable=not show_progress or opts.stages == 1)):
     current = unflatten(w_vec, tree, spec)
     ref = w_vec if opts.reset_reference or (stage == 0 and w_ref is None) else w_ref_vec
     signals = _signals(loss, current, batch, spec, opts, None if noise_keys is None else noise_keys[stage],
                        show_progress, w_vec, None if ref is w_vec else ref)
-    w_next, keep, records = _stage(signals, w_vec, ref, k_t, cfg, opts, n, p, f"{name} stage {stage}", traced)
+    signals = signals._replace(potentials=potentials if opts.warm_start else None)
+    w_next, keep, records, potentials = _stage(signals, w_vec, ref, k_t, cfg, opts, n, p, f"{name} stage {stage}",
+                                               traced)
     for it, record in enumerate(records):
       history.append({"stage": stage, "k": k_t, **record})
       if not traced and not math.isfinite(record["objective_after"]):
@@ -497,6 +510,7 @@ class Signals(NamedTuple):
   z: Optional[jax.Array] = None    # (N,) G w at the stage's input weights
   y: Optional[jax.Array] = None    # (N,) G ref (the reference's projection; z when ref is w)
   finite: Optional[jax.Array] = None   # (N,) every gradient of example i is finite
+  potentials: Any = None           # Sinkhorn potentials of the previous stage's last plan (warm start)
 
 
 def _signals(loss, current, batch, spec, opts: EWROptions, noise_key, show_progress, w, ref=None) -> Signals:
@@ -520,12 +534,12 @@ def _iht_support(signals: Signals, w, ref, k_t, cfg: StepConfig, opts: EWROption
   L = (lipschitz_constant(op, n, p, float(opts.lam), opts.scale_by_n) if opts.step == "lipschitz"
        else jnp.asarray(1.0))
   y = op.matvec(ref) if signals.y is None else signals.y
-  z = signals.z
+  z, init = signals.z, signals.potentials
   infos = []
   for _ in range(opts.iterations):
-    w, keep, info = iht_step(op, w, ref, y, jnp.asarray(k_t, jnp.int32), cfg, L, z)
+    w, keep, info = iht_step(op, w, ref, y, jnp.asarray(k_t, jnp.int32), cfg, L, z, init if opts.warm_start else None)
     infos.append(info)
-    z = None   # later iterations project their own weights
+    z, init = None, info.potentials   # later iterations project their own weights, start from this plan
   return w, keep, infos
 
 
@@ -592,7 +606,8 @@ def backsolve_stage(op, w: jax.Array, ref: jax.Array, k, mu, cfg: StepConfig, rc
 
 
 def _stage(signals: Signals, w, ref, k_t, cfg: StepConfig, opts: EWROptions, n, p, where, traced=False):
-  """A stage: the official IHT support and/or the jitted backsolve stage. Every diagnostic (and the
+  """A stage: the official IHT support and/or the jitted backsolve stage; returns ``(w, keep,
+  records, potentials of the last IHT plan)``. Every diagnostic (and the
   gradients' finite flags) stays on device until one transfer at the end of the stage; under a
   user's ``jit`` (``traced``) the records stay arrays and the host checks are skipped."""
   op, infos, rec, keep = signals.op, [], None, None
@@ -605,6 +620,7 @@ def _stage(signals: Signals, w, ref, k_t, cfg: StepConfig, opts: EWROptions, n, 
                        opts.cg_iterations, k_t if solver == "cholesky" else None)
     w, keep, rec = backsolve_stage(op, w, ref, jnp.asarray(k_t, jnp.int32), jnp.asarray(n * opts.lam, jnp.float32),
                                    cfg, rcfg, keep, signals.y)
+  potentials = infos[-1].potentials if infos else None   # stays on device for the next stage
   if not traced:
     infos, rec, finite = jax.device_get((infos, rec, signals.finite))
     if finite is not None:
@@ -612,14 +628,14 @@ def _stage(signals: Signals, w, ref, k_t, cfg: StepConfig, opts: EWROptions, n, 
   records = [_iht_record(info, cfg, opts, f"{where}, iteration {it}", traced) for it, info in enumerate(infos)]
   if rec is not None:
     records += [_refit_record(rec, r, solver, cfg, opts, f"{where}, refit {r}", traced) for r in range(rcfg.refits)]
-  return w, keep, records
+  return w, keep, records, potentials
 
 
 def _iht_record(info: StepInfo, cfg: StepConfig, opts: EWROptions, where: str, traced: bool) -> dict:
   if cfg.coupling == "entropic" and not traced:
     ot.report_convergence(ot.PlanInfo(info.sinkhorn_iterations, info.sinkhorn_converged, info.marginal_error,
                                       info.sinkhorn_error), opts.sinkhorn, where)
-  return {"kind": "iht", **{f: v if traced else float(v) for f, v in info._asdict().items()}}
+  return {"kind": "iht", **{f: v if traced else float(v) for f, v in info._asdict().items() if f != "potentials"}}
 
 
 def _refit_record(rec: RefitRecord, r: int, solver: str, cfg: StepConfig, opts: EWROptions, where: str,

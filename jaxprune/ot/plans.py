@@ -15,7 +15,7 @@ a small epsilon may hit ``max_iterations`` before the marginals converge, which
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -51,6 +51,7 @@ class PlanInfo(NamedTuple):
   converged: jax.Array       # bool
   marginal_error: jax.Array  # max |P 1 - a| and |P^T 1 - b| of the returned plan
   sinkhorn_error: jax.Array  # the same of Sinkhorn's plan before rounding (how far it had got)
+  potentials: Any = None     # Sinkhorn's dual potentials (f: (N,), g: (M,)): warm-start the next solve
 
 
 def report_convergence(info: PlanInfo, options: SinkhornOptions, where: str) -> None:
@@ -107,7 +108,8 @@ def marginal_error(plan: jax.Array, a: jax.Array | None = None, b: jax.Array | N
 
 
 def entropic_plan_1d(y: jax.Array, z: jax.Array, eps: float, *, relative: bool = False,
-                     options: SinkhornOptions = SinkhornOptions()) -> tuple[jax.Array, PlanInfo]:
+                     options: SinkhornOptions = SinkhornOptions(),
+                     init: Any = None) -> tuple[jax.Array, PlanInfo]:
   """The entropic OT plan between ``y: (N,)`` and ``z: (N,)`` with uniform marginals.
 
   Solves ``min_P <P, C> + eps * sum P log P`` over couplings with marginals ``1/N`` (the POT
@@ -118,6 +120,9 @@ def entropic_plan_1d(y: jax.Array, z: jax.Array, eps: float, *, relative: bool =
       ``MIN_EPS = 1e-30`` the sorted matching, the eps -> 0 limit, as ``C / eps`` overflows float32).
     relative: multiply ``eps`` by ``mean(C)`` instead of using it as an absolute value.
     options: static :class:`SinkhornOptions`.
+    init: ``(f, g)`` potentials of a nearby problem (``PlanInfo.potentials`` of the previous IHT
+      iteration or stage) to start Sinkhorn from; ``None`` starts from zero. The plan is the
+      same to the threshold; only the iteration count changes.
 
   Returns:
     ``(plan: (N, N), PlanInfo)``. Jit- and vmap-safe (``eps``, ``relative``, ``options`` static).
@@ -133,7 +138,7 @@ def entropic_plan_1d(y: jax.Array, z: jax.Array, eps: float, *, relative: bool =
     return _closed_form(sorted_plan(y, z))
   if math.isinf(eps):
     return _closed_form(uniform_plan(n, y.dtype))
-  return _sinkhorn(y, z, eps, relative, options)
+  return _sinkhorn(y, z, eps, relative, options, init)
 
 
 def _closed_form(plan):
@@ -214,15 +219,16 @@ def _solver(options: SinkhornOptions):
                            inner_iterations=options.inner_iterations, implicit_diff=None, **kw)
 
 
-def _sinkhorn(y, z, eps, relative, options):
+def _sinkhorn(y, z, eps, relative, options, init=None):
   _, linear_problem, _, _ = _ott()
-  out = _solver(options)(linear_problem.LinearProblem(_geometry(cost_1d(y, z), eps, relative)))
+  out = _solver(options)(linear_problem.LinearProblem(_geometry(cost_1d(y, z), eps, relative)), init=init)
   return _finish(jax.lax.stop_gradient(out.matrix), out, options)
 
 
 def _finish(raw, out, options, a=None, b=None):
   plan = round_to_marginals(raw, a, b) if options.round_to_marginals else raw
-  return plan, PlanInfo(out.n_iters, out.converged, marginal_error(plan, a, b), marginal_error(raw, a, b))
+  return plan, PlanInfo(out.n_iters, out.converged, marginal_error(plan, a, b), marginal_error(raw, a, b),
+                        (jax.lax.stop_gradient(out.f), jax.lax.stop_gradient(out.g)))
 
 
 def transport_cost(plan: jax.Array, y: jax.Array, z: jax.Array) -> jax.Array:

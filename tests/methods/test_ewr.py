@@ -277,3 +277,21 @@ def test_the_regression_reads_its_projections_from_the_gradient_pass():
                                                    show_progress=False)
   np.testing.assert_allclose(np.asarray(proj), np.asarray(G) @ np.stack([w, ref], 1), rtol=1e-4, atol=1e-5)
   assert finite.shape == (G.shape[0],) and bool(finite.all())
+
+
+def test_warm_started_plans_keep_the_support_and_need_fewer_sinkhorn_iterations():
+  """Each IHT step's Sinkhorn starts from the previous step's potentials (default); the official
+  reading starts from zero. Same plans to the threshold, so the same support; fewer iterations."""
+  v, batch, loss = _mlp_setup(n=60)
+  kw = dict(loss_fn=loss, official=True, show_progress=False, iterations=4, stages=2, update_weights=True, eps=0.05)
+  cold = jp.ewr(v, batch, 30, **kw)
+  warm = jp.ewr(v, batch, 30, **kw, warm_start=True)
+  assert jp.ewr(v, batch, 30, official=True, loss_fn=loss, show_progress=False).info["options"].warm_start is False
+  for (_, a), (_, b) in zip(jp.leaves_with_paths(cold.masks), jp.leaves_with_paths(warm.masks)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  its = lambda r: [int(s["sinkhorn_iterations"]) for s in r.info["steps"]]   # noqa: E731
+  assert its(warm)[0] == its(cold)[0]                  # the first plan has nothing to start from
+  assert sum(its(warm)) < sum(its(cold)), (its(warm), its(cold))
+  np.testing.assert_allclose(warm.info["objective"], cold.info["objective"], rtol=1e-2)
+  with pytest.raises(TypeError, match="warm_start"):
+    jp.ewr(v, batch, 30, loss_fn=loss, warm_start=1, show_progress=False)
