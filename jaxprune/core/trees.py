@@ -114,6 +114,28 @@ def prunable_paths(tree: PyTree, prunable: PrunableSpec = None) -> tuple[str, ..
   return paths
 
 
+def on_host(*arrays: Any) -> bool:
+  """Whether every array is in host memory: numpy, or a jax array on one CPU device (not sharded,
+  not traced). Small one-shot array work on such arrays is faster in numpy than compiled."""
+  for a in arrays:
+    if a is None or isinstance(a, (np.ndarray, np.generic)):
+      continue
+    if not isinstance(a, jax.Array) or isinstance(a, jax.core.Tracer):
+      return False
+    devices = a.devices()
+    if len(devices) != 1 or next(iter(devices)).platform != "cpu":
+      return False
+  return True
+
+
+def host_like(value: np.ndarray, like: Any) -> Any:
+  """``value`` as the same kind of array as ``like``: numpy stays numpy, a jax array goes back to
+  ``like``'s device."""
+  if isinstance(like, jax.Array):
+    return jax.device_put(value, next(iter(like.devices())))
+  return value
+
+
 def get_leaf(tree: PyTree, path: str) -> Any:
   """The leaf at ``path`` (normalised path string)."""
   for p, leaf in leaves_with_paths(tree):

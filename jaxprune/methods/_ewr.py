@@ -59,7 +59,8 @@ from jaxprune.core.progress import progress
 from jaxprune.core.results import PruneResult, make_info
 from jaxprune.core.schedules import KINDS as SCHEDULES, budgets_between, schedule_fractions
 from jaxprune.signals.gradients import (DenseOperator, add_gradient_noise, batch_size, dense_operator,
-                                       gradient_operator, grads_and_projections, raise_if_not_finite)
+                                       chunk_size_for, gradient_operator, grads_and_projections,
+                                       raise_if_not_finite)
 from jaxprune.core.trees import PrunableSpec, PyTree, flat_spec, flatten, unflatten
 
 DIRECTIONS = ("official", "exact")
@@ -282,7 +283,10 @@ class EWROptions(Options):
     stage_schedule: ``"cubic"`` (default), ``"linear"`` (official multi-stage) or ``"polynomial"``.
     initial_sparsity: the schedule's starting sparsity (default 0.1; official 0).
     signals: ``"materialized"`` (``G`` built in chunks) or ``"matrix_free"`` (JVP/VJP operators).
-    chunk_size, grads_dtype: chunking and storage dtype of the per-example gradients.
+    chunk_size, grads_dtype: examples per chunk and storage dtype of the per-example gradients;
+      ``chunk_size="auto"`` picks the largest chunk whose gradients and backward pass fit in
+      ``memory_budget`` bytes (:func:`jaxprune.signals.chunk_size_for`; default a quarter of the
+      device's free memory). ``info["chunk_size"]`` records the one used.
     noise: ``(scale, fraction)`` gradient noise as in the official code (needs ``key``).
     sinkhorn: static :class:`~jaxprune.ot.SinkhornOptions`.
     coupling: ``"entropic"`` (EWR), ``"identity"`` (``Pi = I/N``: LR) or a hashable callable
@@ -316,7 +320,8 @@ class EWROptions(Options):
   stage_schedule: str = "cubic"
   initial_sparsity: float = 0.1
   signals: str = "materialized"
-  chunk_size: int = 256
+  chunk_size: Any = 256
+  memory_budget: Optional[float] = None
   grads_dtype: Any = jnp.float32
   noise: Optional[tuple] = None
   sinkhorn: ot.SinkhornOptions = ot.SinkhornOptions()
@@ -345,8 +350,13 @@ class EWROptions(Options):
         continue
       if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
         raise ValueError(f"{name} must be a finite float >= 0, got {value!r}")
-    for name in ("iterations", "refits", "chunk_size", "cg_iterations") + (("stages",) if self.stages is not None else ()):
+    for name in ("iterations", "refits", "cg_iterations") + (("stages",) if self.stages is not None else ()):
       check_positive_int(getattr(self, name), name)
+    if self.chunk_size != "auto":
+      check_positive_int(self.chunk_size, "chunk_size")
+    mb = self.memory_budget
+    if mb is not None and (isinstance(mb, bool) or not isinstance(mb, (int, float)) or not mb > 0):
+      raise ValueError(f"memory_budget must be a positive number of bytes or None, got {mb!r}")
     s0 = self.initial_sparsity
     if isinstance(s0, bool) or not isinstance(s0, (int, float)) or not 0.0 <= s0 < 1.0:
       raise ValueError(f"initial_sparsity must be a float in [0, 1), got {s0!r}")
@@ -468,6 +478,11 @@ def _run(params, batch, k, loss_fn, apply_fn, key, w_ref, prunable, opts: EWROpt
   cfg = StepConfig(opts.coupling, float(opts.eps), opts.relative_eps, float(opts.lam), opts.direction,
                    opts.scale_by_n, opts.sinkhorn, opts.step)
   budgets = _budgets(p, k, opts)
+  if opts.chunk_size == "auto":
+    chunk = chunk_size_for(loss, tree, batch, spec=spec, memory_budget=opts.memory_budget,
+                           materialized=opts.signals == "materialized")
+  else:
+    chunk = opts.chunk_size
   history, keep = [], None
   noise_keys = None if opts.noise is None else jax.random.split(key, opts.stages)
   name = "EWR" if transport else "LR"
@@ -477,7 +492,7 @@ def _run(params, batch, k, loss_fn, apply_fn, key, w_ref, prunable, opts: EWROpt
     current = unflatten(w_vec, tree, spec)
     ref = w_vec if opts.reset_reference or (stage == 0 and w_ref is None) else w_ref_vec
     signals = _signals(loss, current, batch, spec, opts, None if noise_keys is None else noise_keys[stage],
-                       show_progress, w_vec, None if ref is w_vec else ref)
+                       show_progress, w_vec, None if ref is w_vec else ref, chunk)
     signals = signals._replace(potentials=potentials if opts.warm_start else None)
     w_next, keep, records, potentials = _stage(signals, w_vec, ref, k_t, cfg, opts, n, p, f"{name} stage {stage}",
                                                traced)
@@ -492,7 +507,7 @@ def _run(params, batch, k, loss_fn, apply_fn, key, w_ref, prunable, opts: EWROpt
   current = unflatten(w_vec, tree, spec)
   masks = masks_from_flat(keep, tree, spec)
   out = apply_masks(current, masks)
-  info = make_info("ewr" if transport else "lr", opts, started, k=k, p=p, sparsity=sparsity, n=n,
+  info = make_info("ewr" if transport else "lr", opts, started, k=k, p=p, sparsity=sparsity, n=n, chunk_size=chunk,
                    budgets=budgets, steps=history, objective=history[-1]["objective_after"],
                    transport_cost=history[-1]["transport_cost"])
   return PruneResult(out, masks, info)
@@ -513,13 +528,13 @@ class Signals(NamedTuple):
   potentials: Any = None           # Sinkhorn potentials of the previous stage's last plan (warm start)
 
 
-def _signals(loss, current, batch, spec, opts: EWROptions, noise_key, show_progress, w, ref=None) -> Signals:
+def _signals(loss, current, batch, spec, opts: EWROptions, noise_key, show_progress, w, ref, chunk: int) -> Signals:
   """The stage's signals at ``current``: materialised ``G`` (with noise) or matrix-free. With a
   materialised, noiseless ``G``, ``z = G w`` and ``y = G ref`` are taken in the gradient pass."""
   if opts.signals == "matrix_free":
-    return Signals(gradient_operator(loss, current, batch, spec=spec, chunk_size=opts.chunk_size))
+    return Signals(gradient_operator(loss, current, batch, spec=spec, chunk_size=chunk))
   vectors = None if noise_key is not None else jnp.stack([w] + ([] if ref is None else [ref]), axis=1)
-  G, finite, proj = grads_and_projections(loss, current, batch, vectors, spec=spec, chunk_size=opts.chunk_size,
+  G, finite, proj = grads_and_projections(loss, current, batch, vectors, spec=spec, chunk_size=chunk,
                                           dtype=opts.grads_dtype, show_progress=show_progress)
   if noise_key is not None:
     G = add_gradient_noise(G, noise_key, float(opts.noise[0]), float(opts.noise[1]))

@@ -44,7 +44,7 @@ from jaxprune.methods._channels import (_as_groups, check_importance, importance
 from jaxprune.structure.importance import taylor_grads, taylor_importance
 from jaxprune.core.progress import progress
 from jaxprune.structure.surgery import MODES, channel_masks, fold_batchnorm, shrink_channels, write_channels
-from jaxprune.core.trees import leaves_with_paths
+from jaxprune.core.trees import host_like, leaves_with_paths, on_host
 
 SOLVERS = ("exact", "entropic")
 SEMANTICS = ("sum", "average")
@@ -78,14 +78,13 @@ def pairing_vectors(variables: Any, group: Group, *, include_bias: bool = False)
   """
   leaves = dict(leaves_with_paths(variables))
   n = group.size
-  parts = []
-  for m in group.members:
-    if m.kind in ("kernel", "depthwise") or (include_bias and m.kind == "bias"):
-      w = jnp.moveaxis(jnp.asarray(leaves[m.path], jnp.float32), m.axis, 0)
-      parts.append(w[m.positions(n)].reshape(n, -1))
-  if not parts:
+  members = [m for m in group.members if m.kind in ("kernel", "depthwise") or (include_bias and m.kind == "bias")]
+  if not members:
     raise ValueError(f"group {group.name} has no kernel members to build pairing vectors from")
-  return jnp.concatenate(parts, axis=1)
+  xp = np if on_host(*(leaves[m.path] for m in members)) else jnp   # numpy in host memory: no compile per shape
+  parts = [xp.moveaxis(xp.asarray(leaves[m.path], xp.float32), m.axis, 0)[m.positions(n)].reshape(n, -1)
+           for m in members]
+  return xp.concatenate(parts, axis=1)
 
 
 def pairing_cost(x: jax.Array, keep: Any, p: float = 1, *, chunk: int = 32) -> jax.Array:
@@ -94,10 +93,23 @@ def pairing_cost(x: jax.Array, keep: Any, p: float = 1, *, chunk: int = 32) -> j
   Rows with zero norm stay zero (the official code divides by zero and gets NaN). The distances
   between all ``n`` rows are computed by one jitted function per ``(n, D)`` shape, in chunks of
   ``chunk`` rows (memory ``O(chunk * n * D)``), and the kept columns taken after: a new sparsity
-  changes ``m`` but compiles nothing.
+  changes ``m`` but compiles nothing. For ``x`` in host memory, SciPy's ``cdist`` computes the
+  ``(n, m)`` distances directly (as fast as the compiled function warm, and nothing to compile).
   """
+  keep = np.asarray(keep)
+  if on_host(x):
+    return host_like(_pairing_cost_host(np.asarray(x, np.float32), keep, float(p)), x)
   full = np.asarray(all_pairs_cost(jnp.asarray(x), float(p), int(chunk)))
-  return jax.device_put(full[:, np.asarray(keep)])   # device_put: jnp.asarray would compile per shape
+  return jax.device_put(full[:, keep])   # device_put: jnp.asarray would compile per shape
+
+
+def _pairing_cost_host(x: np.ndarray, keep: np.ndarray, p: float) -> np.ndarray:
+  from scipy.spatial.distance import cdist
+  norms = np.linalg.norm(x, axis=1, keepdims=True)
+  xn = x / np.where(norms > 0, norms, 1.0)
+  metric = {1.0: "cityblock", 2.0: "euclidean"}.get(p, "minkowski")
+  cost = cdist(xn, xn[keep], metric, **({"p": p} if metric == "minkowski" else {}))
+  return cost.astype(np.float32)
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2))

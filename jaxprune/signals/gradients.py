@@ -13,6 +13,7 @@ import functools
 from typing import Any, Callable, Union
 
 import jax
+import jax.extend as jex
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
@@ -144,6 +145,68 @@ def raise_if_not_finite(finite: jax.Array) -> None:
     bad = np.flatnonzero(~finite)
     raise ValueError(f"per-example gradients are NaN or infinite (or their sums overflow float32) for examples "
                      f"{bad[:10].tolist()}{' ...' if bad.size > 10 else ''}: check loss_fn and the batch")
+
+
+def chunk_size_for(loss_fn: LossFn, params: PyTree, batch: Any, *, prunable: PrunableSpec = None,
+                   spec: FlatSpec | None = None, memory_budget: float | None = None,
+                   materialized: bool = True) -> int:
+  """Examples per chunk so that one chunk fits in ``memory_budget`` bytes (``chunk_size="auto"``).
+
+  One example costs its gradient row (``4 p`` bytes, when ``G`` is materialised) plus the
+  intermediates of its backward pass, counted from the jaxpr of ``grad`` of one example's loss
+  (every intermediate array summed: an upper bound, as XLA frees and fuses many of them). Nothing
+  is compiled. ``memory_budget`` defaults to a quarter of the free memory of the default device
+  (accelerators), or of the host's available memory (CPU).
+
+  Returns:
+    an int in ``[1, N]``.
+  """
+  n = batch_size(batch)
+  spec = flat_spec(params, prunable) if spec is None else spec
+  if memory_budget is None:
+    memory_budget = default_memory_budget()
+  if isinstance(memory_budget, bool) or not isinstance(memory_budget, (int, float)) or not memory_budget > 0:
+    raise ValueError(f"memory_budget must be a positive number of bytes, got {memory_budget!r}")
+  w, _ = flatten(params, spec=spec)
+  example = jax.tree.map(lambda x: x[0], batch)
+  jaxpr = jax.make_jaxpr(jax.grad(_example_loss_fn(loss_fn, params, spec)))(w, example)
+  per_example = _intermediate_bytes(jaxpr.jaxpr) + (4 * spec.size if materialized else 0)
+  return int(max(1, min(n, memory_budget // max(per_example, 1))))
+
+
+def _intermediate_bytes(jaxpr) -> int:
+  """Bytes of every array an equation of ``jaxpr`` (and its sub-jaxprs) writes."""
+  total = 0
+  for eqn in jaxpr.eqns:
+    for var in eqn.outvars:
+      aval = var.aval
+      if hasattr(aval, "shape") and hasattr(aval, "dtype"):
+        total += int(np.prod(aval.shape, dtype=np.int64)) * np.dtype(aval.dtype).itemsize
+    for sub in _subjaxprs(eqn.params):
+      total += _intermediate_bytes(sub)
+  return total
+
+
+def _subjaxprs(params: dict):
+  for value in params.values():
+    for v in value if isinstance(value, (tuple, list)) else (value,):
+      if isinstance(v, jex.core.ClosedJaxpr):
+        yield v.jaxpr
+      elif isinstance(v, jex.core.Jaxpr):
+        yield v
+
+
+def default_memory_budget() -> int:
+  """A quarter of the default device's free memory (accelerators report it) or, on CPU, of the
+  host's available memory."""
+  import os
+  stats = jax.devices()[0].memory_stats() if hasattr(jax.devices()[0], "memory_stats") else None
+  if stats and "bytes_limit" in stats:
+    return int(max(stats["bytes_limit"] - stats.get("bytes_in_use", 0), 1) // 4)
+  try:
+    return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 4)
+  except (ValueError, OSError, AttributeError):
+    return 1 << 30
 
 
 def _row_sharding(batch: Any) -> Any:

@@ -22,7 +22,7 @@ import numpy as np
 
 from jaxprune.structure.channel_groups import Group
 from jaxprune.core.progress import progress
-from jaxprune.core.trees import leaves_with_paths
+from jaxprune.core.trees import leaves_with_paths, on_host
 
 REDUCTIONS = ("mean", "sum", "max")
 
@@ -32,17 +32,26 @@ def per_channel_sums(leaf: jax.Array, member, n: int) -> jax.Array:
   return _sums(leaf, None, member.positions(n).astype(np.int32), member.axis, "sum")
 
 
-@functools.partial(jax.jit, static_argnums=(3, 4))
-def _sums(leaf: jax.Array, grad: Any, pos: jax.Array, axis: int, kind: Any) -> jax.Array:
+def _sums(leaf: Any, grad: Any, pos: np.ndarray, axis: int, kind: Any) -> Any:
   """``(n,)`` per-channel sums of ``leaf`` (``kind="sum"``), ``|leaf|^p`` (``kind=p``, a number)
-  or ``|leaf * grad|`` (``kind="taylor"``), in float32: one compiled function per leaf shape."""
-  w = jnp.asarray(leaf, jnp.float32)
+  or ``|leaf * grad|`` (``kind="taylor"``), in float32: in numpy for arrays in host memory (a
+  one-shot score compiles nothing), else one compiled function per leaf shape."""
+  if on_host(leaf, grad):
+    return _channel_sums(np, leaf, grad, pos, axis, kind)
+  return _sums_jit(leaf, grad, pos, axis, kind)
+
+
+def _channel_sums(xp, leaf, grad, pos, axis, kind):
+  w = xp.asarray(leaf, xp.float32)
   if kind == "taylor":
-    w = jnp.abs(w * grad)
+    w = xp.abs(w * xp.asarray(grad, xp.float32))
   elif kind != "sum":
-    w = jnp.abs(w) ** kind
-  rows = jnp.moveaxis(w, axis, 0)[pos]           # (n, r, ...)
-  return rows.reshape(pos.shape[0], -1).sum(axis=1)
+    w = xp.abs(w) ** kind
+  per_row = w.sum(axis=tuple(a for a in range(w.ndim) if a != axis))   # (rows,): no gathered copy of w
+  return per_row[pos].sum(axis=1)                                      # pos: (n, r) rows of each channel
+
+
+_sums_jit = jax.jit(functools.partial(_channel_sums, jnp), static_argnums=(3, 4))
 
 
 def _reduce(per_member: list, reduction: str, normalize: bool, group: Group) -> np.ndarray:

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxprune.structure.channel_groups import CONSUMER, ChannelGroups, Group, NormLink
-from jaxprune.core.trees import leaves_with_paths, path_str, replace_leaves
+from jaxprune.core.trees import leaves_with_paths, on_host, path_str, replace_leaves
 
 MODES = ("shrink", "mask")
 
@@ -102,7 +102,29 @@ def _apply_channel_map(leaf: Any, mem, n: int, *, full: Optional[np.ndarray] = N
   multiplied by ``scale[k]``). One jitted function per leaf shape and axis: every shape here is
   the dense one, whichever channels are kept, so a new sparsity compiles nothing."""
   coef = full if full is not None else np.asarray(scale, np.float32)
-  return _map_rows(leaf, coef, mem.positions(n).astype(np.int32), mem.axis, mem.index is None)
+  pos = mem.positions(n).astype(np.int32)
+  if on_host(leaf) and np.dtype(leaf.dtype) in (np.float32, np.float64):   # numpy: nothing to compile on CPU
+    out = _map_rows_host(np.asarray(leaf), np.asarray(coef), pos, mem.axis, mem.index is None)
+    return jax.device_put(out, _device_of(leaf))
+  return _map_rows(leaf, coef, pos, mem.axis, mem.index is None)
+
+
+def _map_rows_host(leaf: np.ndarray, coef: np.ndarray, pos: np.ndarray, axis: int, plain: bool) -> np.ndarray:
+  """:func:`_map_rows` in numpy, for trees in host memory."""
+  w = np.moveaxis(leaf, axis, 0)
+  n = pos.shape[0]
+  plain = plain and w.shape[0] == n
+  rows = w[:, None] if plain else w[pos]                        # (n, r, ...)
+  if coef.ndim == 2:
+    rows = np.tensordot(coef.astype(w.dtype), rows, axes=(1, 0))
+  else:
+    rows = rows * coef.astype(w.dtype).reshape((n, 1) + (1,) * (rows.ndim - 2))
+  if plain:
+    w = rows[:, 0]
+  else:
+    w = w.copy()
+    w[pos.ravel()] = rows.reshape((-1,) + rows.shape[2:])
+  return np.moveaxis(w, 0, axis)
 
 
 @functools.partial(jax.jit, static_argnums=(3, 4))
@@ -154,16 +176,11 @@ def shrink_channels(variables: Any, plans: Sequence[tuple[Group, Any]]) -> Any:
   paths = sorted(kept)
   axes = tuple(tuple(a for a, _ in kept[p]) for p in paths)
   arrays = [leaves[p] for p in paths]
-  if all(_on_one_cpu(a) for a in arrays):   # host memory already: numpy gathers, nothing to compile
+  if on_host(*arrays):   # host memory already: numpy gathers, nothing to compile
     small = [jax.device_put(_take_numpy(np.asarray(a), kept[p]), _device_of(a)) for a, p in zip(arrays, paths)]
   else:
     small = _gather_kept(axes, arrays, [[jnp.asarray(i, jnp.int32) for _, i in kept[p]] for p in paths])
   return replace_leaves(variables, dict(zip(paths, small)))
-
-
-def _on_one_cpu(leaf: Any) -> bool:
-  devices = leaf.devices() if isinstance(leaf, jax.Array) else None
-  return devices is None or (len(devices) == 1 and next(iter(devices)).platform == "cpu")
 
 
 def _device_of(leaf: Any):

@@ -295,3 +295,22 @@ def test_warm_started_plans_keep_the_support_and_need_fewer_sinkhorn_iterations(
   np.testing.assert_allclose(warm.info["objective"], cold.info["objective"], rtol=1e-2)
   with pytest.raises(TypeError, match="warm_start"):
     jp.ewr(v, batch, 30, loss_fn=loss, warm_start=1, show_progress=False)
+
+
+def test_auto_chunk_size_from_a_memory_budget_gives_the_same_result():
+  v, batch, loss = _mlp_setup()
+  kw = dict(loss_fn=loss, official=True, show_progress=False)
+  one_example = signals.chunk_size_for(loss, v, batch, memory_budget=1.0)
+  per_example = next(b for b in (2 ** i for i in range(10, 40)) if signals.chunk_size_for(loss, v, batch, memory_budget=b) > 1)
+  assert one_example == 1
+  fixed = jp.lr(v, batch, 30, chunk_size=7, **kw)
+  auto = jp.lr(v, batch, 30, chunk_size="auto", memory_budget=6.0 * per_example, **kw)
+  expected = signals.chunk_size_for(loss, v, batch, memory_budget=6.0 * per_example)
+  assert 1 < expected < batch[0].shape[0] and auto.info["chunk_size"] == expected and fixed.info["chunk_size"] == 7
+  for (_, a), (_, b) in zip(jp.leaves_with_paths(fixed.masks), jp.leaves_with_paths(auto.masks)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  for bad in ("big", 0):
+    with pytest.raises(ValueError, match="chunk_size"):
+      jp.lr(v, batch, 30, chunk_size=bad, **kw)
+  with pytest.raises(ValueError, match="memory_budget"):
+    jp.lr(v, batch, 30, chunk_size="auto", memory_budget=-1.0, **kw)

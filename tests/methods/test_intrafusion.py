@@ -185,3 +185,21 @@ def test_intra_fusion_bad_input():
     jp.intra_fusion(v, g, 1.0, show_progress=False)
   with pytest.raises(ValueError, match="needs grads="):
     jp.intra_fusion(v, g, 0.5, importance="taylor", show_progress=False)
+
+
+@pytest.mark.parametrize("p", [1, 2, 3])
+def test_host_pairing_cost_equals_the_compiled_one(p):
+  """Host trees use SciPy's cdist on the kept columns; device trees the jitted (n, n) cost. Both
+  equal the l_p distances of the l2-normalised rows written out in numpy (a zero row stays zero)."""
+  from jaxprune.methods._intrafusion import _pairing_cost_host, all_pairs_cost
+  x = np.random.default_rng(p).normal(size=(9, 13)).astype(np.float32)
+  x[4] = 0.0
+  keep = np.array([0, 3, 4, 8])
+  xn = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-30)
+  ref = (np.abs(xn[:, None, :] - xn[None, keep, :]) ** p).sum(-1) ** (1.0 / p)
+  np.testing.assert_allclose(_pairing_cost_host(x, keep, float(p)), ref, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(all_pairs_cost(jnp.asarray(x), float(p), 4))[:, keep], ref, rtol=1e-5,
+                             atol=1e-6)
+  host = pairing_cost(jnp.asarray(x), keep, p)                  # a CPU jax array: the host path, same kind out
+  assert isinstance(host, jax.Array) and host.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(host), ref, rtol=1e-5, atol=1e-6)

@@ -101,3 +101,24 @@ def test_a_non_finite_gradient_is_caught_where_the_projection_weight_is_zero():
   np.testing.assert_array_equal(~np.asarray(finite), rows)
   with pytest.raises(ValueError, match=r"NaN or infinite .* for examples \[3\]"):
     signals.per_example_grads(loss, v, (x, y), chunk_size=8, show_progress=False)
+
+
+def test_chunk_size_for_a_memory_budget_counts_rows_and_backward_intermediates():
+  """``chunk_size_for`` divides the budget by one example's bytes: its gradient row (``4 p``) plus
+  every intermediate of its backward pass (from the jaxpr), clamped to ``[1, N]``."""
+  from jaxprune.signals.gradients import _example_loss_fn, _intermediate_bytes
+  model, v, (x, y), loss = _setup()
+  spec = jp.trees.flat_spec(v)
+  w, _ = jp.flatten(v, spec=spec)
+  jaxpr = jax.make_jaxpr(jax.grad(_example_loss_fn(loss, v, spec)))(w, (x[0], y[0])).jaxpr
+  per_example = _intermediate_bytes(jaxpr) + 4 * spec.size
+  assert _intermediate_bytes(jaxpr) >= 4 * spec.size          # the gradient itself is one of them
+  for examples in (1, 5, 20):
+    assert signals.chunk_size_for(loss, v, (x, y), memory_budget=examples * per_example + 3) == examples
+  assert signals.chunk_size_for(loss, v, (x, y), memory_budget=1) == 1
+  assert signals.chunk_size_for(loss, v, (x, y), memory_budget=1e15) == x.shape[0]
+  assert (signals.chunk_size_for(loss, v, (x, y), memory_budget=5 * per_example, materialized=False)
+          >= signals.chunk_size_for(loss, v, (x, y), memory_budget=5 * per_example))
+  with pytest.raises(ValueError, match="memory_budget"):
+    signals.chunk_size_for(loss, v, (x, y), memory_budget=0)
+  assert signals.default_memory_budget() > 0
