@@ -89,8 +89,8 @@ hwio = lambda w: jnp.asarray(np.transpose(w, (2, 3, 1, 0)))
 v = {"params": {"conv1": {"kernel": hwio(arrays["conv1"])}, "conv2": {"kernel": hwio(arrays["conv2"])},
                 **{bn: {"scale": jnp.asarray(arrays[f"{bn}_weight"]), "bias": jnp.asarray(arrays[f"{bn}_bias"])}
                    for bn in ("bn1", "bn2")}},
-     "batch_stats": {bn: {"mean": jnp.asarray(arrays[f"{bn}_running_mean"]), "var": jnp.asarray(arrays[f"{bn}_running_var"])}
-                     for bn in ("bn1", "bn2")}}
+     "batch_stats": {bn: {"mean": jnp.asarray(arrays[f"{bn}_running_mean"]),
+                          "var": jnp.asarray(arrays[f"{bn}_running_var"])} for bn in ("bn1", "bn2")}}
 x = jnp.asarray(np.transpose(arrays["x"], (0, 2, 3, 1)))
 model = Block()
 groups = jp.groups(model.apply, v, x[:1])

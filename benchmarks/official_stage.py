@@ -6,7 +6,8 @@ process (calls alternate, so machine noise hits all alike); medians of ``--repea
   floor          jit(vmap(grad)) of the per-example loss over all N examples
   lr / ewr       jp.lr / jp.ewr(official=True): eager, with the host checks and one transfer
   lr jit / ...   jax.jit(functools.partial(jp.lr, k=..., ...)): the whole stage as one program
-"first" is the first call in the process (compilation included). The EWR rows also report Sinkhorn's iterations (the N x N log-domain solve is EWR's extra cost).
+"first" is the first call in the process (compilation included). The EWR rows also report
+Sinkhorn's iterations (the N x N log-domain solve is EWR's extra cost).
 """
 import functools
 import os

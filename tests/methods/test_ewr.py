@@ -301,7 +301,8 @@ def test_auto_chunk_size_from_a_memory_budget_gives_the_same_result():
   v, batch, loss = _mlp_setup()
   kw = dict(loss_fn=loss, official=True, show_progress=False)
   one_example = signals.chunk_size_for(loss, v, batch, memory_budget=1.0)
-  per_example = next(b for b in (2 ** i for i in range(10, 40)) if signals.chunk_size_for(loss, v, batch, memory_budget=b) > 1)
+  per_example = next(b for b in (2 ** i for i in range(10, 40))
+                     if signals.chunk_size_for(loss, v, batch, memory_budget=b) > 1)
   assert one_example == 1
   fixed = jp.lr(v, batch, 30, chunk_size=7, **kw)
   auto = jp.lr(v, batch, 30, chunk_size="auto", memory_budget=6.0 * per_example, **kw)
