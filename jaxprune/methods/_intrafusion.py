@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterable, Mapping, NamedTuple, Optional, Sequence, Union
 
 import jax
@@ -103,13 +105,22 @@ def pairing_cost(x: jax.Array, keep: Any, p: float = 1, *, chunk: int = 32) -> j
   return jax.device_put(full[:, keep])   # device_put: jnp.asarray would compile per shape
 
 
-def _pairing_cost_host(x: np.ndarray, keep: np.ndarray, p: float) -> np.ndarray:
+def _pairing_cost_host(x: np.ndarray, keep: np.ndarray, p: float, workers: Optional[int] = None) -> np.ndarray:
+  """SciPy's ``cdist`` over blocks of rows in ``workers`` threads (default: one per core, when the
+  ``n x m x D`` work is large enough to pay for them; ``cdist`` releases the GIL). Each block is the
+  same computation, so the result does not depend on ``workers``."""
   from scipy.spatial.distance import cdist
   norms = np.linalg.norm(x, axis=1, keepdims=True)
   xn = x / np.where(norms > 0, norms, 1.0)
   metric = {1.0: "cityblock", 2.0: "euclidean"}.get(p, "minkowski")
-  cost = cdist(xn, xn[keep], metric, **({"p": p} if metric == "minkowski" else {}))
-  return cost.astype(np.float32)
+  one = lambda rows: cdist(xn[rows], xn[keep], metric, **({"p": p} if metric == "minkowski" else {}))  # noqa: E731
+  if workers is None:
+    workers = (os.cpu_count() or 1) if x.shape[0] * keep.size * x.shape[1] > 10_000_000 else 1
+  blocks = [b for b in np.array_split(np.arange(x.shape[0]), max(1, min(workers, x.shape[0]))) if b.size]
+  if len(blocks) == 1:
+    return one(blocks[0]).astype(np.float32)
+  with ThreadPoolExecutor(len(blocks)) as pool:
+    return np.concatenate(list(pool.map(one, blocks))).astype(np.float32)
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2))

@@ -198,6 +198,9 @@ def test_host_pairing_cost_equals_the_compiled_one(p):
   xn = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-30)
   ref = (np.abs(xn[:, None, :] - xn[None, keep, :]) ** p).sum(-1) ** (1.0 / p)
   np.testing.assert_allclose(_pairing_cost_host(x, keep, float(p)), ref, rtol=1e-5, atol=1e-6)
+  for workers in (2, 4, 20):   # row blocks in threads: the same numbers, bit for bit
+    np.testing.assert_array_equal(_pairing_cost_host(x, keep, float(p), workers),
+                                  _pairing_cost_host(x, keep, float(p), 1))
   np.testing.assert_allclose(np.asarray(all_pairs_cost(jnp.asarray(x), float(p), 4))[:, keep], ref, rtol=1e-5,
                              atol=1e-6)
   host = pairing_cost(jnp.asarray(x), keep, p)                  # a CPU jax array: the host path, same kind out
