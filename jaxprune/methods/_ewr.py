@@ -493,7 +493,7 @@ def _run(params, batch, k, loss_fn, apply_fn, key, w_ref, prunable, opts: EWROpt
     ref = w_vec if opts.reset_reference or (stage == 0 and w_ref is None) else w_ref_vec
     signals = _signals(loss, current, batch, spec, opts, None if noise_keys is None else noise_keys[stage],
                        show_progress, w_vec, None if ref is w_vec else ref, chunk)
-    signals = signals._replace(potentials=potentials if opts.warm_start else None)
+    signals = signals._replace(potentials=potentials)   # used by _iht_support only with warm_start
     w_next, keep, records, potentials = _stage(signals, w_vec, ref, k_t, cfg, opts, n, p, f"{name} stage {stage}",
                                                traced)
     for it, record in enumerate(records):
@@ -636,6 +636,7 @@ def _stage(signals: Signals, w, ref, k_t, cfg: StepConfig, opts: EWROptions, n, 
     w, keep, rec = backsolve_stage(op, w, ref, jnp.asarray(k_t, jnp.int32), jnp.asarray(n * opts.lam, jnp.float32),
                                    cfg, rcfg, keep, signals.y)
   potentials = infos[-1].potentials if infos else None   # stays on device for the next stage
+  infos = [info._replace(potentials=None) for info in infos]   # not a record: not brought to the host
   if not traced:
     infos, rec, finite = jax.device_get((infos, rec, signals.finite))
     if finite is not None:

@@ -200,7 +200,8 @@ def default_memory_budget() -> int:
   """A quarter of the default device's free memory (accelerators report it) or, on CPU, of the
   host's available memory."""
   import os
-  stats = jax.devices()[0].memory_stats() if hasattr(jax.devices()[0], "memory_stats") else None
+  device = jax.devices()[0]
+  stats = device.memory_stats() if hasattr(device, "memory_stats") else None
   if stats and "bytes_limit" in stats:
     return int(max(stats["bytes_limit"] - stats.get("bytes_in_use", 0), 1) // 4)
   try:

@@ -104,42 +104,34 @@ def _apply_channel_map(leaf: Any, mem, n: int, *, full: Optional[np.ndarray] = N
   coef = full if full is not None else np.asarray(scale, np.float32)
   pos = mem.positions(n).astype(np.int32)
   if on_host(leaf) and np.dtype(leaf.dtype) in (np.float32, np.float64):   # numpy: nothing to compile on CPU
-    out = _map_rows_host(np.asarray(leaf), np.asarray(coef), pos, mem.axis, mem.index is None)
+    out = _channel_rows(np, np.asarray(leaf), np.asarray(coef), pos, mem.axis, mem.index is None)
     return jax.device_put(out, _device_of(leaf))
   return _map_rows(leaf, coef, pos, mem.axis, mem.index is None)
 
 
-def _map_rows_host(leaf: np.ndarray, coef: np.ndarray, pos: np.ndarray, axis: int, plain: bool) -> np.ndarray:
-  """:func:`_map_rows` in numpy, for trees in host memory."""
-  w = np.moveaxis(leaf, axis, 0)
+def _channel_rows(xp, leaf, coef, pos, axis: int, plain: bool):
+  """``coef: (n, n)`` mixes the channels' rows ``pos: (n, r)`` of ``leaf`` along ``axis``; ``(n,)``
+  scales them. ``xp`` is numpy (trees in host memory) or ``jax.numpy`` (jitted: :data:`_map_rows`)."""
+  w = xp.moveaxis(xp.asarray(leaf), axis, 0)
   n = pos.shape[0]
   plain = plain and w.shape[0] == n
   rows = w[:, None] if plain else w[pos]                        # (n, r, ...)
   if coef.ndim == 2:
-    rows = np.tensordot(coef.astype(w.dtype), rows, axes=(1, 0))
+    rows = xp.tensordot(coef.astype(w.dtype), rows, axes=(1, 0))
   else:
     rows = rows * coef.astype(w.dtype).reshape((n, 1) + (1,) * (rows.ndim - 2))
+  flat_rows = rows.reshape((-1,) + rows.shape[2:])
   if plain:
     w = rows[:, 0]
-  else:
+  elif xp is np:
     w = w.copy()
-    w[pos.ravel()] = rows.reshape((-1,) + rows.shape[2:])
-  return np.moveaxis(w, 0, axis)
-
-
-@functools.partial(jax.jit, static_argnums=(3, 4))
-def _map_rows(leaf: jax.Array, coef: jax.Array, pos: jax.Array, axis: int, plain: bool) -> jax.Array:
-  """``coef: (n, n)`` mixes the channels' rows ``pos: (n, r)`` of ``leaf`` along ``axis``; ``(n,)`` scales them."""
-  w = jnp.moveaxis(jnp.asarray(leaf), axis, 0)
-  n = pos.shape[0]
-  plain = plain and w.shape[0] == n
-  rows = w[:, None] if plain else w[pos]                        # (n, r, ...)
-  if coef.ndim == 2:
-    rows = jnp.einsum("kj,jr...->kr...", coef.astype(w.dtype), rows)
+    w[pos.ravel()] = flat_rows
   else:
-    rows = rows * coef.astype(w.dtype).reshape((n, 1) + (1,) * (rows.ndim - 2))
-  w = rows[:, 0] if plain else w.at[pos.ravel()].set(rows.reshape((-1,) + rows.shape[2:]))
-  return jnp.moveaxis(w, 0, axis)
+    w = w.at[pos.ravel()].set(flat_rows)
+  return xp.moveaxis(w, 0, axis)
+
+
+_map_rows = jax.jit(functools.partial(_channel_rows, jnp), static_argnums=(3, 4))
 
 
 def removed_positions(group: Group, keep: Any) -> dict:
