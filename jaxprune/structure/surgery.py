@@ -239,7 +239,26 @@ def channel_masks(variables: Any, plans: Sequence[tuple[Group, Any]]) -> Any:
       idx[mem.axis] = mem.positions(group.size)[removed].ravel()
       mask[tuple(idx)] = False
   return jax.tree_util.tree_map_with_path(
-      lambda p, x: jnp.asarray(masks[path_str(p)]) if path_str(p) in masks else None, variables)
+      lambda p, x: jax.device_put(masks[path_str(p)]) if path_str(p) in masks else None, variables)
+
+
+def _fold_arrays(xp, kernel, bias, gamma, beta, mean, var, eps: float, include_eps: bool, axis: int):
+  """The folded kernel ``W * s`` (``s`` along ``axis``) and shift ``(b - mu) * s + beta`` of one norm;
+  absent ``bias``/``gamma``/``beta`` are 0/1/0. ``xp`` is numpy (host trees) or ``jax.numpy``."""
+  s = (1.0 if gamma is None else gamma) / xp.sqrt(var + eps if include_eps else var)
+  shape = [1] * kernel.ndim
+  shape[axis] = -1
+  shift = ((0.0 if bias is None else bias) - mean) * s + (0.0 if beta is None else beta)
+  return kernel * s.reshape(shape).astype(kernel.dtype), shift.astype(mean.dtype)
+
+
+_fold_jit = jax.jit(functools.partial(_fold_arrays, jnp), static_argnums=(7, 8))
+
+
+def _full_like(host: bool, like: Any, value: float) -> jax.Array:
+  if host:
+    return jax.device_put(np.full(np.shape(like), value, like.dtype), _device_of(like))
+  return jnp.full_like(like, value)
 
 
 def fold_batchnorm(variables: Any, norms: Union[ChannelGroups, Sequence[NormLink]], *, include_eps: bool = True,
@@ -272,27 +291,27 @@ def fold_batchnorm(variables: Any, norms: Union[ChannelGroups, Sequence[NormLink
     e = eps if eps is not None else link.eps
     if e is None:
       raise ValueError(f"eps: the epsilon of the norm after {link.kernel} was not found in the trace; pass eps=")
-    get = lambda p: jnp.asarray(new.get(p, leaves[p]))
-    mean, var = get(link.mean), get(link.var)
-    gamma = get(link.scale) if link.scale else jnp.ones_like(mean)
-    beta = get(link.offset) if link.offset else jnp.zeros_like(mean)
-    s = gamma / jnp.sqrt(var + e) if include_eps else gamma / jnp.sqrt(var)
-    kernel = get(link.kernel)
-    shape = [1] * kernel.ndim
-    shape[link.axis] = -1
-    new[link.kernel] = kernel * s.reshape(shape).astype(kernel.dtype)
-    b = get(link.kernel_bias) if link.kernel_bias else jnp.zeros_like(mean)
-    shift = (b - mean) * s + beta
+    if not (link.kernel_bias or link.offset):
+      raise ValueError(f"norms: cannot fold the norm after {link.kernel}: neither it nor the kernel has a bias")
+    paths = (link.kernel, link.kernel_bias, link.scale, link.offset, link.mean, link.var)
+    arrays = [new.get(p, leaves[p]) if p else None for p in paths]
+    host = on_host(*arrays)
+    if host:      # numpy: nothing to compile, and no per-shape compilation on a first call
+      kernel, shift = _fold_arrays(np, *(None if a is None else np.asarray(a) for a in arrays),
+                                   e, include_eps, link.axis)
+      kernel, shift = (jax.device_put(a, _device_of(arrays[0])) for a in (kernel, shift))
+    else:
+      kernel, shift = _fold_jit(*arrays, e, include_eps, link.axis)
+    full = functools.partial(_full_like, host)
+    new[link.kernel] = kernel
     if link.kernel_bias:
       new[link.kernel_bias] = shift
       if link.offset:
-        new[link.offset] = jnp.zeros_like(beta)
-    elif link.offset:
-      new[link.offset] = shift
+        new[link.offset] = full(arrays[3], 0.0)
     else:
-      raise ValueError(f"norms: cannot fold the norm after {link.kernel}: neither it nor the kernel has a bias")
+      new[link.offset] = shift
     if link.scale:
-      new[link.scale] = jnp.ones_like(gamma)
-    new[link.mean] = jnp.zeros_like(mean)
-    new[link.var] = jnp.full_like(var, 1.0 - e if include_eps else 1.0)
+      new[link.scale] = full(arrays[2], 1.0)
+    new[link.mean] = full(arrays[4], 0.0)
+    new[link.var] = full(arrays[5], 1.0 - e if include_eps else 1.0)
   return replace_leaves(variables, new)

@@ -39,3 +39,19 @@ def test_a_shrunk_nnx_module_describes_its_arrays():
 def test_resized_module_rejects_a_non_module():
   with pytest.raises(TypeError, match="module"):
     jp.resized_module({"a": jnp.ones(2)}, {})
+
+
+def test_a_linen_call_does_not_import_nnx():
+  """No object can be an ``nnx.Module`` before ``flax.nnx`` is imported, so telling linen trees from
+  modules must not import it (it costs a linen user's first call ~0.15 s)."""
+  import subprocess
+  import sys
+  code = ("import sys, jax, jax.numpy as jnp, jaxprune as jp\n"
+          "m = jp.models.MLP(widths=(6,), num_classes=3)\n"
+          "v = m.init(jax.random.key(0), jnp.zeros((1, 4)))\n"
+          "r = jp.prune_channels(v, jp.groups(m.apply, v, jnp.zeros((1, 4))), 0.5, show_progress=False)\n"
+          "assert r.kept, r\n"
+          "print('flax.nnx' in sys.modules)\n")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stdout.strip().splitlines()[-1] == "False"

@@ -105,6 +105,13 @@ def test_fold_matches_the_formula():
   np.testing.assert_allclose(get(folded, link.kernel_bias),
                              (get(v, link.kernel_bias) - get(v, link.mean)) * s + get(v, link.offset), rtol=1e-5, atol=1e-6)
   np.testing.assert_array_equal(get(folded, link.offset), 0.0)
+  # host trees fold in numpy; traced (or device) trees in one jitted function: the same numbers
+  for include_eps in (True, False):
+    host = jp.fold_batchnorm(v, g, include_eps=include_eps)
+    traced = jax.jit(lambda t: jp.fold_batchnorm(t, g, include_eps=include_eps))(v)
+    for (path, a), (_, b) in zip(jp.trees.leaves_with_paths(host), jp.trees.leaves_with_paths(traced)):
+      assert a.dtype == b.dtype, path
+      np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7, err_msg=path)
 
 
 def test_sparsity_zero_changes_nothing(model_case):
