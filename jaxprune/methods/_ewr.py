@@ -296,7 +296,9 @@ class EWROptions(Options):
     warm_start: start each IHT step's Sinkhorn from the previous step's potentials (across
       iterations and stages; default). The plan is the same to ``sinkhorn.threshold``; only the
       iteration count drops. The official code starts every solve from zero (``False``). The
-      refit's plans (``refits``) start from zero either way.
+      refit's plans (``refits``) start from zero either way: started from the plan before them
+      (MLP, N = 60, eps = 0.5, 2 stages x 3 refits) they took as many iterations in all (2580
+      against 2600), and the next stage's first plan took 2160 instead of 180.
   """
   OFFICIAL = {"eps": 1.0, "lam": 0.01, "support": "iht", "refit": "none", "update_weights": False, "stages": 1,
               "stage_schedule": "linear", "initial_sparsity": 0.0, "reset_reference": False, "warm_start": False}
