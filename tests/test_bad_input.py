@@ -55,6 +55,12 @@ def test_sinkhorn_at_its_iteration_cap_warns_or_raises_and_rounding_is_an_option
   with pytest.raises(RuntimeError, match="EWR stage 0, refit 0: Sinkhorn stopped"):     # the refit's plan
     jp.ewr(params, (x, jnp.arange(16) % 3), 20, apply_fn=apply_fn, eps=1e-4, stages=3, show_progress=False,
            sinkhorn=strict)
+  # without strict, the warning points at the user's call, not at a frame inside jaxprune
+  for official in (True, False):
+    with pytest.warns(ot.ConvergenceWarning, match="EWR stage [0-9]") as record:
+      jp.ewr(params, (x, jnp.arange(16) % 3), 20, apply_fn=apply_fn, eps=1e-4, stages=3, show_progress=False,
+             sinkhorn=strict._replace(strict=False), official=official)
+    assert {w.filename for w in record if w.category is ot.ConvergenceWarning} == {__file__}
 
 
 def test_budgets_are_checked_at_every_level():

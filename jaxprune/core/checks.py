@@ -2,11 +2,26 @@
 from __future__ import annotations
 
 import numbers
+import os
+import sys
 from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+
+_PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+
+
+def user_stacklevel() -> int:
+  """The ``stacklevel`` that makes a warning point at the first frame outside jaxprune (the user's
+  call), however deep inside the package it is raised: counted from the caller of this function,
+  which is what ``warnings.warn`` calls level 1."""
+  frame, level = sys._getframe(1), 1
+  while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE):
+    frame, level = frame.f_back, level + 1
+  return level
 
 
 def check_key(key: Any, name: str = "key") -> jax.Array:

@@ -20,6 +20,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from jaxprune.core.checks import user_stacklevel
+
 
 class SinkhornOptions(NamedTuple):
   """Static Sinkhorn settings (kept apart from the traced arrays so they can be jit-static).
@@ -72,7 +74,7 @@ def report_convergence(info: PlanInfo, options: SinkhornOptions, where: str) -> 
   if options.strict:
     raise RuntimeError(msg)
   import warnings
-  warnings.warn(msg, ConvergenceWarning, stacklevel=3)
+  warnings.warn(msg, ConvergenceWarning, stacklevel=user_stacklevel())
 
 
 def cost_1d(y: jax.Array, z: jax.Array) -> jax.Array:
