@@ -25,13 +25,14 @@ from jaxprune.core.checks import check_choice
 from jaxprune.core.forms import as_model
 from jaxprune.core.options import Options, resolve
 from jaxprune.core.results import ChannelResult, make_info
+from jaxprune.core.trees import on_host
 from jaxprune.methods._repair import RepairOptions, check_repair_request, repair_if_asked
 from jaxprune.methods._channels import model_inputs
 from jaxprune.structure.channel_groups import ChannelGroups
 from jaxprune.core.progress import progress
 from jaxprune.methods._recovery import PROXIES, RecoveryOptions, aggregate_activations, check_options, recover_support
 from jaxprune.structure.surgery import MODES, channel_masks, shrink_channels, write_channels
-from jaxprune.structure.units import Unit, capture_at, derive_units
+from jaxprune.structure.units import Unit, capture_at, derive_units, norm_eval
 
 ORDERS = ("sequential", "parallel")
 Sparsity = Union[float, Mapping[Any, float]]
@@ -39,7 +40,9 @@ Sparsity = Union[float, Mapping[Any, float]]
 
 @functools.partial(jax.jit, static_argnums=0)
 def _hidden(hidden_fn, variables, x):
-  return hidden_fn(variables, x)
+  """``(H, all finite)``: the check is taken in the same program (eager checks compile per shape)."""
+  h = hidden_fn(variables, x)
+  return h, jnp.all(jnp.isfinite(h))
 
 
 @functools.partial(jax.jit, static_argnames=("output_fn", "options"))
@@ -89,24 +92,52 @@ def plan_units(units: Sequence[Unit], sparsity: Sparsity, rounding: str = "floor
 
 
 def _chunked(fn: Callable, x: Any, chunk: Optional[int]) -> Any:
+  """``fn`` over chunks of ``x``'s examples; array outputs concatenated, scalars stacked. Host
+  arrays are sliced and joined in numpy (eager jax slices compile once per shape)."""
   n = x.shape[0]
   if chunk is None or chunk >= n:
     return fn(x)
-  parts = [fn(x[i:i + chunk]) for i in range(0, n, chunk)]
-  return jax.tree_util.tree_map(lambda *a: jnp.concatenate(a), *parts)
+  host = on_host(x)
+  xs = np.asarray(x) if host else x
+  parts = [fn(xs[i:i + chunk]) for i in range(0, n, chunk)]
+  return jax.tree_util.tree_map(functools.partial(_join, host), *parts)
 
 
-def _check_hidden(unit: Unit, hidden: jax.Array) -> None:
+def _join(host: bool, *parts):
+  if host and on_host(*parts):
+    out = np.concatenate([np.asarray(p) for p in parts]) if parts[0].ndim else np.stack(parts)
+    return jax.device_put(out)
+  return jnp.concatenate(parts) if parts[0].ndim else jnp.stack(parts)
+
+
+def _unit_hidden(unit: Unit, variables: Any, x: Any, chunk: Optional[int]) -> jax.Array:
+  """``H`` of ``unit`` on ``x`` in chunks, checked (shape, finite)."""
+  hidden, finite = _chunked(lambda xx: _hidden(unit.hidden_fn, variables, xx), x, chunk)
+  _check_hidden(unit, hidden, finite)
+  return hidden
+
+
+def _check_hidden(unit: Unit, hidden: jax.Array, finite: Any) -> None:
+  """``finite``: the per-chunk flags from :func:`_hidden` (any array of bools)."""
   if hidden.ndim < 2 or hidden.shape[-1] != unit.size:
     raise ValueError(f"unit {unit.name}: hidden_fn returned shape {hidden.shape}; expected (N, ..., {unit.size})")
-  if not bool(jnp.all(jnp.isfinite(hidden))):
+  if not bool(np.all(np.asarray(finite))):
     raise ValueError(f"unit {unit.name}: the hidden activations contain NaN or inf")
 
 
+_all_finite = jax.jit(lambda h: jnp.all(jnp.isfinite(h)))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _output_error(output_fn, params, norm, hidden, mask):
+  dense = norm_eval(output_fn(params, hidden), norm)
+  pruned = norm_eval(output_fn(params, hidden * mask.astype(hidden.dtype)), norm)
+  return jnp.linalg.norm(dense - pruned) / jnp.maximum(jnp.linalg.norm(dense), 1e-30)
+
+
 def _relative_error(unit: Unit, variables: Any, hidden: jax.Array, mask: jax.Array) -> float:
-  dense = unit.output(variables, hidden)
-  pruned = unit.output(variables, hidden, mask)
-  return float(jnp.linalg.norm(dense - pruned) / jnp.maximum(jnp.linalg.norm(dense), 1e-30))
+  """``||U - U_pruned|| / ||U||`` (inference-mode norm), in one compiled program per unit shape."""
+  return float(_output_error(unit.output_fn, unit.params_fn(variables), unit.output_norm(variables), hidden, mask))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -244,16 +275,13 @@ def ispasp(params: Any, groups: Optional[Union[ChannelGroups, Sequence[Unit]]], 
     for i in progress(list(budgets), desc="i-SpaSP units", disable=not show_progress):
       t0 = time.perf_counter()
       unit = units[i]
-      hidden = _chunked(lambda xx: _hidden(unit.hidden_fn, v, xx), x, chunk_size)
-      _check_hidden(unit, hidden)
+      hidden = _unit_hidden(unit, v, x, chunk_size)
       sup = _recover(unit.output_fn, unit.params_fn(v), hidden, budgets[i][1], unit.output_norm(v),
                      _resolve(options, proxy, unit))
       finish(i, sup.mask, sup, hidden, t0, v)
   else:
     t0 = time.perf_counter()
     hiddens = _dense_hiddens(units, list(budgets), variables, x, chunk_size, apply_kwargs, apply_fn)
-    for i in budgets:
-      _check_hidden(units[i], hiddens[i])
     batches = {}
     for i in budgets:
       u = units[i]
@@ -307,9 +335,11 @@ def _dense_hiddens(units, indices, variables, x, chunk_size, apply_kwargs, apply
     fn = jax.jit(lambda vv, xx: capture_at(apply_fn, vv, xx, addresses, operands, **apply_kwargs))
     got = _chunked(lambda xx: fn(variables, xx), x, chunk_size)
     out.update({i: _arranged(units[i], got[units[i].capture[0]]) for i in derived})
+    for i in derived:
+      _check_hidden(units[i], out[i], _all_finite(out[i]))
   for i in indices:
     if i not in out:
-      out[i] = _chunked(lambda xx: _hidden(units[i].hidden_fn, variables, xx), x, chunk_size)
+      out[i] = _unit_hidden(units[i], variables, x, chunk_size)
   return out
 
 

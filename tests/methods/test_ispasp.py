@@ -305,6 +305,15 @@ def test_hand_made_unit_equals_the_derived_one(mlpnet_variables, mnist_test):
   derived = jp.ispasp(v, None, {1: 0.75}, apply_fn=model.apply, batch=x, rounding="truncate", mode="mask", show_progress=False)
   np.testing.assert_array_equal(by_hand.kept["fc1"], derived.kept[1])
   assert by_hand.info["units"]["fc1"]["iterations"] == 20
+  # hidden activations in uneven chunks (64, 64, 64, 8) give the same support; a NaN in any chunk is named
+  for order in ("sequential", "parallel"):
+    chunked = jp.ispasp(v, [unit], 0.75, batch=x, rounding="truncate", mode="mask", chunk_size=64, order=order,
+                        show_progress=False)
+    np.testing.assert_array_equal(chunked.kept["fc1"], by_hand.kept["fc1"])
+    assert chunked.info["units"]["fc1"]["relative_error"] == pytest.approx(
+        by_hand.info["units"]["fc1"]["relative_error"], rel=1e-4)
+    with pytest.raises(ValueError, match="unit fc1: the hidden activations contain NaN or inf"):
+      jp.ispasp(v, [unit], 0.75, batch=x.at[195, 3].set(jnp.nan), chunk_size=64, order=order, show_progress=False)
 
 
 def test_train_mode_norm_runs_and_keeps_the_budget(resnet20):
