@@ -65,12 +65,18 @@ def check_budget(k: Any, size: int, name: str = "k") -> None:
 def check_finite(tree: Any, name: str) -> None:
   """Raises ``ValueError`` naming the first leaf of ``tree`` that holds NaN or inf (traced leaves,
   under a user's ``jit``, cannot be read and are skipped)."""
-  from jaxprune.core.trees import leaves_with_paths
+  from jaxprune.core.trees import leaves_with_paths, on_host_numeric
   for path, leaf in leaves_with_paths(tree):
-    if isinstance(leaf, jax.core.Tracer):
+    if isinstance(leaf, jax.core.Tracer) or not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
       continue
-    if jnp.issubdtype(jnp.result_type(leaf), jnp.inexact) and not bool(jnp.isfinite(leaf).all()):
+    finite = np.isfinite(np.asarray(leaf)).all() if on_host_numeric(leaf) else _all_finite(leaf)
+    if not bool(finite):
       raise ValueError(f"{name} holds NaN or inf at {path or '<root>'}")
+
+
+@jax.jit
+def _all_finite(x: jax.Array) -> jax.Array:
+  return jnp.isfinite(x).all()
 
 
 def check_labels(y: Any, n_classes: int, name: str = "labels") -> None:

@@ -10,7 +10,7 @@ import numpy as np
 
 from jaxprune.core.checks import check_budget
 from jaxprune.core.trees import (FlatSpec, PrunableSpec, PyTree, leaves_with_paths, map_with_paths,
-                            path_str, prunable_paths)
+                            on_host_numeric, path_str, prunable_paths, to_device)
 
 
 def topk_mask(scores: jax.Array, k) -> jax.Array:
@@ -57,12 +57,15 @@ def _kth_largest_key(keys: jax.Array, k) -> jax.Array:
 def masks_from_flat(keep: jax.Array, params: PyTree, spec: FlatSpec) -> PyTree:
   """Splits a flat ``keep: (p,)`` bool vector into a mask tree (``None`` off the prunable set)."""
   where = dict(zip(spec.paths, zip(spec.offsets, spec.shapes)))
+  host = on_host_numeric(keep)
+  flat = np.asarray(keep) if host else keep    # numpy slices of a host vector compile nothing
 
   def leaf_mask(path, leaf):
     if path not in where:
       return None
     off, shape = where[path]
-    return jnp.reshape(keep[off:off + int(np.prod(shape))], shape)
+    part = flat[off:off + int(np.prod(shape))].reshape(shape)
+    return to_device(part, keep) if host else part
 
   return map_with_paths(leaf_mask, params)
 
@@ -97,8 +100,13 @@ def check_masks(params: PyTree, masks: PyTree, name: str = "masks") -> None:
 def apply_masks(params: PyTree, masks: PyTree) -> PyTree:
   """Zeroes the pruned weights: ``params * mask`` where a mask exists, unchanged where ``None``."""
   check_masks(params, masks)
-  return jax.tree.map(lambda m, x: x if m is None else jnp.where(m, x, jnp.zeros((), x.dtype)),
-                      masks, params, is_leaf=lambda x: x is None)
+  return jax.tree.map(lambda m, x: x if m is None else _masked(m, x), masks, params, is_leaf=lambda x: x is None)
+
+
+def _masked(mask: Any, x: Any) -> Any:
+  if on_host_numeric(mask, x):      # numpy: nothing to compile per leaf shape
+    return to_device(np.where(np.asarray(mask), np.asarray(x), np.zeros((), x.dtype)), x)
+  return jnp.where(mask, x, jnp.zeros((), x.dtype))
 
 
 def masks_like(params: PyTree, prunable: PrunableSpec = None, value: bool = True) -> PyTree:

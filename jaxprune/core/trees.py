@@ -128,12 +128,25 @@ def on_host(*arrays: Any) -> bool:
   return True
 
 
-def host_like(value: np.ndarray, like: Any) -> Any:
-  """``value`` as the same kind of array as ``like``: numpy stays numpy, a jax array goes back to
-  ``like``'s device."""
-  if isinstance(like, jax.Array):
+def on_host_numeric(*arrays: Any) -> bool:
+  """:func:`on_host`, and every dtype a plain numpy number or bool (``bfloat16`` and PRNG keys
+  stay with jax, whose promotion rules numpy does not share)."""
+  return on_host(*arrays) and all(a is None or np.dtype(a.dtype).kind in "biuf" for a in arrays)
+
+
+def to_device(value: np.ndarray, like: Any = None) -> jax.Array:
+  """A host result as a jax array placed as ``like`` is: on its device when ``like`` is committed
+  to one, else uncommitted on the default device, as a jnp result of uncommitted inputs would be
+  (so it still combines with arrays sharded over a mesh)."""
+  if isinstance(like, jax.Array) and like.committed:
     return jax.device_put(value, next(iter(like.devices())))
-  return value
+  return jax.device_put(value)
+
+
+def host_like(value: np.ndarray, like: Any) -> Any:
+  """``value`` as the same kind of array as ``like``: numpy stays numpy, a jax array is placed
+  as :func:`to_device` places it."""
+  return to_device(value, like) if isinstance(like, jax.Array) else value
 
 
 def get_leaf(tree: PyTree, path: str) -> Any:
@@ -188,16 +201,22 @@ def flatten(tree: PyTree, prunable: PrunableSpec = None, *, spec: FlatSpec | Non
   """
   spec = flat_spec(tree, prunable) if spec is None else spec
   by_path = dict(leaves_with_paths(tree))
-  w = jnp.concatenate([jnp.ravel(by_path[p]) for p in spec.paths])
-  return w, spec
+  leaves = [by_path[p] for p in spec.paths]
+  if on_host_numeric(*leaves) and len({np.dtype(leaf.dtype) for leaf in leaves}) == 1:   # nothing to compile
+    return to_device(np.concatenate([np.ravel(np.asarray(leaf)) for leaf in leaves]), leaves[0]), spec
+  return jnp.concatenate([jnp.ravel(leaf) for leaf in leaves]), spec
 
 
 def unflatten(w: jax.Array, tree: PyTree, spec: FlatSpec) -> PyTree:
   """Writes ``w: (p,)`` back into the prunable leaves of ``tree`` (other leaves unchanged)."""
   if w.shape != (spec.size,):
     raise ValueError(f"w has shape {w.shape}, expected ({spec.size},) for this FlatSpec")
+  by_path = dict(leaves_with_paths(tree))
+  host = on_host_numeric(w, *(by_path[p] for p in spec.paths))
+  flat = np.asarray(w) if host else w      # numpy slices of a host vector compile nothing
   new = {}
   for path, shape, off in zip(spec.paths, spec.shapes, spec.offsets):
-    n = int(np.prod(shape))
-    new[path] = jnp.reshape(w[off:off + n], shape).astype(get_leaf(tree, path).dtype)
+    n, dtype = int(np.prod(shape)), by_path[path].dtype
+    part = flat[off:off + n].reshape(shape).astype(dtype)
+    new[path] = to_device(part, w) if host else part
   return replace_leaves(tree, new)

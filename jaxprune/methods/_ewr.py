@@ -47,6 +47,7 @@ from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxprune import ot
 from jaxprune.methods import _backsolve
@@ -61,7 +62,7 @@ from jaxprune.core.schedules import KINDS as SCHEDULES, budgets_between, schedul
 from jaxprune.signals.gradients import (DenseOperator, add_gradient_noise, batch_size, dense_operator,
                                        chunk_size_for, gradient_operator, grads_and_projections,
                                        raise_if_not_finite)
-from jaxprune.core.trees import PrunableSpec, PyTree, flat_spec, flatten, unflatten
+from jaxprune.core.trees import PrunableSpec, PyTree, flat_spec, flatten, on_host_numeric, to_device, unflatten
 
 DIRECTIONS = ("official", "exact")
 SIGNALS = ("materialized", "matrix_free")
@@ -505,7 +506,7 @@ def _run(params, batch, k, loss_fn, apply_fn, key, w_ref, prunable, opts: EWROpt
             f"{name} diverged at stage {stage} (record {it}): the objective is {record['objective_after']}. "
             "step='lipschitz' is safe for LR and direction='exact' with a fixed plan; with the official "
             "direction use step='official'.")
-    w_vec = w_next if opts.update_weights else jnp.where(keep, w_vec, 0.0)
+    w_vec = w_next if opts.update_weights else _kept(keep, w_vec)
   current = unflatten(w_vec, tree, spec)
   masks = masks_from_flat(keep, tree, spec)
   out = apply_masks(current, masks)
@@ -535,13 +536,34 @@ def _signals(loss, current, batch, spec, opts: EWROptions, noise_key, show_progr
   materialised, noiseless ``G``, ``z = G w`` and ``y = G ref`` are taken in the gradient pass."""
   if opts.signals == "matrix_free":
     return Signals(gradient_operator(loss, current, batch, spec=spec, chunk_size=chunk))
-  vectors = None if noise_key is not None else jnp.stack([w] + ([] if ref is None else [ref]), axis=1)
+  vectors = None if noise_key is not None else _columns([w] + ([] if ref is None else [ref]))
   G, finite, proj = grads_and_projections(loss, current, batch, vectors, spec=spec, chunk_size=chunk,
                                           dtype=opts.grads_dtype, show_progress=show_progress)
   if noise_key is not None:
     G = add_gradient_noise(G, noise_key, float(opts.noise[0]), float(opts.noise[1]))
     return Signals(dense_operator(G), finite=finite)
-  return Signals(dense_operator(G), proj[:, 0], proj[:, -1], finite)
+  return Signals(dense_operator(G), *_first_and_last_column(proj), finite)
+
+
+def _kept(keep: jax.Array, w: jax.Array) -> jax.Array:
+  """``w`` zero off ``keep`` (numpy for host arrays: an eager ``where`` compiles)."""
+  if on_host_numeric(keep, w):
+    return to_device(np.where(np.asarray(keep), np.asarray(w), np.zeros((), w.dtype)), w)
+  return jnp.where(keep, w, 0.0)
+
+
+def _columns(vectors: list) -> jax.Array:
+  """``(p, m)`` from ``m`` vectors ``(p,)``; numpy for host arrays (an eager stack compiles)."""
+  if on_host_numeric(*vectors):
+    return to_device(np.stack([np.asarray(v) for v in vectors], axis=1), vectors[0])
+  return jnp.stack(vectors, axis=1)
+
+
+def _first_and_last_column(a: jax.Array) -> tuple:
+  if on_host_numeric(a):
+    host = np.asarray(a)
+    return to_device(host[:, 0], a), to_device(host[:, -1], a)
+  return a[:, 0], a[:, -1]
 
 
 def _iht_support(signals: Signals, w, ref, k_t, cfg: StepConfig, opts: EWROptions, n, p):

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxprune.structure.channel_groups import CONSUMER, ChannelGroups, Group, NormLink
-from jaxprune.core.trees import leaves_with_paths, on_host, path_str, replace_leaves
+from jaxprune.core.trees import leaves_with_paths, on_host, path_str, replace_leaves, to_device
 
 MODES = ("shrink", "mask")
 
@@ -105,7 +105,7 @@ def _apply_channel_map(leaf: Any, mem, n: int, *, full: Optional[np.ndarray] = N
   pos = mem.positions(n).astype(np.int32)
   if on_host(leaf) and np.dtype(leaf.dtype) in (np.float32, np.float64):   # numpy: nothing to compile on CPU
     out = _channel_rows(np, np.asarray(leaf), np.asarray(coef), pos, mem.axis, mem.index is None)
-    return jax.device_put(out, _device_of(leaf))
+    return to_device(out, leaf)
   return _map_rows(leaf, coef, pos, mem.axis, mem.index is None)
 
 
@@ -169,14 +169,10 @@ def shrink_channels(variables: Any, plans: Sequence[tuple[Group, Any]]) -> Any:
   axes = tuple(tuple(a for a, _ in kept[p]) for p in paths)
   arrays = [leaves[p] for p in paths]
   if on_host(*arrays):   # host memory already: numpy gathers, nothing to compile
-    small = [jax.device_put(_take_numpy(np.asarray(a), kept[p]), _device_of(a)) for a, p in zip(arrays, paths)]
+    small = [to_device(_take_numpy(np.asarray(a), kept[p]), a) for a, p in zip(arrays, paths)]
   else:
     small = _gather_kept(axes, arrays, [[jnp.asarray(i, jnp.int32) for _, i in kept[p]] for p in paths])
   return replace_leaves(variables, dict(zip(paths, small)))
-
-
-def _device_of(leaf: Any):
-  return next(iter(leaf.devices())) if isinstance(leaf, jax.Array) else None
 
 
 def _take_numpy(leaf: np.ndarray, cuts: tuple) -> np.ndarray:
@@ -257,7 +253,7 @@ _fold_jit = jax.jit(functools.partial(_fold_arrays, jnp), static_argnums=(7, 8))
 
 def _full_like(host: bool, like: Any, value: float) -> jax.Array:
   if host:
-    return jax.device_put(np.full(np.shape(like), value, like.dtype), _device_of(like))
+    return to_device(np.full(np.shape(like), value, like.dtype), like)
   return jnp.full_like(like, value)
 
 
@@ -299,7 +295,7 @@ def fold_batchnorm(variables: Any, norms: Union[ChannelGroups, Sequence[NormLink
     if host:      # numpy: nothing to compile, and no per-shape compilation on a first call
       kernel, shift = _fold_arrays(np, *(None if a is None else np.asarray(a) for a in arrays),
                                    e, include_eps, link.axis)
-      kernel, shift = (jax.device_put(a, _device_of(arrays[0])) for a in (kernel, shift))
+      kernel, shift = (to_device(a, arrays[0]) for a in (kernel, shift))
     else:
       kernel, shift = _fold_jit(*arrays, e, include_eps, link.axis)
     full = functools.partial(_full_like, host)

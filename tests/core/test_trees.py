@@ -5,6 +5,7 @@ import pytest
 from flax import nnx
 
 import jaxprune as jp
+from jaxprune.core.masks import masks_from_flat
 from helpers import linen_variables, nnx_split
 
 
@@ -66,3 +67,25 @@ def test_unflatten_checks_length_and_is_jittable():
     jp.unflatten(w[:-1], params, spec)
   out = jax.jit(lambda w, t: jp.unflatten(w, t, spec))(jnp.zeros_like(w), params)
   assert all(float(jnp.abs(x).sum()) == 0 for p, x in jp.leaves_with_paths(out) if p.endswith("kernel"))
+
+
+def test_host_results_are_placed_as_their_inputs():
+  """Host paths (numpy, nothing compiled) return jax arrays placed as a jnp op would place them:
+  uncommitted for uncommitted inputs (so they still mix with arrays sharded over a mesh), on the
+  input's device when it is committed to one; the numbers equal the jnp computation."""
+  tree = {"a": {"kernel": jnp.arange(6.0).reshape(2, 3)}, "b": {"kernel": jnp.ones((3, 1)) * -2.0}}
+  w, spec = jp.trees.flatten(tree)
+  assert not w.committed
+  np.testing.assert_array_equal(w, jnp.concatenate([jnp.ravel(tree["a"]["kernel"]), jnp.ravel(tree["b"]["kernel"])]))
+  back = jp.trees.unflatten(w * 2, tree, spec)
+  np.testing.assert_array_equal(back["a"]["kernel"], tree["a"]["kernel"] * 2)
+  assert not back["b"]["kernel"].committed and back["b"]["kernel"].shape == (3, 1)
+  pinned = jax.tree.map(lambda x: jax.device_put(x, jax.devices()[0]), tree)
+  w2, _ = jp.trees.flatten(pinned)
+  assert w2.committed and w2.devices() == {jax.devices()[0]}
+  keep = w > 2.0
+  masks = masks_from_flat(keep, tree, spec)
+  assert masks["b"]["kernel"].dtype == jnp.bool_ and not bool(masks["b"]["kernel"].any())
+  out = jp.apply_masks(tree, masks)
+  np.testing.assert_array_equal(out["a"]["kernel"], jnp.where(tree["a"]["kernel"] > 2.0, tree["a"]["kernel"], 0.0))
+  assert not out["a"]["kernel"].committed
