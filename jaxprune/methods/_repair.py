@@ -41,7 +41,7 @@ from jaxprune.core.forms import as_model
 from jaxprune.core.options import Options, resolve
 from jaxprune.core.progress import progress
 from jaxprune.core.results import ChannelResult, make_info
-from jaxprune.core.trees import get_leaf, leaves_with_paths, replace_leaves
+from jaxprune.core.trees import get_leaf, leaves_with_paths, on_host_numeric, replace_leaves, to_device
 from jaxprune.structure.channel_groups import CONSUMER, PRODUCER, ChannelGroups, Group, KernelRead, NormLink
 from jaxprune.structure.interpret import evaluate
 from jaxprune.structure.surgery import channel_masks, check_keep, removed_positions, shrink_channels
@@ -262,8 +262,13 @@ def _accumulate(fn: Callable, chunks: list, show: bool, desc: str) -> Any:
   total = None
   for chunk in progress(chunks, desc=desc, disable=not show or len(chunks) == 1):
     out = fn(chunk)
-    total = out if total is None else tuple(combine(p, q) for p, q in zip(total, out))
+    total = out if total is None else _combine_all(total, out)
   return total
+
+
+@jax.jit
+def _combine_all(total: tuple, out: tuple) -> tuple:
+  return tuple(combine(p, q) for p, q in zip(total, out))
 
 
 def find_corrections(apply_fn: Callable, targets: tuple, kind: str, tree: Any, x: Any, *, dense: Optional[tuple],
@@ -279,15 +284,21 @@ def find_corrections(apply_fn: Callable, targets: tuple, kind: str, tree: Any, x
   for p in progress(range(1, limit + 1), desc="repair passes", disable=not show_progress):
     found = _accumulate(lambda c: correction_pass(apply_fn, targets, kind, min_ratio, tree, c, None, kept, fixed)[0],
                         chunks, show_progress, "chunks")
-    new = tuple(_solve(kind, m, layer_arrays(tree, t, m.mean.shape[0]), t, tree,
-                       None if dense is None else dense[i], kept[i], min_ratio)
-                for i, (t, m) in enumerate(zip(targets, found)))
-    done = all(bool(jnp.array_equal(a.scale, b.scale) and jnp.array_equal(a.shift, b.shift))
-               for a, b in zip(new, fixed))
+    new = _solve_all(kind, targets, min_ratio, found, tree, dense, kept)
+    done = all(np.array_equal(np.asarray(a.scale), np.asarray(b.scale))
+               and np.array_equal(np.asarray(a.shift), np.asarray(b.shift)) for a, b in zip(new, fixed))
     fixed = new
     if done:
       return found, fixed, p
   return found, fixed, limit
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _solve_all(kind: str, targets: tuple, min_ratio: float, found: tuple, tree: Any, dense: Optional[tuple],
+               kept: tuple) -> tuple:
+  """Every target's correction from its moments, in one program."""
+  return tuple(_solve(kind, m, layer_arrays(tree, t, m.mean.shape[0]), t, tree, None if dense is None else dense[i],
+                      kept[i], min_ratio) for i, (t, m) in enumerate(zip(targets, found)))
 
 
 def _solve(kind, m, arr, t, tree, dense, kept, min_ratio) -> Correction:
@@ -301,6 +312,13 @@ def dense_stats(apply_fn: Callable, targets: tuple, tree: Any, x: Any, chunk_siz
   """``(mean, std)`` of every target's output on the dense network."""
   found = _accumulate(lambda c: reference_pass(apply_fn, targets, tree, c), _chunks(x, chunk_size), show_progress,
                       "dense pass")
+  return _output_stats_all(targets, tree, found)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _output_stats_all(targets: tuple, tree: Any, found: tuple) -> tuple:
+  """``(mean, std)`` of every target's output from its moments, in one program (eager, each small
+  operation would compile once per channel count)."""
   return tuple(output_stats(m, layer_arrays(tree, t, m.mean.shape[0])) for t, m in zip(targets, found))
 
 
@@ -407,7 +425,11 @@ def expand_channels(dense: Any, pruned: Any, plans: Sequence[tuple]) -> tuple[An
     if np.shape(small[path]) != tuple(i.size for i in idx):
       raise ValueError(f"result: {path} has shape {np.shape(small[path])}; the plans give "
                        f"{tuple(i.size for i in idx)} (shrunk) or {np.shape(leaf)} (masked)")
-    if axes:
+    if axes and on_host_numeric(leaf, small[path]):   # numpy: an eager scatter compiles per shape
+      base = np.zeros_like(np.asarray(leaf)) if zero.get(path) else np.array(leaf)
+      base[np.ix_(*idx)] = np.asarray(small[path], base.dtype)
+      new[path] = to_device(base, leaf)
+    elif axes:
       base = jnp.zeros_like(leaf) if zero.get(path) else jnp.asarray(leaf)
       new[path] = base.at[np.ix_(*idx)].set(jnp.asarray(small[path], base.dtype))
   return replace_leaves(pruned, new), True
@@ -415,6 +437,12 @@ def expand_channels(dense: Any, pruned: Any, plans: Sequence[tuple]) -> tuple[An
 
 def fold_corrections(tree: Any, targets: Sequence[Target], corrections: Sequence[Correction]) -> Any:
   """Folds ``y <- a y + c`` into each target's norm (scale, offset) or kernel and bias."""
+  return replace_leaves(tree, _folded_corrections(tuple(targets), tree, tuple(corrections)))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _folded_corrections(targets: tuple, tree: Any, corrections: tuple) -> dict:
+  """The leaves :func:`fold_corrections` changes, ``{path: array}``, in one program."""
   leaves = dict(leaves_with_paths(tree))
   new = {}
 
@@ -432,7 +460,7 @@ def fold_corrections(tree: Any, targets: Sequence[Target], corrections: Sequence
       put(t.kernel, jnp.asarray(leaves[t.kernel], jnp.float32) * a)
       if t.bias is not None:
         put(t.bias, a * jnp.asarray(leaves[t.bias], jnp.float32) + s)
-  return replace_leaves(tree, new)
+  return new
 
 
 def fold_statistics(tree: Any, targets: Sequence[Target], found: Sequence[Moments], preserve_function: bool) -> Any:
@@ -441,6 +469,12 @@ def fold_statistics(tree: Any, targets: Sequence[Target], found: Sequence[Moment
   ``preserve_function``: also rescale the norm's scale and shift its offset so that its output
   is unchanged (``s' = g sqrt(var' + eps)``, ``b' = b + g (mean' - mean)``).
   """
+  return replace_leaves(tree, _folded_statistics(tuple(targets), bool(preserve_function), tree, tuple(found)))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _folded_statistics(targets: tuple, preserve_function: bool, tree: Any, found: tuple) -> dict:
+  """The leaves :func:`fold_statistics` changes, ``{path: array}``, in one program."""
   new = {}
   for t, m in zip(targets, found):
     arr = layer_arrays(tree, t, m.mean.shape[0])
@@ -455,7 +489,7 @@ def fold_statistics(tree: Any, targets: Sequence[Target], found: Sequence[Moment
       new[t.norm.scale] = jnp.where(on, arr.gain * jnp.sqrt(new_var + eps), scale).astype(jnp.asarray(scale).dtype)
       new[t.norm.offset] = jnp.where(on, arr.offset + arr.gain * (new_mean - arr.mean),
                                      offset).astype(jnp.asarray(offset).dtype)
-  return replace_leaves(tree, new)
+  return new
 
 
 # --- the public calls ------------------------------------------------------------------------
@@ -548,7 +582,7 @@ def repair(apply_fn: Optional[Callable], dense_params: Any, result: Any, x: Any,
   targets, skipped = find_targets(_trace(model, x, groups), plans, opts.where, shapes)
   if not targets:
     raise ValueError(f"result: no layer to correct ({'; '.join(f'{p}: {w}' for p, w in skipped.items()) or 'none'})")
-  kept = tuple(jnp.asarray(kept_channels(t, plans, shapes[t.kernel])) for t in targets)
+  kept = tuple(jax.device_put(np.asarray(kept_channels(t, plans, shapes[t.kernel]))) for t in targets)
   dense = dense_stats(model.apply_fn, targets, model.tree, x, opts.chunk_size, show_progress)
   found, made, passes = find_corrections(model.apply_fn, targets, "repair", full, x, dense=dense, kept=kept,
                                          chunk_size=opts.chunk_size, max_passes=opts.max_passes,
@@ -556,8 +590,7 @@ def repair(apply_fn: Optional[Callable], dense_params: Any, result: Any, x: Any,
   out = fold_corrections(full, targets, made)
   if shrunk:
     out = shrink_channels(out, plans)
-  layers = {t.name: _report(m, layer_arrays(full, t, m.mean.shape[0]), d, k)
-            for t, m, d, k in zip(targets, found, dense, kept)}
+  layers = {t.name: LayerReport(*r) for t, r in zip(targets, jax.device_get(_reports(targets, full, found, dense, kept)))}
   record = {"options": opts, "seconds": round(time.perf_counter() - started, 4), "examples": int(x.shape[0]),
             "passes": passes, "layers": layers, "skipped": skipped}
   if base is None:
@@ -567,12 +600,18 @@ def repair(apply_fn: Optional[Callable], dense_params: Any, result: Any, x: Any,
   return base._replace(params=out, info={**base.info, "repair": record})
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _reports(targets: tuple, tree: Any, found: tuple, dense: tuple, kept: tuple) -> tuple:
+  """Every target's :class:`LayerReport` fields, in one program."""
+  return tuple(tuple(_report(m, layer_arrays(tree, t, m.mean.shape[0]), d, k))
+               for t, m, d, k in zip(targets, found, dense, kept))   # device arrays; the caller reads them once
+
+
 def _report(m: Moments, arr: LayerArrays, dense: tuple, kept: jax.Array) -> LayerReport:
   mean_p, std_p = output_stats(m, arr)
   mean_d, std_d = dense
   safe = jnp.where(std_d > 0, std_d, 1.0)
-  return LayerReport(np.asarray(kept), np.asarray(jnp.where(std_d > 0, std_p / safe, 1.0)),
-                     np.asarray((mean_p - mean_d) / safe))
+  return LayerReport(kept, jnp.where(std_d > 0, std_p / safe, 1.0), (mean_p - mean_d) / safe)
 
 
 def reestimate_batchnorm(apply_fn: Optional[Callable], params: Any, x: Any, *, groups: Optional[ChannelGroups] = None,
