@@ -16,7 +16,7 @@ from jaxprune.core.forms import as_model
 from jaxprune.core.options import Options, resolve
 from jaxprune.core.masks import apply_masks, masks_from_flat, topk_mask
 from jaxprune.core.results import PruneResult, make_info
-from jaxprune.core.trees import FlatSpec, PrunableSpec, PyTree, flat_spec, flatten
+from jaxprune.core.trees import FlatSpec, PrunableSpec, PyTree, flat_spec, flatten, on_host_numeric, to_device
 
 SCOPES = ("global", "layer")
 
@@ -52,7 +52,15 @@ def _layer_keep(scores, k, spec):
 
 def keep_from_scores(scores: jax.Array, k: int, spec: FlatSpec, scope: str = "global") -> jax.Array:
   """Flat ``keep: (p,)`` with exactly ``k`` True: top-``k`` of ``scores: (p,)`` globally, or per leaf
-  with a uniform allocation (``scope="layer"``)."""
+  with a uniform allocation (``scope="layer"``). Host scores are ranked in numpy (nothing to
+  compile); device scores by one jitted program (per budget for ``"layer"``)."""
+  if on_host_numeric(scores):
+    if scope == "global":
+      return topk_mask(scores, k)
+    sizes = [int(np.prod(s)) for s in spec.shapes]
+    host = np.asarray(scores)
+    return to_device(np.concatenate([np.asarray(topk_mask(host[off:off + n], kl)) for off, n, kl in
+                                     zip(spec.offsets, sizes, uniform_allocation(k, sizes))]), scores)
   return _global_keep(scores, k) if scope == "global" else _layer_keep(scores, k, spec)
 
 
@@ -99,7 +107,8 @@ def magnitude(params: PyTree, k: int, *, prunable: PrunableSpec = None, options:
   k = check_k(k, spec.size)
   check_finite(tree, "params")   # a NaN weight would rank arbitrarily
   w, _ = flatten(tree, spec=spec)
-  return _prune_by_scores(tree, jnp.abs(w), k, spec, opts, "magnitude", started)
+  scores = to_device(np.abs(np.asarray(w)), w) if on_host_numeric(w) else jnp.abs(w)
+  return _prune_by_scores(tree, scores, k, spec, opts, "magnitude", started)
 
 
 def random(params: PyTree, k: int, *, key: jax.Array, prunable: PrunableSpec = None,

@@ -18,8 +18,11 @@ def test_topk_mask_exact_k_and_lowest_index_wins_ties(k):
   np.testing.assert_array_equal(np.flatnonzero(keep), np.sort(order[:k]))
 
 
-def test_topk_mask_matches_a_stable_sort_on_signed_tied_and_nan_scores():
-  """The radix search against ``argsort`` of ``(-score, index)`` (NaN last, -0.0 == 0.0)."""
+@pytest.mark.parametrize("path", ["host", "compiled"])
+def test_topk_mask_matches_a_stable_sort_on_signed_tied_and_nan_scores(path):
+  """Both implementations against ``argsort`` of ``(-score, index)`` (NaN last, -0.0 == 0.0):
+  numpy's partition for host scores with a concrete k, the radix search otherwise (here under jit)."""
+  topk = jp.topk_mask if path == "host" else jax.jit(jp.topk_mask)
   rng = np.random.default_rng(1)
   for trial in range(20):
     scores = rng.choice([-2.5, -1.0, -0.0, 0.0, 1e-30, 0.5, 3.0, np.inf, -np.inf], size=37).astype(np.float32)
@@ -29,10 +32,10 @@ def test_topk_mask_matches_a_stable_sort_on_signed_tied_and_nan_scores():
     nan = np.isnan(scores)
     order = np.lexsort((np.arange(37), -np.where(nan, 0.0, scores), nan))   # numbers first, by -score, then index
     for k in (0, 1, 5, 18, 36, 37):
-      np.testing.assert_array_equal(np.flatnonzero(np.asarray(jp.topk_mask(jnp.asarray(scores), k))),
+      np.testing.assert_array_equal(np.flatnonzero(np.asarray(topk(jnp.asarray(scores), k))),
                                     np.sort(order[:k]), err_msg=f"trial {trial}, k {k}")
   big = rng.normal(size=100_000).astype(np.float32)
-  np.testing.assert_array_equal(np.flatnonzero(np.asarray(jp.topk_mask(jnp.asarray(big), 777))),
+  np.testing.assert_array_equal(np.flatnonzero(np.asarray(topk(jnp.asarray(big), 777))),
                                 np.sort(np.argsort(-big, kind="stable")[:777]))
 
 
