@@ -69,7 +69,7 @@ def main():
     if proc.returncode != 0:
       raise RuntimeError(proc.stderr[-3000:])
     r = json.loads(proc.stdout.strip().splitlines()[-1])
-    rows.append({"model": name, "method": method, "imports": imports, "startup_imports_s": round(r["imports_s"], 3),
+    rows.append({"model": name, "method": method, "imports": imports, "startup imports (s)": round(r["imports_s"], 3),
                  "groups": r["groups"], "trace_groups_s": round(r["groups_s"], 3),
                  "first_s": round(r["first"], 3), "repeat_s": round(r["repeat"], 3), "new_sparsity_s": round(r["new"], 3),
                  "new_over_repeat": round(r["new"] / r["repeat"], 2)})

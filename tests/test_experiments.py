@@ -66,6 +66,19 @@ def test_structure_benchmarks_quick(script, stem, key, tmp_path):
 
 
 @pytest.mark.slow
+def test_first_calls_benchmark_quick(tmp_path):
+  """Fresh processes on the real MLPNet checkpoint: magnitude compiles nothing on its first call
+  (host weights are ranked in numpy); an official LR stage compiles its own programs only."""
+  proc = subprocess.run([sys.executable, str(REPO / "benchmarks/first_calls.py"), "--quick", "--out", str(tmp_path)],
+                        capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  rows = {r["call"]: r for r in json.loads((tmp_path / "first_calls_quick.json").read_text())["rows"]}
+  assert set(rows) == {"magnitude", "lr official"}
+  assert all(r["first_s"] > 0 and r["warm_s"] > 0 for r in rows.values())
+  assert rows["magnitude"]["compilations"] == 0
+  assert 1 <= rows["lr official"]["compilations"] <= 12
+
+@pytest.mark.slow
 def test_official_stage_benchmark_quick(tmp_path):
   proc = subprocess.run([sys.executable, str(REPO / "benchmarks/official_stage.py"), "--quick", "--out", str(tmp_path)],
                         capture_output=True, text=True, timeout=900)
