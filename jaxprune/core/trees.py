@@ -143,6 +143,24 @@ def to_device(value: np.ndarray, like: Any = None) -> jax.Array:
   return jax.device_put(value)
 
 
+def take_rows(x: Any, start: int, stop: int) -> Any:
+  """Rows ``[start, stop)`` of ``x``: a numpy slice for host arrays (an eager jax slice compiles
+  once per shape), the jax slice otherwise."""
+  return np.asarray(x)[start:stop] if on_host_numeric(x) else x[start:stop]
+
+
+def join_rows(parts: list) -> Any:
+  """``parts`` joined along their first axis (scalars stacked): in numpy for host arrays, placed
+  as :func:`to_device` places them; by jnp otherwise."""
+  if len(parts) == 1:
+    return parts[0]
+  stack = np.ndim(parts[0]) == 0
+  if on_host_numeric(*parts):
+    host = [np.asarray(p) for p in parts]
+    return to_device(np.stack(host) if stack else np.concatenate(host), parts[0])
+  return jnp.stack(parts) if stack else jnp.concatenate(parts)
+
+
 def host_like(value: np.ndarray, like: Any) -> Any:
   """``value`` as the same kind of array as ``like``: numpy stays numpy, a jax array is placed
   as :func:`to_device` places it."""

@@ -25,7 +25,7 @@ from jaxprune.core.checks import check_choice
 from jaxprune.core.forms import as_model
 from jaxprune.core.options import Options, resolve
 from jaxprune.core.results import ChannelResult, make_info
-from jaxprune.core.trees import on_host
+from jaxprune.core.trees import join_rows, take_rows
 from jaxprune.methods._repair import RepairOptions, check_repair_request, repair_if_asked
 from jaxprune.methods._channels import model_inputs
 from jaxprune.structure.channel_groups import ChannelGroups
@@ -97,17 +97,8 @@ def _chunked(fn: Callable, x: Any, chunk: Optional[int]) -> Any:
   n = x.shape[0]
   if chunk is None or chunk >= n:
     return fn(x)
-  host = on_host(x)
-  xs = np.asarray(x) if host else x
-  parts = [fn(xs[i:i + chunk]) for i in range(0, n, chunk)]
-  return jax.tree_util.tree_map(functools.partial(_join, host), *parts)
-
-
-def _join(host: bool, *parts):
-  if host and on_host(*parts):
-    out = np.concatenate([np.asarray(p) for p in parts]) if parts[0].ndim else np.stack(parts)
-    return jax.device_put(out)
-  return jnp.concatenate(parts) if parts[0].ndim else jnp.stack(parts)
+  parts = [fn(take_rows(x, i, i + chunk)) for i in range(0, n, chunk)]
+  return jax.tree_util.tree_map(lambda *a: join_rows(list(a)), *parts)
 
 
 def _unit_hidden(unit: Unit, variables: Any, x: Any, chunk: Optional[int]) -> jax.Array:

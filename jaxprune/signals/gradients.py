@@ -20,8 +20,8 @@ from flax import struct
 
 from jaxprune.core.forms import classification_loss  # noqa: F401  (re-exported: the signals face)
 from jaxprune.core.progress import progress
-from jaxprune.core.trees import (FlatSpec, PrunableSpec, PyTree, flat_spec, flatten, on_host_numeric, to_device,
-                                 unflatten)
+from jaxprune.core.trees import (FlatSpec, PrunableSpec, PyTree, flat_spec, flatten, join_rows, on_host_numeric,
+                                 take_rows, unflatten)
 
 LossFn = Callable[[PyTree, Any], jax.Array]
 
@@ -46,7 +46,7 @@ def batch_size(batch: Any, name: str = "batch") -> int:
 
 def _slice(batch, start, stop):
   """Examples ``[start, stop)``; host arrays are sliced in numpy (an eager jax slice compiles)."""
-  return jax.tree.map(lambda x: np.asarray(x)[start:stop] if on_host_numeric(x) else x[start:stop], batch)
+  return jax.tree.map(lambda x: take_rows(x, start, stop), batch)
 
 
 def _example_loss_fn(loss_fn: LossFn, params: PyTree, spec: FlatSpec):
@@ -83,18 +83,6 @@ def _xp(*arrays):
   """numpy for host arrays (nothing to compile), jax.numpy otherwise (device, sharded, traced)."""
   return np if on_host_numeric(*arrays) else jnp
 
-
-def _head(x: Any, m: int) -> Any:
-  """The first ``m`` rows (of the padded last chunk's outputs)."""
-  return to_device(np.asarray(x)[:m], x) if on_host_numeric(x) else x[:m]
-
-
-def _join(parts: list) -> Any:
-  if len(parts) == 1:
-    return parts[0]
-  if on_host_numeric(*parts):
-    return to_device(np.concatenate([np.asarray(p) for p in parts]), parts[0])
-  return jnp.concatenate(parts)
 
 
 def per_example_grads(loss_fn: LossFn, params: PyTree, batch: Any, *, prunable: PrunableSpec = None,
@@ -147,11 +135,11 @@ def grads_and_projections(loss_fn: LossFn, params: PyTree, batch: Any, vectors: 
   for s, e in progress(chunks, desc="per-example grads", disable=not show_progress):
     rows, ok, proj = _grads_chunk(w, params, _pad(batch, s, e, size), vectors, loss_fn=loss_fn, spec=spec, dtype=dtype)
     if e - s < size:   # the padded last chunk (a slice of a full chunk would copy it)
-      rows, ok, proj = _head(rows, e - s), _head(ok, e - s), None if proj is None else _head(proj, e - s)
+      rows, ok, proj = (None if a is None else take_rows(a, 0, e - s) for a in (rows, ok, proj))
     G = rows if G is None else _write_rows(G, rows, s)
     finite.append(ok)
     projections.append(proj)
-  return G, _join(finite), None if vectors is None else _join(projections)
+  return G, join_rows(finite), None if vectors is None else join_rows(projections)
 
 
 def raise_if_not_finite(finite: jax.Array) -> None:
