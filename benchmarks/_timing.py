@@ -2,6 +2,8 @@
 import argparse
 import json
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -17,6 +19,15 @@ def parse_args(description: str) -> argparse.Namespace:
   p.add_argument("--quick", action="store_true")
   p.add_argument("--out", default=str(RESULTS))
   return p.parse_args()
+
+
+def run_child(code: str, *args: str, timeout: int = 1800) -> dict:
+  """Runs ``python -c code *args`` in a fresh process (first calls are per process) and returns
+  the JSON object on the last line of its output; raises with its stderr if it fails."""
+  proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=timeout)
+  if proc.returncode != 0:
+    raise RuntimeError(proc.stderr[-3000:])
+  return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def median_time(fn, repeats: int, *, warmup: bool = True):

@@ -10,13 +10,10 @@ the median). ``compilations`` counts the XLA programs the first call compiled
   ewr official     jp.ewr(official=True), one stage (MLPNet, N = 1000)
   prune + repair   jp.prune_channels at 0.5 with repair on the 256 images (ResNet20)
 """
-import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
-from _timing import markdown_table, parse_args, write_results
+from _timing import markdown_table, parse_args, run_child, write_results
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("JAXPRUNE_SHARED", REPO.parent / "shared"))
@@ -68,11 +65,7 @@ def main():
   args = parse_args(__doc__.splitlines()[0])
   rows = []
   for which in (CALLS[:2] if args.quick else CALLS):
-    proc = subprocess.run([sys.executable, "-c", CHILD, which, str(SHARED), str(Path(__file__).parent)],
-                          capture_output=True, text=True, timeout=1800)
-    if proc.returncode != 0:
-      raise RuntimeError(proc.stderr[-3000:])
-    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    r = run_child(CHILD, which, str(SHARED), str(Path(__file__).parent))
     rows.append({"call": which, "first_s": round(r["first"], 3), "warm_s": round(r["warm"], 4),
                  "compilations": r["compilations"], "compile_s": round(r["compile_s"], 3)})
     print(rows[-1], flush=True)

@@ -13,12 +13,8 @@ official scripts import them at startup, before any timed call. Each Intra-Fusio
 ``imports="lazy"`` (as a user's first call) and ``imports="startup"`` (both imported before the
 first call, as the official scripts do; the import time is reported apart).
 """
-import json
-import subprocess
-import sys
-from pathlib import Path
 
-from _timing import markdown_table, parse_args, write_results
+from _timing import markdown_table, parse_args, run_child, write_results
 
 CHILD = r"""
 import json, statistics, sys, time
@@ -64,11 +60,7 @@ def main():
   rows = []
   todo = [(n, m, i) for n, m in todo for i in (("lazy", "startup") if m == "intra_fusion" else ("lazy",))]
   for name, method, imports in todo:
-    proc = subprocess.run([sys.executable, "-c", CHILD, name, method, "0.5", new, imports], capture_output=True,
-                          text=True, timeout=1800)
-    if proc.returncode != 0:
-      raise RuntimeError(proc.stderr[-3000:])
-    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    r = run_child(CHILD, name, method, "0.5", new, imports)
     rows.append({"model": name, "method": method, "imports": imports, "startup imports (s)": round(r["imports_s"], 3),
                  "groups": r["groups"], "trace_groups_s": round(r["groups_s"], 3),
                  "first_s": round(r["first"], 3), "repeat_s": round(r["repeat"], 3), "new_sparsity_s": round(r["new"], 3),
