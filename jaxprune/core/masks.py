@@ -119,10 +119,12 @@ def check_masks(params: PyTree, masks: PyTree, name: str = "masks") -> None:
 def apply_masks(params: PyTree, masks: PyTree) -> PyTree:
   """Zeroes the pruned weights: ``params * mask`` where a mask exists, unchanged where ``None``."""
   check_masks(params, masks)
-  return jax.tree.map(lambda m, x: x if m is None else _masked(m, x), masks, params, is_leaf=lambda x: x is None)
+  return jax.tree.map(lambda m, x: x if m is None else where_kept(m, x), masks, params, is_leaf=lambda x: x is None)
 
 
-def _masked(mask: Any, x: Any) -> Any:
+def where_kept(mask: Any, x: Any) -> Any:
+  """``x`` where ``mask``, else 0 (in ``x``'s dtype); numpy for host arrays (an eager ``where``
+  compiles once per shape)."""
   if on_host_numeric(mask, x):      # numpy: nothing to compile per leaf shape
     return to_device(np.where(np.asarray(mask), np.asarray(x), np.zeros((), x.dtype)), x)
   return jnp.where(mask, x, jnp.zeros((), x.dtype))

@@ -55,7 +55,7 @@ from jaxprune.core.budget import check_k
 from jaxprune.core.checks import check_choice, check_finite, check_labels, check_positive_int
 from jaxprune.core.forms import as_model, user_loss
 from jaxprune.core.options import Options, resolve
-from jaxprune.core.masks import apply_masks, masks_from_flat, topk_mask
+from jaxprune.core.masks import apply_masks, masks_from_flat, topk_mask, where_kept
 from jaxprune.core.progress import progress
 from jaxprune.core.results import PruneResult, make_info
 from jaxprune.core.schedules import KINDS as SCHEDULES, budgets_between, schedule_fractions
@@ -506,7 +506,7 @@ def _run(params, batch, k, loss_fn, apply_fn, key, w_ref, prunable, opts: EWROpt
             f"{name} diverged at stage {stage} (record {it}): the objective is {record['objective_after']}. "
             "step='lipschitz' is safe for LR and direction='exact' with a fixed plan; with the official "
             "direction use step='official'.")
-    w_vec = w_next if opts.update_weights else _kept(keep, w_vec)
+    w_vec = w_next if opts.update_weights else where_kept(keep, w_vec)
   current = unflatten(w_vec, tree, spec)
   masks = masks_from_flat(keep, tree, spec)
   out = apply_masks(current, masks)
@@ -543,13 +543,6 @@ def _signals(loss, current, batch, spec, opts: EWROptions, noise_key, show_progr
     G = add_gradient_noise(G, noise_key, float(opts.noise[0]), float(opts.noise[1]))
     return Signals(dense_operator(G), finite=finite)
   return Signals(dense_operator(G), *_first_and_last_column(proj), finite)
-
-
-def _kept(keep: jax.Array, w: jax.Array) -> jax.Array:
-  """``w`` zero off ``keep`` (numpy for host arrays: an eager ``where`` compiles)."""
-  if on_host_numeric(keep, w):
-    return to_device(np.where(np.asarray(keep), np.asarray(w), np.zeros((), w.dtype)), w)
-  return jnp.where(keep, w, 0.0)
 
 
 def _columns(vectors: list) -> jax.Array:
