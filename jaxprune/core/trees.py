@@ -8,6 +8,7 @@ so the same selection works for linen and NNX trees.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import fnmatch
 import re
 from typing import Any, Callable, NamedTuple, Sequence, Union
@@ -41,7 +42,27 @@ def path_str(path: tuple) -> str:
 
 def leaves_with_paths(tree: PyTree) -> list[tuple[str, Any]]:
   """``[(path, leaf), ...]`` in the tree's flatten order."""
-  return [(path_str(p), leaf) for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]]
+  return _flatten_with_paths(tree)[0]
+
+
+def _flatten_with_paths(tree: PyTree) -> tuple[list[tuple[str, Any]], Any]:
+  """``([(path, leaf), ...], treedef)``; the path strings are cached per tree structure."""
+  leaves, treedef = jax.tree_util.tree_flatten(tree)
+  try:
+    return list(zip(_paths_of(treedef), leaves)), treedef
+  except (TypeError, ValueError):   # unhashable static data, or a node that cannot hold placeholders
+    return [(path_str(p), leaf) for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]], treedef
+
+
+@functools.lru_cache(maxsize=64)
+def _paths_of(treedef) -> tuple[str, ...]:
+  """The path strings of a tree structure's leaves, computed once per structure (the surgery
+  walks the same tree once per group, and the strings cost more than the flatten)."""
+  dummy = jax.tree_util.tree_unflatten(treedef, range(treedef.num_leaves))
+  keyed = jax.tree_util.tree_flatten_with_path(dummy)[0]
+  if [leaf for _, leaf in keyed] != list(range(treedef.num_leaves)):
+    raise ValueError("the structure does not round-trip through unflatten")   # -> the uncached walk
+  return tuple(path_str(p) for p, _ in keyed)
 
 
 def is_kernel(path: str, leaf: Any) -> bool:
@@ -177,7 +198,8 @@ def get_leaf(tree: PyTree, path: str) -> Any:
 
 def map_with_paths(fn: Callable[[str, Any], Any], tree: PyTree) -> PyTree:
   """``jax.tree_util.tree_map_with_path`` with normalised string paths; keeps the container type."""
-  return jax.tree_util.tree_map_with_path(lambda p, x: fn(path_str(p), x), tree)
+  pairs, treedef = _flatten_with_paths(tree)
+  return jax.tree_util.tree_unflatten(treedef, [fn(p, x) for p, x in pairs])
 
 
 def replace_leaves(tree: PyTree, new: dict[str, Any]) -> PyTree:
