@@ -46,7 +46,7 @@ def _channel_sums(xp, leaf, grad, pos, axis, kind):
   if kind == "taylor":
     w = xp.abs(w * xp.asarray(grad, xp.float32))
   elif kind != "sum":
-    w = xp.abs(w) ** kind
+    w = xp.abs(w) if kind == 1 else xp.abs(w) ** kind
   per_row = w.sum(axis=tuple(a for a in range(w.ndim) if a != axis))   # (rows,): no gathered copy of w
   return per_row[pos].sum(axis=1)                                      # pos: (n, r) rows of each channel
 
