@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxprune.structure.channel_groups import CONSUMER, ChannelGroups, Group, NormLink
-from jaxprune.core.trees import leaves_with_paths, on_host, path_str, replace_leaves, to_device
+from jaxprune.core.trees import leaves_with_paths, map_with_paths, on_host, replace_leaves, to_device
 
 MODES = ("shrink", "mask")
 
@@ -37,6 +37,13 @@ def check_keep(keep: Any, group: Group, name: str = "keep") -> np.ndarray:
   if np.unique(arr).size != arr.size:
     raise ValueError(f"{name} has repeated channel indices")
   return arr
+
+
+def kept_flags(group: Group, keep: Any) -> np.ndarray:
+  """``(n,)`` bool, True on the kept channels (``keep`` checked by :func:`check_keep`)."""
+  flags = np.zeros(group.size, bool)
+  flags[check_keep(keep, group)] = True
+  return flags
 
 
 def _check_mode(mode: str) -> None:
@@ -72,9 +79,10 @@ def write_channels(variables: Any, group: Group, keep: Any, fusion_map: Optional
   """
   keep = check_keep(keep, group)
   n, m = group.size, keep.size
+  kept = kept_flags(group, keep)
   t_cons = None if fusion_map is None else _check_map(fusion_map, m, n, "fusion_map")
   t_prod = t_cons if producer_map is None else _check_map(producer_map, m, n, "producer_map")
-  removed = np.setdiff1d(np.arange(n), keep)
+  removed = np.flatnonzero(~kept)
   leaves = dict(leaves_with_paths(variables))
   new = {}
   for mem in group.members:
@@ -92,7 +100,7 @@ def write_channels(variables: Any, group: Group, keep: Any, fusion_map: Optional
         full[removed, removed] = 1.0
       new[mem.path] = _apply_channel_map(leaf, mem, n, full=full)
     elif silence:
-      new[mem.path] = _apply_channel_map(leaf, mem, n, scale=np.isin(np.arange(n), keep))
+      new[mem.path] = _apply_channel_map(leaf, mem, n, scale=kept)
   return replace_leaves(variables, new)
 
 
@@ -101,25 +109,23 @@ def _apply_channel_map(leaf: Any, mem, n: int, *, full: Optional[np.ndarray] = N
   """``leaf`` with channel ``k`` of the member replaced by ``sum_j full[k, j] channel_j`` (or
   multiplied by ``scale[k]``). One jitted function per leaf shape and axis: every shape here is
   the dense one, whichever channels are kept, so a new sparsity compiles nothing."""
-  coef = full if full is not None else np.asarray(scale, np.float32)
   pos = mem.positions(n).astype(np.int32)
+  if full is None:
+    return _scale_along(leaf, _axis_scale(scale, pos, np.shape(leaf)[mem.axis]), mem.axis)
   if on_host(leaf) and np.dtype(leaf.dtype) in (np.float32, np.float64):   # numpy: nothing to compile on CPU
-    out = _channel_rows(np, np.asarray(leaf), np.asarray(coef), pos, mem.axis, mem.index is None)
+    out = _channel_rows(np, np.asarray(leaf), full, pos, mem.axis, mem.index is None)
     return to_device(out, leaf)
-  return _map_rows(leaf, coef, pos, mem.axis, mem.index is None)
+  return _map_rows(leaf, full, pos, mem.axis, mem.index is None)
 
 
 def _channel_rows(xp, leaf, coef, pos, axis: int, plain: bool):
-  """``coef: (n, n)`` mixes the channels' rows ``pos: (n, r)`` of ``leaf`` along ``axis``; ``(n,)``
-  scales them. ``xp`` is numpy (trees in host memory) or ``jax.numpy`` (jitted: :data:`_map_rows`)."""
+  """``coef: (n, n)`` mixes the channels' rows ``pos: (n, r)`` of ``leaf`` along ``axis``. ``xp`` is
+  numpy (trees in host memory) or ``jax.numpy`` (jitted: :data:`_map_rows`)."""
   w = xp.moveaxis(xp.asarray(leaf), axis, 0)
   n = pos.shape[0]
   plain = plain and w.shape[0] == n
   rows = w[:, None] if plain else w[pos]                        # (n, r, ...)
-  if coef.ndim == 2:
-    rows = xp.tensordot(coef.astype(w.dtype), rows, axes=(1, 0))
-  else:
-    rows = rows * coef.astype(w.dtype).reshape((n, 1) + (1,) * (rows.ndim - 2))
+  rows = xp.tensordot(coef.astype(w.dtype), rows, axes=(1, 0))
   flat_rows = rows.reshape((-1,) + rows.shape[2:])
   if plain:
     w = rows[:, 0]
@@ -134,10 +140,33 @@ def _channel_rows(xp, leaf, coef, pos, axis: int, plain: bool):
 _map_rows = jax.jit(functools.partial(_channel_rows, jnp), static_argnums=(3, 4))
 
 
+def _axis_scale(scale: np.ndarray, pos: np.ndarray, length: int) -> np.ndarray:
+  """``(length,)`` factors along the member's axis: ``scale[k]`` on channel ``k``'s rows ``pos[k]``,
+  1 on rows no channel owns."""
+  vec = np.ones(length, np.float32)
+  vec[pos] = np.asarray(scale, np.float32)[:, None]
+  return vec
+
+
+def _scale_along(leaf: Any, vec: np.ndarray, axis: int) -> Any:
+  """``leaf`` times ``vec`` broadcast along ``axis``: one pass, no gathered copy of the rows."""
+  if on_host(leaf) and np.dtype(leaf.dtype) in (np.float32, np.float64):
+    return to_device(_times_along(np, np.asarray(leaf), vec, axis), leaf)
+  return _times_along_jit(leaf, vec, axis)
+
+
+def _times_along(xp, leaf, vec, axis: int):
+  shape = [1] * leaf.ndim
+  shape[axis] = -1
+  return leaf * xp.asarray(vec).astype(leaf.dtype).reshape(shape)
+
+
+_times_along_jit = jax.jit(functools.partial(_times_along, jnp), static_argnums=2)
+
+
 def removed_positions(group: Group, keep: Any) -> dict:
   """``{(path, axis): positions}`` that removing the other channels deletes."""
-  keep = check_keep(keep, group)
-  removed = np.setdiff1d(np.arange(group.size), keep)
+  removed = np.flatnonzero(~kept_flags(group, keep))
   out = {}
   for mem in group.members:
     out[(mem.path, mem.axis)] = mem.positions(group.size)[removed].ravel()
@@ -223,19 +252,28 @@ def channel_masks(variables: Any, plans: Sequence[tuple[Group, Any]]) -> Any:
   :func:`jaxprune.keep_pruned_at_zero` to keep a masked model structurally sparse while training.
   """
   leaves = dict(leaves_with_paths(variables))
-  masks: dict = {}
+  along: dict = {}   # {path: {axis: (length,) bool}}: a mask is the outer AND of its axes' flags
   for group, keep in plans:
-    keep = check_keep(keep, group)
-    removed = np.setdiff1d(np.arange(group.size), keep)
+    removed = ~kept_flags(group, keep)
     for mem in group.members:
       if mem.kind == "stat":
         continue
-      mask = masks.setdefault(mem.path, np.ones(np.shape(leaves[mem.path]), bool))
-      idx = [slice(None)] * mask.ndim
-      idx[mem.axis] = mem.positions(group.size)[removed].ravel()
-      mask[tuple(idx)] = False
-  return jax.tree_util.tree_map_with_path(
-      lambda p, x: jax.device_put(masks[path_str(p)]) if path_str(p) in masks else None, variables)
+      length = np.shape(leaves[mem.path])[mem.axis]
+      flags = along.setdefault(mem.path, {}).setdefault(mem.axis, np.ones(length, bool))
+      flags[mem.positions(group.size)[removed].ravel()] = False
+  paths = list(along)
+  placed = jax.device_put([_outer_mask(np.shape(leaves[p]), along[p]) for p in paths])   # one transfer call
+  masks = dict(zip(paths, placed))
+  return map_with_paths(lambda p, x: masks.get(p), variables)
+
+
+def _outer_mask(shape: tuple, flags: dict) -> np.ndarray:
+  mask = np.ones(shape, bool)
+  for axis, along_axis in flags.items():
+    view = [1] * len(shape)
+    view[axis] = -1
+    mask &= along_axis.reshape(view)
+  return mask
 
 
 def _fold_arrays(xp, kernel, bias, gamma, beta, mean, var, eps: float, include_eps: bool, axis: int):

@@ -171,7 +171,7 @@ def test_host_and_compiled_channel_sums_and_maps_agree():
   """Host trees score and map channels in numpy (nothing to compile); device trees use the jitted
   functions. Both agree, for a plain member and a flatten-style member (several rows per channel)."""
   from jaxprune.structure.importance import _channel_sums, _sums_jit
-  from jaxprune.structure.surgery import _channel_rows, _map_rows
+  from jaxprune.structure.surgery import _axis_scale, _channel_rows, _map_rows, _times_along, _times_along_jit
   _map_rows_host = functools.partial(_channel_rows, np)
   rng = np.random.default_rng(0)
   leaf = rng.normal(size=(3, 3, 12, 5)).astype(np.float32)
@@ -188,9 +188,15 @@ def test_host_and_compiled_channel_sums_and_maps_agree():
     np.testing.assert_allclose(_channel_sums(np, leaf, None, pos, axis, "sum"),
                                rows.reshape(pos.shape[0], -1).sum(1), rtol=1e-5)
     if pos.shape[0] == 4:
-      for c in (coef, scale):
-        np.testing.assert_allclose(_map_rows_host(leaf, c, pos, axis, False),
-                                   np.asarray(_map_rows(jnp.asarray(leaf), c, pos, axis, False)), rtol=1e-5, atol=1e-5)
+      np.testing.assert_allclose(_map_rows_host(leaf, coef, pos, axis, False),
+                                 np.asarray(_map_rows(jnp.asarray(leaf), coef, pos, axis, False)), rtol=1e-5, atol=1e-5)
+      expected = np.moveaxis(leaf, axis, 0).copy()   # independent: scale each channel's rows in a loop
+      for k in range(4):
+        expected[pos[k]] *= scale[k]
+      vec = _axis_scale(scale, pos, leaf.shape[axis])
+      np.testing.assert_array_equal(_times_along(np, leaf, vec, axis), np.moveaxis(expected, 0, axis))
+      np.testing.assert_array_equal(np.asarray(_times_along_jit(jnp.asarray(leaf), vec, axis)),
+                                    np.moveaxis(expected, 0, axis))
   plain = rng.normal(size=(4, 6)).astype(np.float32)
   np.testing.assert_allclose(_map_rows_host(plain, coef, np.arange(4, dtype=np.int32)[:, None], 0, True),
                              coef @ plain, rtol=1e-5, atol=1e-5)
