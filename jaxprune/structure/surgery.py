@@ -41,8 +41,12 @@ def check_keep(keep: Any, group: Group, name: str = "keep") -> np.ndarray:
 
 def kept_flags(group: Group, keep: Any) -> np.ndarray:
   """``(n,)`` bool, True on the kept channels (``keep`` checked by :func:`check_keep`)."""
-  flags = np.zeros(group.size, bool)
-  flags[check_keep(keep, group)] = True
+  return _flags(group.size, check_keep(keep, group))
+
+
+def _flags(n: int, keep: np.ndarray) -> np.ndarray:
+  flags = np.zeros(n, bool)
+  flags[keep] = True
   return flags
 
 
@@ -79,7 +83,7 @@ def write_channels(variables: Any, group: Group, keep: Any, fusion_map: Optional
   """
   keep = check_keep(keep, group)
   n, m = group.size, keep.size
-  kept = kept_flags(group, keep)
+  kept = _flags(n, keep)   # keep is checked already
   t_cons = None if fusion_map is None else _check_map(fusion_map, m, n, "fusion_map")
   t_prod = t_cons if producer_map is None else _check_map(producer_map, m, n, "producer_map")
   removed = np.flatnonzero(~kept)
