@@ -164,6 +164,18 @@ def to_device(value: np.ndarray, like: Any = None) -> jax.Array:
   return jax.device_put(value)
 
 
+def to_devices(values: Sequence[np.ndarray], likes: Sequence[Any]) -> list:
+  """:func:`to_device` of each ``value`` placed as its ``like``; the uncommitted ones in one
+  transfer call (a call per small leaf costs more than its copy)."""
+  out = list(values)
+  free = [i for i, like in enumerate(likes) if not (isinstance(like, jax.Array) and like.committed)]
+  for i, placed in zip(free, jax.device_put([values[i] for i in free])):
+    out[i] = placed
+  for i in set(range(len(out))) - set(free):
+    out[i] = to_device(values[i], likes[i])
+  return out
+
+
 def take_rows(x: Any, start: int, stop: int) -> Any:
   """Rows ``[start, stop)`` of ``x``: a numpy slice for host arrays (an eager jax slice compiles
   once per shape), the jax slice otherwise."""

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxprune.structure.channel_groups import CONSUMER, ChannelGroups, Group, NormLink
-from jaxprune.core.trees import leaves_with_paths, map_with_paths, on_host, replace_leaves, to_device
+from jaxprune.core.trees import leaves_with_paths, map_with_paths, on_host, replace_leaves, to_device, to_devices
 
 MODES = ("shrink", "mask")
 
@@ -188,24 +188,32 @@ def shrink_channels(variables: Any, plans: Sequence[tuple[Group, Any]]) -> Any:
     the tree with smaller arrays. Build the model with the new widths (the reference models'
     ``from_params``) to run it.
   """
-  drop: dict = {}
-  for group, keep in plans:
-    for key, pos in removed_positions(group, keep).items():
-      drop.setdefault(key, []).append(pos)
   leaves = dict(leaves_with_paths(variables))
-  by_path: dict = {}
-  for (path, axis), pos in drop.items():
-    by_path.setdefault(path, []).append((axis, np.unique(np.concatenate(pos))))
-  kept = {path: tuple((axis, np.setdiff1d(np.arange(np.shape(leaves[path])[axis]), pos)) for axis, pos in cuts)
-          for path, cuts in by_path.items()}
+  kept: dict = {}   # {path: [(axis, kept rows), ...]}
+  for (path, axis), flags in _kept_rows(leaves, plans).items():
+    kept.setdefault(path, []).append((axis, np.flatnonzero(flags)))
   paths = sorted(kept)
   axes = tuple(tuple(a for a, _ in kept[p]) for p in paths)
   arrays = [leaves[p] for p in paths]
   if on_host(*arrays):   # host memory already: numpy gathers, nothing to compile
-    small = [to_device(_take_numpy(np.asarray(a), kept[p]), a) for a, p in zip(arrays, paths)]
+    small = to_devices([_take_numpy(np.asarray(a), kept[p]) for a, p in zip(arrays, paths)], arrays)
   else:
     small = _gather_kept(axes, arrays, [[jnp.asarray(i, jnp.int32) for _, i in kept[p]] for p in paths])
   return replace_leaves(variables, dict(zip(paths, small)))
+
+
+def _kept_rows(leaves: dict, plans: Sequence[tuple[Group, Any]], stats: bool = True) -> dict:
+  """``{(path, axis): (length,) bool}``, False on the rows some plan removes (``stats``: also
+  for the statistics' members)."""
+  rows: dict = {}
+  for group, keep in plans:
+    removed = ~kept_flags(group, keep)
+    for mem in group.members:
+      if mem.kind == "stat" and not stats:
+        continue
+      flags = rows.setdefault((mem.path, mem.axis), np.ones(np.shape(leaves[mem.path])[mem.axis], bool))
+      flags[mem.positions(group.size)[removed].ravel()] = False
+  return rows
 
 
 def _take_numpy(leaf: np.ndarray, cuts: tuple) -> np.ndarray:
@@ -257,14 +265,8 @@ def channel_masks(variables: Any, plans: Sequence[tuple[Group, Any]]) -> Any:
   """
   leaves = dict(leaves_with_paths(variables))
   along: dict = {}   # {path: {axis: (length,) bool}}: a mask is the outer AND of its axes' flags
-  for group, keep in plans:
-    removed = ~kept_flags(group, keep)
-    for mem in group.members:
-      if mem.kind == "stat":
-        continue
-      length = np.shape(leaves[mem.path])[mem.axis]
-      flags = along.setdefault(mem.path, {}).setdefault(mem.axis, np.ones(length, bool))
-      flags[mem.positions(group.size)[removed].ravel()] = False
+  for (path, axis), flags in _kept_rows(leaves, plans, stats=False).items():
+    along.setdefault(path, {})[axis] = flags
   paths = list(along)
   placed = jax.device_put([_outer_mask(np.shape(leaves[p]), along[p]) for p in paths])   # one transfer call
   masks = dict(zip(paths, placed))

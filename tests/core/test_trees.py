@@ -89,3 +89,17 @@ def test_host_results_are_placed_as_their_inputs():
   out = jp.apply_masks(tree, masks)
   np.testing.assert_array_equal(out["a"]["kernel"], jnp.where(tree["a"]["kernel"] > 2.0, tree["a"]["kernel"], 0.0))
   assert not out["a"]["kernel"].committed
+
+
+def test_to_devices_places_each_result_as_its_like():
+  """Host results come back committed where their ``like`` was committed to a device, and
+  uncommitted (in one transfer call) otherwise; values unchanged."""
+  from jaxprune.core.trees import to_devices
+  cpu = jax.devices("cpu")[0]
+  likes = [jnp.zeros(2), jax.device_put(jnp.zeros(3), cpu), np.zeros(4)]
+  values = [np.arange(2.0), np.arange(3.0), np.arange(4.0)]
+  out = to_devices(values, likes)
+  assert [x.committed for x in out] == [False, True, False]
+  assert out[1].devices() == {cpu}
+  for x, value in zip(out, values):
+    np.testing.assert_array_equal(np.asarray(x), value)
