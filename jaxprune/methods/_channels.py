@@ -17,8 +17,10 @@ from jaxprune.core.progress import progress
 from jaxprune.core.results import ChannelResult, make_info
 from jaxprune.methods._repair import RepairOptions, check_repair_request, repair_if_asked
 from jaxprune.structure.channel_groups import ChannelGroups, Group
-from jaxprune.structure.importance import magnitude_importance, random_importance, taylor_grads, taylor_importance
-from jaxprune.structure.surgery import MODES, channel_masks, fold_batchnorm, shrink_channels, write_channels
+from jaxprune.structure.importance import (MagnitudeScores, magnitude_importance, random_importance, taylor_grads,
+                                          taylor_importance)
+from jaxprune.structure.surgery import (MODES, channel_masks, fold_batchnorm, kept_flags, shrink_channels,
+                                       write_channels)
 
 IMPORTANCES = ("l1", "l2", "taylor", "random")
 Importance = Union[str, Callable[[Any, Group], Any]]
@@ -126,6 +128,14 @@ def importance_fn(importance: Importance, *, key: Optional[jax.Array] = None, gr
                    f"got {importance!r}")
 
 
+def _magnitude_scorer(importance: Any, variables: Any, groups: Sequence[Group]) -> Optional[MagnitudeScores]:
+  """:class:`MagnitudeScores` for ``"l1"``/``"l2"`` on a host tree (same scores without zeroing
+  the tree group by group), else ``None``: score the written tree."""
+  if importance not in ("l1", "l2") or not MagnitudeScores.applies(variables, groups):
+    return None
+  return MagnitudeScores(variables, groups, 1 if importance == "l1" else 2)
+
+
 @dataclasses.dataclass(frozen=True)
 class ChannelOptions(Options):
   """Options of :func:`prune_channels` (default structured pruning).
@@ -213,18 +223,25 @@ def prune_channels(params: Any, groups: Optional[Union[ChannelGroups, Sequence[G
   if opts.fold_bn and norms:
     variables = fold_batchnorm(variables, norms, include_eps=opts.include_eps)
   kept, plans, per_group = {}, [], {}
+  scorer = _magnitude_scorer(opts.importance, variables, [group_list[i] for i in budgets])
   for i in progress(list(budgets), desc="groups", disable=not show_progress):
     s, m = budgets[i]
     g = group_list[i]
-    scores = np.asarray(score(variables, g))
+    scores = np.asarray(score(variables, g) if scorer is None else scorer(g))
     if scores.shape != (g.size,):
       raise ValueError(f"importance returned shape {scores.shape} for group {i}, expected ({g.size},)")
     keep = keep_top(scores, m)
-    variables = write_channels(variables, g, keep)
+    if scorer is None:
+      variables = write_channels(variables, g, keep)
+    else:
+      scorer.remove(g, kept_flags(g, keep))
     kept[i] = keep
     plans.append((g, keep))
     per_group[i] = {"n": g.size, "m": m, "sparsity": s}
   masks = channel_masks(original, plans)
+  if scorer is not None and opts.mode == "mask":   # shrink deletes every row the zeroing would write
+    for g, keep in plans:
+      variables = write_channels(variables, g, keep)
   if opts.mode == "shrink":
     variables = shrink_channels(variables, plans)
   info = make_info("prune_channels", opts, started, fold_bn=bool(opts.fold_bn and norms), groups=per_group, plans=tuple(plans))

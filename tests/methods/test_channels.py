@@ -54,6 +54,63 @@ def test_prune_channels_keeps_floor_budget_and_the_top_channels(resnet20_checkpo
   np.testing.assert_array_equal(res.kept[1], np.sort(np.argsort(imp1, kind="stable")[-res.kept[1].size:]))
 
 
+def _scored_on_written_tree(v, groups, sparsity, importance, mode, official=False):
+  """prune_channels scoring every group on the tree written group by group (a callable importance
+  takes that path); the reference for the default l1/l2 path, which never writes the tree."""
+  p = 1 if importance == "l1" else 2
+  return jp.prune_channels(v, groups, sparsity, importance=lambda vv, g: jp.magnitude_importance(vv, g, p),
+                           mode=mode, official=official, show_progress=False)
+
+
+def _assert_same_result(a, b):
+  assert a.kept.keys() == b.kept.keys()
+  for k in a.kept:
+    np.testing.assert_array_equal(a.kept[k], b.kept[k])
+  for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params), strict=True):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  for x, y in zip(jax.tree.leaves(a.masks), jax.tree.leaves(b.masks), strict=True):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_default_l1_l2_without_writing_the_tree_match_scoring_the_written_tree(resnet20_checkpoint):
+  """The default path reduces each kernel once and zeroes removed channels in the reductions;
+  scoring the tree written group by group must keep the same channels and give the same tree."""
+  v, groups = resnet20_checkpoint
+  for importance, mode, official in (("l1", "shrink", False), ("l2", "mask", False), ("l1", "mask", True)):
+    got = jp.prune_channels(v, groups, 0.5, importance=importance, mode=mode, official=official, show_progress=False)
+    _assert_same_result(got, _scored_on_written_tree(v, groups, 0.5, importance, mode, official))
+
+
+def test_magnitude_scores_follow_removals_on_flatten_and_shared_axes():
+  """Hand-made groups: a flatten consumer (3 rows per channel) and two groups splitting one axis
+  (rows no channel of a group owns keep their factor 1). Scores agree with magnitude_importance
+  on the written tree at every step, and so does the whole prune."""
+  from jaxprune.structure.importance import MagnitudeScores
+  rng = np.random.default_rng(0)
+  v = {"conv": {"kernel": rng.normal(size=(3, 3, 2, 4)).astype(np.float32)},
+       "d1": {"kernel": rng.normal(size=(12, 6)).astype(np.float32), "bias": rng.normal(size=6).astype(np.float32)},
+       "d2": {"kernel": rng.normal(size=(6, 3)).astype(np.float32)}}
+  flat = np.arange(12).reshape(3, 4).T   # NHWC flatten of (1, 3, 4): channel c owns rows c, c + 4, c + 8
+  head = lambda rows: np.asarray(rows)[:, None]
+  groups = [
+      jp.make_group(v, [("conv/kernel", 3)], [jp.Member("d1/kernel", 0, "consumer", "kernel", flat)], size=4),
+      jp.make_group(v, [jp.Member("d1/kernel", 1, "producer", "kernel", head(range(4))),
+                        jp.Member("d1/bias", 0, "producer", "bias", head(range(4)))],
+                    [jp.Member("d2/kernel", 0, "consumer", "kernel", head(range(4)))], size=4),
+      jp.make_group(v, [jp.Member("d1/kernel", 1, "producer", "kernel", head([4, 5]))],
+                    [jp.Member("d2/kernel", 0, "consumer", "kernel", head([4, 5]))], size=2)]
+  for p in (1, 2):
+    scores, written = MagnitudeScores(v, groups, p), v
+    for g, keep in zip(groups, (np.array([1, 3]), np.array([0, 2]), np.array([1]))):
+      np.testing.assert_allclose(scores(g), jp.magnitude_importance(written, g, p), rtol=1e-6)
+      scores.remove(g, np.isin(np.arange(g.size), keep))
+      written = jp.write_channels(written, g, keep)
+    for mode in ("shrink", "mask"):
+      importance = "l1" if p == 1 else "l2"
+      got = jp.prune_channels(v, groups, 0.5, importance=importance, mode=mode, show_progress=False)
+      _assert_same_result(got, _scored_on_written_tree(v, groups, 0.5, importance, mode))
+
+
 def test_pruned_resnet20_rebuilt_from_shrunk_params_matches_mask_mode(resnet20_checkpoint, data_dir):
   v, groups = resnet20_checkpoint
   test = jp.data.load("cifar10_png5k", "test", data_dir=data_dir, source="local")
