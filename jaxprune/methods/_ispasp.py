@@ -47,12 +47,18 @@ def _hidden(hidden_fn, variables, x):
 
 @functools.partial(jax.jit, static_argnames=("output_fn", "options"))
 def _recover(output_fn, params, hidden, k, norm, options):
-  return recover_support(output_fn, params, hidden, k, norm, options)
+  """The support and its relative output error, in one program per unit shape."""
+  return _solve(output_fn, params, hidden, k, norm, options)
 
 
 @functools.partial(jax.jit, static_argnames=("output_fn", "options"))
 def _recover_stacked(output_fn, params, hidden, k, norm, options):
-  return jax.vmap(lambda p, h, kk, nn: recover_support(output_fn, p, h, kk, nn, options))(params, hidden, k, norm)
+  return jax.vmap(lambda p, h, kk, nn: _solve(output_fn, p, h, kk, nn, options))(params, hidden, k, norm)
+
+
+def _solve(output_fn, params, hidden, k, norm, options):
+  support = recover_support(output_fn, params, hidden, k, norm, options)
+  return support, _output_error(output_fn, params, norm, hidden, support.mask)
 
 
 def unit_labels(units: Sequence[Unit]) -> list:
@@ -119,16 +125,11 @@ def _check_hidden(unit: Unit, hidden: jax.Array, finite: Any) -> None:
 _all_finite = jax.jit(lambda h: jnp.all(jnp.isfinite(h)))
 
 
-@functools.partial(jax.jit, static_argnums=0)
 def _output_error(output_fn, params, norm, hidden, mask):
+  """``||U - U_pruned|| / ||U||`` on the batch (inference-mode norm), traced inside :func:`_recover`."""
   dense = norm_eval(output_fn(params, hidden), norm)
   pruned = norm_eval(output_fn(params, hidden * mask.astype(hidden.dtype)), norm)
   return jnp.linalg.norm(dense - pruned) / jnp.maximum(jnp.linalg.norm(dense), 1e-30)
-
-
-def _relative_error(unit: Unit, variables: Any, hidden: jax.Array, mask: jax.Array) -> float:
-  """``||U - U_pruned|| / ||U||`` (inference-mode norm), in one compiled program per unit shape."""
-  return float(_output_error(unit.output_fn, unit.params_fn(variables), unit.output_norm(variables), hidden, mask))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -249,27 +250,26 @@ def ispasp(params: Any, groups: Optional[Union[ChannelGroups, Sequence[Unit]]], 
   original, v = variables, variables
   kept, plans, per_unit = {}, [], {}
 
-  def finish(i, mask, support, hidden, t0, solved_on):
+  def finish(i, support, err, t0):
     nonlocal v
-    keep_idx = np.flatnonzero(np.asarray(mask))
+    keep_idx = np.flatnonzero(np.asarray(support.mask))
     unit = units[i]
-    err = _relative_error(unit, solved_on, hidden, jnp.asarray(mask))
     v = write_channels(v, unit.group, keep_idx)
     kept[labels[i]] = keep_idx
     plans.append((unit.group, keep_idx))
     per_unit[labels[i]] = {"name": unit.name, "n": unit.size, "m": int(keep_idx.size), "sparsity": budgets[i][0],
                            "iterations": int(support.iterations), "converged": not bool(support.changed),
                            "proxy": _resolve(options, proxy, unit).proxy,
-                           "relative_error": err, "seconds": round(time.perf_counter() - t0, 4)}
+                           "relative_error": float(err), "seconds": round(time.perf_counter() - t0, 4)}
 
   if order == "sequential":
     for i in progress(list(budgets), desc="i-SpaSP units", disable=not show_progress):
       t0 = time.perf_counter()
       unit = units[i]
       hidden = _unit_hidden(unit, v, x, chunk_size)
-      sup = _recover(unit.output_fn, unit.params_fn(v), hidden, budgets[i][1], unit.output_norm(v),
-                     _resolve(options, proxy, unit))
-      finish(i, sup.mask, sup, hidden, t0, v)
+      sup, err = _recover(unit.output_fn, unit.params_fn(v), hidden, budgets[i][1], unit.output_norm(v),
+                          _resolve(options, proxy, unit))
+      finish(i, sup, err, t0)
   else:
     t0 = time.perf_counter()
     hiddens = _dense_hiddens(units, list(budgets), variables, x, chunk_size, apply_kwargs, apply_fn)
@@ -286,11 +286,10 @@ def ispasp(params: Any, groups: Optional[Union[ChannelGroups, Sequence[Unit]]], 
       params = stack([units[i].params_fn(variables) for i in idx])
       norms = None if u0.norm is None else stack([units[i].output_norm(variables) for i in idx])
       ks = jnp.asarray([budgets[i][1] for i in idx])
-      sup = _recover_stacked(u0.output_fn, params, jnp.stack([hiddens[i] for i in idx]), ks, norms,
-                             _resolve(options, proxy, u0))
+      sups, errs = _recover_stacked(u0.output_fn, params, jnp.stack([hiddens[i] for i in idx]), ks, norms,
+                                    _resolve(options, proxy, u0))
       for j, i in enumerate(idx):
-        one = jax.tree_util.tree_map(lambda a: a[j], sup)
-        finish(i, one.mask, one, hiddens[i], t0, variables)
+        finish(i, jax.tree_util.tree_map(lambda a: a[j], sups), errs[j], t0)
 
   masks = channel_masks(original, plans)
   if mode == "shrink":
