@@ -129,8 +129,8 @@ def importance_fn(importance: Importance, *, key: Optional[jax.Array] = None, gr
 
 
 def _magnitude_scorer(importance: Any, variables: Any, groups: Sequence[Group]) -> Optional[MagnitudeScores]:
-  """:class:`MagnitudeScores` for ``"l1"``/``"l2"`` on a host tree (same scores without zeroing
-  the tree group by group), else ``None``: score the written tree."""
+  """:class:`MagnitudeScores` for ``"l1"``/``"l2"`` on concrete arrays (same scores without
+  zeroing the tree group by group), else ``None``: score the written tree."""
   if importance not in ("l1", "l2") or not MagnitudeScores.applies(variables, groups):
     return None
   return MagnitudeScores(variables, groups, 1 if importance == "l1" else 2)

@@ -66,6 +66,27 @@ STRUCTURED = textwrap.dedent("""
         for a, b in zip(jax.tree_util.tree_leaves(one.params), jax.tree_util.tree_leaves(eight.params)):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6, err_msg=name)
         assert eight.params["params"]["fc1"]["kernel"].shape == (784, 20), name
+    # conv kernels: default pruning reduces them where they live and scores on the host
+    from jaxprune.models import resnet20
+    from jaxprune.structure.importance import MagnitudeScores
+    cnn = resnet20()
+    vc = cnn.init(jax.random.key(1), jnp.zeros((1, 32, 32, 3)))
+    vcs = jax.device_put(vc, NamedSharding(mesh, P()))
+    cgroups = jp.groups(cnn.apply, vc, jnp.zeros((1, 32, 32, 3)))
+    # a Dense kernel pruned on both axes would come to the host whole: such trees are written instead
+    r = np.random.default_rng(1)
+    vd = {n: {"kernel": jnp.asarray(r.normal(size=(32, 32)), jnp.float32)} for n in ("d1", "d2", "d3")}
+    vds = jax.device_put(vd, NamedSharding(mesh, P()))
+    dgroups = [jp.make_group(vd, [("d1/kernel", 1)], [("d2/kernel", 0)]),
+               jp.make_group(vd, [("d2/kernel", 1)], [("d3/kernel", 0)])]
+    assert MagnitudeScores.applies(vcs, list(cgroups)) and MagnitudeScores.applies(vs, list(groups))
+    assert MagnitudeScores.applies(vd, dgroups) and not MagnitudeScores.applies(vds, dgroups)
+    for mode, (gs, host, sharded) in (("shrink", (cgroups, vc, vcs)), ("mask", (cgroups, vc, vcs)),
+                                      ("shrink", (dgroups, vd, vds))):
+        one, eight = (jp.prune_channels(t, gs, 0.5, mode=mode, show_progress=False) for t in (host, sharded))
+        assert {g: list(k) for g, k in one.kept.items()} == {g: list(k) for g, k in eight.kept.items()}, mode
+        for a, b in zip(jax.tree_util.tree_leaves(one.params), jax.tree_util.tree_leaves(eight.params)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7, err_msg=mode)
     print("OK")
 """)
 

@@ -197,6 +197,12 @@ def test_host_and_compiled_channel_sums_and_maps_agree():
       np.testing.assert_array_equal(_times_along(np, leaf, vec, axis), np.moveaxis(expected, 0, axis))
       np.testing.assert_array_equal(np.asarray(_times_along_jit(jnp.asarray(leaf), vec, axis)),
                                     np.moveaxis(expected, 0, axis))
+  from jaxprune.structure.importance import _abs_sums, _abs_sums_jit
+  for axes in ((3,), (2, 3), (0, 2)):
+    for p in (1, 2.0):
+      expected = (np.abs(leaf.astype(np.float64)) ** p).sum(axis=tuple(a for a in range(4) if a not in axes))
+      np.testing.assert_allclose(_abs_sums(np, leaf, axes, p), expected, rtol=1e-5)
+      np.testing.assert_allclose(np.asarray(_abs_sums_jit(jnp.asarray(leaf), axes, p)), expected, rtol=1e-5)
   plain = rng.normal(size=(4, 6)).astype(np.float32)
   np.testing.assert_allclose(_map_rows_host(plain, coef, np.arange(4, dtype=np.int32)[:, None], 0, True),
                              coef @ plain, rtol=1e-5, atol=1e-5)
