@@ -112,7 +112,7 @@ class MagnitudeScores:
     kernels = {m.path: leaves[m.path] for g in groups for m in g.kernels}
     if on_host(*kernels.values()):
       return True
-    if any(not isinstance(k, jax.Array) or isinstance(k, jax.core.Tracer) for k in kernels.values()):
+    if any(not isinstance(k, (np.ndarray, jax.Array)) or isinstance(k, jax.core.Tracer) for k in kernels.values()):
       return False
     axes = _channel_axes(groups, set(kernels))
     reduced = sum(int(np.prod([np.shape(k)[a] for a in axes[path]])) for path, k in kernels.items())

@@ -81,6 +81,8 @@ STRUCTURED = textwrap.dedent("""
                jp.make_group(vd, [("d2/kernel", 1)], [("d3/kernel", 0)])]
     assert MagnitudeScores.applies(vcs, list(cgroups)) and MagnitudeScores.applies(vs, list(groups))
     assert MagnitudeScores.applies(vd, dgroups) and not MagnitudeScores.applies(vds, dgroups)
+    mixed = jax.tree_util.tree_map_with_path(lambda q, a: np.asarray(a) if "conv1" in jax.tree_util.keystr(q) else a, vcs)
+    assert MagnitudeScores.applies(mixed, list(cgroups))   # numpy and device kernels together
     for mode, (gs, host, sharded) in (("shrink", (cgroups, vc, vcs)), ("mask", (cgroups, vc, vcs)),
                                       ("shrink", (dgroups, vd, vds))):
         one, eight = (jp.prune_channels(t, gs, 0.5, mode=mode, show_progress=False) for t in (host, sharded))
