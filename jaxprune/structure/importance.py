@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxprune.structure.channel_groups import Group
+from jaxprune.structure.surgery import _axis_scale
 from jaxprune.core.progress import progress
 from jaxprune.core.trees import leaves_with_paths, on_host
 
@@ -128,10 +129,8 @@ class MagnitudeScores:
     for m in group.members:
       if m.path in self.reduced and m.kind != "stat":
         length = self.reduced[m.path].shape[self.axes[m.path].index(m.axis)]
-        rows = np.ones(length, np.float32)
-        rows[m.positions(group.size)] = kept[:, None]
         key = (m.path, m.axis)
-        self.factors[key] = self.factors.get(key, 1.0) * rows
+        self.factors[key] = self.factors.get(key, 1.0) * _axis_scale(kept, m.positions(group.size), length)
 
   def _rows(self, m) -> np.ndarray:
     """``(length,)`` sums of ``|w|^p`` per row of ``m``'s axis, removed channels zeroed."""
