@@ -108,7 +108,7 @@ def main():
         kw = dict(importance=imp, mode="mask", rounding="truncate", show_progress=False,
                   grads=grads if imp == "taylor" else None)
         d = acc(jp.prune_channels(v, groups, {gi: s}, **kw).params)
-        f = acc(jp.intra_fusion(v, groups, {gi: s}, **kw).params)
+        f = acc(jp.intra_fusion(v, groups, {gi: s}, p=1, **kw).params)   # the official l1 cost, as recorded
         rows.append({"model": args.model, "group": gi, "n": groups[gi].size, "sparsity": s, "importance": imp,
                      "default": d, "intra_fusion": f, "delta": round(f - d, 2)})
         print(rows[-1], flush=True)

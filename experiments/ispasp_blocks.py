@@ -65,7 +65,7 @@ def main():
               "default": lambda: jp.prune_channels(v, groups, {g: 1 - r for g in unit_groups}, importance="l1",
                                                    rounding="truncate", show_progress=False),
               "intra_fusion": lambda: jp.intra_fusion(v, groups, {g: 1 - r for g in unit_groups}, importance="l1",
-                                                      rounding="truncate", show_progress=False),
+                                                      p=1, rounding="truncate", show_progress=False),
               "default_bn_kept": lambda: jp.prune_channels(v, groups, {g: 1 - r for g in unit_groups}, importance="l1",
                                                            fold_bn=False, rounding="truncate", show_progress=False)}
       if name == "mlpnet":   # no BatchNorm: the same as default

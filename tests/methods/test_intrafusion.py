@@ -206,3 +206,34 @@ def test_host_pairing_cost_equals_the_compiled_one(p):
   host = pairing_cost(jnp.asarray(x), keep, p)                  # a CPU jax array: the host path, same kind out
   assert isinstance(host, jax.Array) and host.dtype == jnp.float32
   np.testing.assert_allclose(np.asarray(host), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_euclidean_pairing_cost_keeps_near_rows_apart():
+  """``p=2`` on the host is one product ``|x|^2 + |y|^2 - 2 x.y``; near rows cancel almost all of
+  it. It is taken in float64, so a distance of 1e-4 (a float32 product would give about 3e-4 or 0)
+  is right to 1e-8 and a row's distance to itself is below float32's rounding of 1."""
+  from jaxprune.methods._intrafusion import _pairing_cost_host
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(6, 4608)).astype(np.float32)
+  x[1] = x[0] + 1e-4 * np.linalg.norm(x[0]) / np.sqrt(4608) * rng.normal(size=4608).astype(np.float32)
+  keep = np.array([0, 2, 5])
+  x64 = x.astype(np.float64) / np.linalg.norm(x.astype(np.float64), axis=1, keepdims=True)
+  ref = np.sqrt(((x64[:, None, :] - x64[None, keep, :]) ** 2).sum(-1))
+  got = _pairing_cost_host(x, keep, 2.0)
+  assert 5e-5 < ref[1, 0] < 2e-4
+  assert abs(got[1, 0] - ref[1, 0]) < 1e-8
+  np.testing.assert_allclose(got, ref, rtol=1e-6, atol=2e-7)
+  assert max(got[0, 0], got[2, 1], got[5, 2]) < 2e-7
+
+
+def test_official_preset_uses_the_l1_pairing_cost_and_the_default_l2(resnet20_checkpoint):
+  """The default cost is Euclidean; ``official=True`` keeps the official ``l_1`` (the costs are
+  checked against distances written out in numpy)."""
+  v, groups = resnet20_checkpoint
+  for official, p in ((False, 2), (True, 1)):
+    res = jp.intra_fusion(v, groups, {1: 0.5}, mode="mask", official=official, show_progress=False)
+    f = res.info["maps"][1]
+    x = np.asarray(pairing_vectors(jp.fold_batchnorm(v, groups, include_eps=not official), groups[1]), np.float64)
+    xn = x / np.linalg.norm(x, axis=1, keepdims=True)
+    ref = (np.abs(xn[:, None, :] - xn[None, f.keep, :]) ** p).sum(-1) ** (1.0 / p)
+    np.testing.assert_allclose(f.cost, ref, rtol=2e-5, atol=1e-6)
