@@ -72,22 +72,39 @@ class FusionMap(NamedTuple):
   cost: np.ndarray
 
 
-def pairing_vectors(variables: Any, group: Group, *, include_bias: bool = False) -> jax.Array:
+def pairing_vectors(variables: Any, group: Group, *, include_bias: bool = False, host_dtype: Any = np.float32) -> Any:
   """``X: (n, D)``: each channel's slices of the group's kernels, concatenated.
 
   Producers contribute their output slice, consumers their input slice (every row of a flatten
   mapping), in the group's member order. ``include_bias`` adds the producer biases (the paper's
-  text; the official code leaves them out).
+  text; the official code leaves them out). Leaves in host memory give a numpy ``X`` of
+  ``host_dtype`` (float64 for the host cost, which computes in float64), others a float32 jax array.
   """
   leaves = dict(leaves_with_paths(variables))
   n = group.size
   members = [m for m in group.members if m.kind in ("kernel", "depthwise") or (include_bias and m.kind == "bias")]
   if not members:
     raise ValueError(f"group {group.name} has no kernel members to build pairing vectors from")
-  xp = np if on_host(*(leaves[m.path] for m in members)) else jnp   # numpy in host memory: no compile per shape
-  parts = [xp.moveaxis(xp.asarray(leaves[m.path], xp.float32), m.axis, 0)[m.positions(n)].reshape(n, -1)
-           for m in members]
-  return xp.concatenate(parts, axis=1)
+  arrays = [leaves[m.path] for m in members]
+  if on_host(*arrays):   # numpy in host memory: no compile per shape
+    return _host_pairing_vectors([np.asarray(a) for a in arrays], members, n, host_dtype)
+  parts = [jnp.moveaxis(jnp.asarray(a, jnp.float32), m.axis, 0)[m.positions(n)].reshape(n, -1)
+           for a, m in zip(arrays, members)]
+  return jnp.concatenate(parts, axis=1)
+
+
+def _host_pairing_vectors(arrays: list, members: list, n: int, dtype: Any) -> np.ndarray:
+  """Each member's channel rows written once into one ``(n, D)`` array of ``dtype``: no gathered
+  copy for unmapped members, no join, and the conversion done in the same pass."""
+  rows = [np.moveaxis(a, m.axis, 0)[:n, None] if m.index is None else np.moveaxis(a, m.axis, 0)[m.index]
+          for a, m in zip(arrays, members)]   # (n, r, ...)
+  widths = [int(np.prod(r.shape[1:])) for r in rows]
+  out = np.empty((n, sum(widths)), dtype)
+  start = 0
+  for r, width in zip(rows, widths):
+    out[:, start:start + width].reshape(r.shape)[...] = r
+    start += width
+  return out
 
 
 def pairing_cost(x: jax.Array, keep: Any, p: float = 2, *, chunk: int = 32) -> jax.Array:
@@ -102,7 +119,7 @@ def pairing_cost(x: jax.Array, keep: Any, p: float = 2, *, chunk: int = 32) -> j
   """
   keep = np.asarray(keep)
   if on_host(x):
-    return host_like(_pairing_cost_host(np.asarray(x, np.float32), keep, float(p)), x)
+    return host_like(_pairing_cost_host(np.asarray(x), keep, float(p)), x)
   full = np.asarray(all_pairs_cost(jnp.asarray(x), float(p), int(chunk)))
   return jax.device_put(full[:, keep])   # device_put: jnp.asarray would compile per shape
 
@@ -112,10 +129,11 @@ def _pairing_cost_host(x: np.ndarray, keep: np.ndarray, p: float, workers: Optio
   threads (default: one per core, when the ``n x m x D`` work is large enough to pay for them;
   ``cdist`` releases the GIL). Each block is the same computation, so the result does not depend
   on ``workers``."""
-  norms = np.linalg.norm(x, axis=1, keepdims=True)
-  xn = x / np.where(norms > 0, norms, 1.0)
+  x = np.asarray(x, np.float64)   # cdist computes in float64 too
+  norms = np.sqrt(np.einsum("nd,nd->n", x, x))
   if p == 2:
-    return _euclidean_host(xn, keep)
+    return _euclidean_host(x, norms, keep)
+  xn = x / np.where(norms > 0, norms, 1.0)[:, None]
   from scipy.spatial.distance import cdist
   metric = {1.0: "cityblock", 2.0: "euclidean"}.get(p, "minkowski")
   one = lambda rows: cdist(xn[rows], xn[keep], metric, **({"p": p} if metric == "minkowski" else {}))  # noqa: E731
@@ -128,12 +146,15 @@ def _pairing_cost_host(x: np.ndarray, keep: np.ndarray, p: float, workers: Optio
     return np.concatenate(list(pool.map(one, blocks))).astype(np.float32)
 
 
-def _euclidean_host(xn: np.ndarray, keep: np.ndarray) -> np.ndarray:
-  """``(n, m)`` Euclidean distances from one float64 product: ``|x|^2 + |y|^2 - 2 x.y`` (a GEMM,
-  where ``cdist`` walks every pair; float64 keeps the cancellation of near rows below 1e-7)."""
-  x64 = xn.astype(np.float64)
-  sq = np.einsum("nd,nd->n", x64, x64)
-  d2 = sq[:, None] + sq[None, keep] - 2.0 * (x64 @ x64[keep].T)
+def _euclidean_host(x: np.ndarray, norms: np.ndarray, keep: np.ndarray) -> np.ndarray:
+  """``(n, m)`` Euclidean distances between the l2-normalised float64 rows of ``x: (n, D)`` and
+  the kept ones, from one product normalised after: ``|u - v|^2 = |u|^2 + |v|^2 - 2 x.y / (|x| |y|)``
+  with ``|u|^2`` 1 (0 for a zero row). A GEMM, where ``cdist`` walks every pair, and no pass to
+  normalise ``x``; float64 keeps the cancellation of near rows below 1e-7."""
+  safe = np.where(norms > 0, norms, 1.0)
+  unit = (norms > 0).astype(np.float64)
+  cos = (x @ x[keep].T) / safe[:, None] / safe[None, keep]
+  d2 = unit[:, None] + unit[None, keep] - 2.0 * cos
   return np.sqrt(np.maximum(d2, 0.0)).astype(np.float32)
 
 
@@ -318,7 +339,8 @@ def intra_fusion(params: Any, groups: Optional[Union[ChannelGroups, Sequence[Gro
     if scores.shape != (g.size,):
       raise ValueError(f"importance returned shape {scores.shape} for group {g_idx}, expected ({g.size},)")
     keep = keep_top(scores, m)
-    cost = np.asarray(pairing_cost(pairing_vectors(v, g, include_bias=opts.include_bias), keep, opts.p), np.float64)
+    x = pairing_vectors(v, g, include_bias=opts.include_bias, host_dtype=np.float64)
+    cost = np.asarray(pairing_cost(x, keep, opts.p), np.float64)
     a, b = marginals(g.size, keep, opts.marginals, scores)
     return keep, cost, (a, b)
 

@@ -237,3 +237,24 @@ def test_official_preset_uses_the_l1_pairing_cost_and_the_default_l2(resnet20_ch
     xn = x / np.linalg.norm(x, axis=1, keepdims=True)
     ref = (np.abs(xn[:, None, :] - xn[None, f.keep, :]) ** p).sum(-1) ** (1.0 / p)
     np.testing.assert_allclose(f.cost, ref, rtol=2e-5, atol=1e-6)
+
+
+def test_host_pairing_vectors_equal_the_traced_ones(resnet20_checkpoint):
+  """Host leaves are written into one preallocated array (of any dtype); device leaves are gathered
+  and joined by jnp. Both give the same rows, also for members with mapped rows (a flatten)."""
+  v, groups = resnet20_checkpoint
+  host_tree = jax.tree.map(np.asarray, v)
+  for g in (groups[0], groups[5]):
+    host = pairing_vectors(host_tree, g, host_dtype=np.float64)
+    traced = jax.jit(lambda t, g=g: pairing_vectors(t, g))(v)
+    assert host.dtype == np.float64 and isinstance(traced, jax.Array)
+    np.testing.assert_array_equal(host.astype(np.float32), np.asarray(traced))
+  rows = np.random.default_rng(0).permutation(12).reshape(4, 3)   # 3 rows per channel, scattered
+  tree = {"a": {"kernel": np.arange(24, dtype=np.float32).reshape(2, 12)},
+          "b": {"kernel": np.arange(36, dtype=np.float32).reshape(12, 3)}}
+  flat = jp.make_group(tree, [jp.Member("a/kernel", 1, "producer", "kernel", rows)],
+                       [jp.Member("b/kernel", 0, "consumer", "kernel", rows)], size=4)
+  host = pairing_vectors(tree, flat)
+  assert host.shape == (4, 2 * 3 + 3 * 3)
+  np.testing.assert_array_equal(host, np.asarray(jax.jit(lambda t: pairing_vectors(t, flat))(tree)))
+  np.testing.assert_array_equal(host[1, :6], tree["a"]["kernel"][:, rows[1]].T.ravel())
