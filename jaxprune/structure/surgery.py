@@ -125,8 +125,11 @@ def _apply_channel_map(leaf: Any, mem, n: int, *, full: Optional[np.ndarray] = N
 def _channel_rows(xp, leaf, coef, pos, axis: int, plain: bool):
   """``coef: (n, n)`` mixes the channels' rows ``pos: (n, r)`` of ``leaf`` along ``axis``. ``xp`` is
   numpy (trees in host memory) or ``jax.numpy`` (jitted: :data:`_map_rows`)."""
-  w = xp.moveaxis(xp.asarray(leaf), axis, 0)
   n = pos.shape[0]
+  if xp is np and plain and axis in (-1, leaf.ndim - 1) and leaf.shape[axis] == n:
+    w = np.asarray(leaf)   # channels last: one GEMM on a view, no transposed copy in or out
+    return (w.reshape(-1, n) @ coef.astype(w.dtype).T).reshape(w.shape)
+  w = xp.moveaxis(xp.asarray(leaf), axis, 0)
   plain = plain and w.shape[0] == n
   rows = w[:, None] if plain else w[pos]                        # (n, r, ...)
   rows = xp.tensordot(coef.astype(w.dtype), rows, axes=(1, 0))
