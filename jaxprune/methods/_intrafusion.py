@@ -80,17 +80,58 @@ def pairing_vectors(variables: Any, group: Group, *, include_bias: bool = False,
   text; the official code leaves them out). Leaves in host memory give a numpy ``X`` of
   ``host_dtype`` (float64 for the host cost, which computes in float64), others a float32 jax array.
   """
-  leaves = dict(leaves_with_paths(variables))
   n = group.size
-  members = [m for m in group.members if m.kind in ("kernel", "depthwise") or (include_bias and m.kind == "bias")]
-  if not members:
-    raise ValueError(f"group {group.name} has no kernel members to build pairing vectors from")
-  arrays = [leaves[m.path] for m in members]
+  members, arrays = _pairing_members(variables, group, include_bias)
   if on_host(*arrays):   # numpy in host memory: no compile per shape
     return _host_pairing_vectors([np.asarray(a) for a in arrays], members, n, host_dtype)
   parts = [jnp.moveaxis(jnp.asarray(a, jnp.float32), m.axis, 0)[m.positions(n)].reshape(n, -1)
            for a, m in zip(arrays, members)]
   return jnp.concatenate(parts, axis=1)
+
+
+def _pairing_members(variables: Any, group: Group, include_bias: bool) -> tuple[list, list]:
+  """The members whose slices make the pairing vectors, and their leaves."""
+  leaves = dict(leaves_with_paths(variables))
+  members = [m for m in group.members if m.kind in ("kernel", "depthwise") or (include_bias and m.kind == "bias")]
+  if not members:
+    raise ValueError(f"group {group.name} has no kernel members to build pairing vectors from")
+  return members, [leaves[m.path] for m in members]
+
+
+def group_pairing_cost(variables: Any, group: Group, keep: np.ndarray, p: float = 2, *,
+                       include_bias: bool = False) -> Any:
+  """``C: (n, m)`` of :func:`pairing_cost` for ``group``'s pairing vectors. For host leaves and
+  ``p=2`` it is built from each member's products (:func:`_host_gram`), without the ``(n, D)``
+  matrix of pairing vectors, a transposed copy of every kernel."""
+  members, arrays = _pairing_members(variables, group, include_bias)
+  if p == 2 and on_host(*arrays):
+    gram, sq = _host_gram([np.asarray(a) for a in arrays], members, group.size, np.asarray(keep))
+    return host_like(_euclidean_from_gram(gram, np.sqrt(sq), np.asarray(keep)), arrays[0])
+  return pairing_cost(pairing_vectors(variables, group, include_bias=include_bias, host_dtype=np.float64), keep, p)
+
+
+def _host_gram(arrays: list, members: list, n: int, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """``(X X[keep]^T: (n, m), |x_j|^2: (n,))`` of the pairing vectors ``X``, summed member by member
+  in float64. A member is viewed as ``(pre, n, post)``: channels last is one ``A^T A``, other axes
+  a product per leading index, on contiguous slices; mapped members (a flatten) gather their rows."""
+  gram, sq = np.zeros((n, keep.size)), np.zeros(n)
+  for a, m in zip(arrays, members):
+    axis = m.axis % a.ndim
+    pre, post = int(np.prod(a.shape[:axis])), int(np.prod(a.shape[axis + 1:]))
+    if m.index is not None or a.shape[axis] != n or (post > 1 and pre > 64):
+      rows = np.moveaxis(np.asarray(a, np.float64), axis, 0)[m.positions(n)].reshape(n, -1)
+      gram += rows @ rows[keep].T
+      sq += np.einsum("nd,nd->n", rows, rows)
+      continue
+    x = np.asarray(a, np.float64).reshape(pre, n, post)
+    if post == 1:
+      flat = x[:, :, 0]
+      gram += flat.T @ flat[:, keep]
+    else:
+      for block in x:
+        gram += block @ block[keep].T
+    sq += np.einsum("pnq,pnq->n", x, x)
+  return gram, sq
 
 
 def _host_pairing_vectors(arrays: list, members: list, n: int, dtype: Any) -> np.ndarray:
@@ -148,12 +189,18 @@ def _pairing_cost_host(x: np.ndarray, keep: np.ndarray, p: float, workers: Optio
 
 def _euclidean_host(x: np.ndarray, norms: np.ndarray, keep: np.ndarray) -> np.ndarray:
   """``(n, m)`` Euclidean distances between the l2-normalised float64 rows of ``x: (n, D)`` and
-  the kept ones, from one product normalised after: ``|u - v|^2 = |u|^2 + |v|^2 - 2 x.y / (|x| |y|)``
-  with ``|u|^2`` 1 (0 for a zero row). A GEMM, where ``cdist`` walks every pair, and no pass to
-  normalise ``x``; float64 keeps the cancellation of near rows below 1e-7."""
+  the kept ones, from one product: a GEMM, where ``cdist`` walks every pair, and no pass to
+  normalise ``x``."""
+  return _euclidean_from_gram(x @ x[keep].T, norms, keep)
+
+
+def _euclidean_from_gram(gram: np.ndarray, norms: np.ndarray, keep: np.ndarray) -> np.ndarray:
+  """Distances of the l2-normalised rows from their products ``gram: (n, m)`` and ``norms: (n,)``:
+  ``|u - v|^2 = |u|^2 + |v|^2 - 2 x.y / (|x| |y|)`` with ``|u|^2`` 1 (0 for a zero row). Float64
+  keeps the cancellation of near rows below 1e-7."""
   safe = np.where(norms > 0, norms, 1.0)
   unit = (norms > 0).astype(np.float64)
-  cos = (x @ x[keep].T) / safe[:, None] / safe[None, keep]
+  cos = gram / safe[:, None] / safe[None, keep]
   d2 = unit[:, None] + unit[None, keep] - 2.0 * cos
   return np.sqrt(np.maximum(d2, 0.0)).astype(np.float32)
 
@@ -339,8 +386,7 @@ def intra_fusion(params: Any, groups: Optional[Union[ChannelGroups, Sequence[Gro
     if scores.shape != (g.size,):
       raise ValueError(f"importance returned shape {scores.shape} for group {g_idx}, expected ({g.size},)")
     keep = keep_top(scores, m)
-    x = pairing_vectors(v, g, include_bias=opts.include_bias, host_dtype=np.float64)
-    cost = np.asarray(pairing_cost(x, keep, opts.p), np.float64)
+    cost = np.asarray(group_pairing_cost(v, g, keep, opts.p, include_bias=opts.include_bias), np.float64)
     a, b = marginals(g.size, keep, opts.marginals, scores)
     return keep, cost, (a, b)
 

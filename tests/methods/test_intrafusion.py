@@ -258,3 +258,34 @@ def test_host_pairing_vectors_equal_the_traced_ones(resnet20_checkpoint):
   assert host.shape == (4, 2 * 3 + 3 * 3)
   np.testing.assert_array_equal(host, np.asarray(jax.jit(lambda t: pairing_vectors(t, flat))(tree)))
   np.testing.assert_array_equal(host[1, :6], tree["a"]["kernel"][:, rows[1]].T.ravel())
+
+
+def test_group_pairing_cost_from_member_products_equals_the_pairing_vectors_cost(resnet20_checkpoint):
+  """Host trees at ``p=2`` build the cost from each member's products, never the ``(n, D)``
+  pairing vectors; it equals the distances of the written-out vectors (jitted, on the device path),
+  for conv groups, a group whose members are read through a flatten (several rows per channel,
+  as a Dense after a flatten) and a channel whose vectors are zero."""
+  from jaxprune.methods._intrafusion import all_pairs_cost, group_pairing_cost
+  v, groups = resnet20_checkpoint
+  host_tree = jax.tree.map(np.asarray, v)
+  cases = [(host_tree, groups[0]), (host_tree, groups[5])]
+  rng = np.random.default_rng(1)
+  rows = rng.permutation(12).reshape(4, 3)
+  flat_tree = {"a": {"kernel": rng.normal(size=(2, 12)).astype(np.float32)},
+               "b": {"kernel": rng.normal(size=(12, 3)).astype(np.float32)},
+               "c": {"kernel": rng.normal(size=(3, 3, 5, 4)).astype(np.float32)}}
+  flat_tree["c"]["kernel"][..., 2] = 0.0
+  flat_tree["a"]["kernel"][:, rows[2]] = 0.0
+  flat_tree["b"]["kernel"][rows[2]] = 0.0
+  flat = jp.make_group(flat_tree, [jp.Member("a/kernel", 1, "producer", "kernel", rows), ("c/kernel", 3)],
+                       [jp.Member("b/kernel", 0, "consumer", "kernel", rows)], size=4)
+  cases.append((flat_tree, flat))
+  for tree, g in cases:
+    keep = np.sort(rng.permutation(g.size)[:max(1, g.size // 2)])
+    keep = np.union1d(keep, [2]) if g is flat else keep
+    x = jax.jit(lambda t, g=g: pairing_vectors(t, g))(tree)
+    ref = np.asarray(all_pairs_cost(x, 2.0, 8))[:, keep]
+    got = group_pairing_cost(tree, g, keep, 2)
+    assert isinstance(got, np.ndarray) and got.shape == (g.size, keep.size)
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+  assert got[2, list(keep).index(2)] == 0.0 and np.all(np.isfinite(got))
