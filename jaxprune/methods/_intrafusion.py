@@ -101,37 +101,59 @@ def _pairing_members(variables: Any, group: Group, include_bias: bool) -> tuple[
 def group_pairing_cost(variables: Any, group: Group, keep: np.ndarray, p: float = 2, *,
                        include_bias: bool = False) -> Any:
   """``C: (n, m)`` of :func:`pairing_cost` for ``group``'s pairing vectors. For host leaves and
-  ``p=2`` it is built from each member's products (:func:`_host_gram`), without the ``(n, D)``
+  ``p=2`` it is built from each member's products (:func:`_member_views`), without the ``(n, D)``
   matrix of pairing vectors, a transposed copy of every kernel."""
   members, arrays = _pairing_members(variables, group, include_bias)
   if p == 2 and on_host(*arrays):
-    gram, sq = _host_gram([np.asarray(a) for a in arrays], members, group.size, np.asarray(keep))
-    return host_like(_euclidean_from_gram(gram, np.sqrt(sq), np.asarray(keep)), arrays[0])
+    keep = np.asarray(keep)
+    views = _member_views([np.asarray(a) for a in arrays], members, group.size)
+    sq = sum(np.einsum("pnq,pnq->n", x, x, dtype=np.float64) for x in views)
+    gram = sum(_kept_products(x, keep).astype(np.float64) for x in views)
+    _refine_near_pairs(gram, sq, views, keep)
+    return host_like(_euclidean_from_gram(gram, np.sqrt(sq), keep), arrays[0])
   return pairing_cost(pairing_vectors(variables, group, include_bias=include_bias, host_dtype=np.float64), keep, p)
 
 
-def _host_gram(arrays: list, members: list, n: int, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  """``(X X[keep]^T: (n, m), |x_j|^2: (n,))`` of the pairing vectors ``X``, summed member by member
-  in float64. A member is viewed as ``(pre, n, post)``: channels last is one ``A^T A``, other axes
-  a product per leading index, on contiguous slices; mapped members (a flatten) gather their rows."""
-  gram, sq = np.zeros((n, keep.size)), np.zeros(n)
+def _member_views(arrays: list, members: list, n: int) -> list:
+  """Each member's float32 leaf as ``(pre, n, post)`` (a view of a C-contiguous leaf); a mapped
+  member (a flatten) or one with many leading blocks gathers its rows into ``(1, n, D)``."""
+  views = []
   for a, m in zip(arrays, members):
+    a = np.asarray(a, np.float32)
     axis = m.axis % a.ndim
     pre, post = int(np.prod(a.shape[:axis])), int(np.prod(a.shape[axis + 1:]))
     if m.index is not None or a.shape[axis] != n or (post > 1 and pre > 64):
-      rows = np.moveaxis(np.asarray(a, np.float64), axis, 0)[m.positions(n)].reshape(n, -1)
-      gram += rows @ rows[keep].T
-      sq += np.einsum("nd,nd->n", rows, rows)
-      continue
-    x = np.asarray(a, np.float64).reshape(pre, n, post)
-    if post == 1:
-      flat = x[:, :, 0]
-      gram += flat.T @ flat[:, keep]
+      views.append(np.moveaxis(a, axis, 0)[m.positions(n)].reshape(1, n, -1))
     else:
-      for block in x:
-        gram += block @ block[keep].T
-    sq += np.einsum("pnq,pnq->n", x, x)
-  return gram, sq
+      views.append(a.reshape(pre, n, post))
+  return views
+
+
+def _kept_products(x: np.ndarray, keep: np.ndarray) -> np.ndarray:
+  """``(n, m)`` products ``sum_{p, q} x[p, j, q] x[p, keep[k], q]`` of ``x: (pre, n, post)``: one
+  ``A^T A`` when ``post == 1`` (channels last), else one product per leading block (float32 GEMMs)."""
+  if x.shape[2] == 1:
+    flat = x[:, :, 0]
+    return flat.T @ flat[:, keep]
+  return sum(block @ block[keep].T for block in x)
+
+
+def _refine_near_pairs(gram: np.ndarray, sq: np.ndarray, views: list, keep: np.ndarray,
+                       near: float = 0.95, chunk: int = 256) -> None:
+  """Recomputes in float64, in place, the products of pairs whose cosine exceeds ``near``: there
+  ``|u - v|^2 = 2 - 2 cos`` cancels, and a float32 product's rounding (about 1e-7 of the cosine)
+  would be a visible part of the distance. Elsewhere it is below 2e-6 of it. A row and itself
+  (every kept channel) is its squared norm; other near pairs (near-duplicate channels, usually
+  none) are summed from their slices, ``chunk`` pairs at a time."""
+  safe = np.sqrt(np.where(sq > 0, sq, 1.0))
+  rows, cols = np.nonzero(gram / safe[:, None] / safe[None, keep] > near)
+  mine = keep[cols] == rows
+  gram[rows[mine], cols[mine]] = sq[rows[mine]]
+  rows, cols = rows[~mine], cols[~mine]
+  for s in range(0, rows.size, chunk):
+    i, j = rows[s:s + chunk], keep[cols[s:s + chunk]]
+    gram[i, cols[s:s + chunk]] = sum(np.einsum("pcq,pcq->c", x[:, i].astype(np.float64), x[:, j].astype(np.float64))
+                                     for x in views)
 
 
 def _host_pairing_vectors(arrays: list, members: list, n: int, dtype: Any) -> np.ndarray:

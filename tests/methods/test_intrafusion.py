@@ -289,3 +289,32 @@ def test_group_pairing_cost_from_member_products_equals_the_pairing_vectors_cost
     assert isinstance(got, np.ndarray) and got.shape == (g.size, keep.size)
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
   assert got[2, list(keep).index(2)] == 0.0 and np.all(np.isfinite(got))
+
+
+def test_group_pairing_cost_recomputes_near_duplicate_channels_in_float64():
+  """The member products are float32 GEMMs; pairs whose cosine exceeds 0.95 (a kept channel and
+  itself, near-duplicate channels) are recomputed in float64, where ``2 - 2 cos`` cancels. A
+  channel 1e-4 away from a kept one gets its distance right to 1e-8; from the float32 products
+  alone it would be 3e-4."""
+  from jaxprune.methods._intrafusion import (_euclidean_from_gram, _kept_products, _member_views,
+                                             group_pairing_cost)
+  rng = np.random.default_rng(0)
+  tree = {"c1": {"kernel": rng.normal(size=(3, 3, 64, 8)).astype(np.float32)},
+          "c2": {"kernel": rng.normal(size=(3, 3, 8, 16)).astype(np.float32)}}
+  for name, axis in (("c1", 3), ("c2", 2)):
+    w = np.moveaxis(tree[name]["kernel"], axis, 0)
+    w[1] = w[0] * (1 + 1e-4 * rng.normal(size=w[0].shape)).astype(np.float32)
+  g = jp.make_group(tree, [("c1/kernel", 3)], [("c2/kernel", 2)], size=8)
+  keep = np.array([0, 3, 5, 6])
+  x = np.concatenate([np.moveaxis(tree["c1"]["kernel"], 3, 0).reshape(8, -1),
+                      np.moveaxis(tree["c2"]["kernel"], 2, 0).reshape(8, -1)], axis=1).astype(np.float64)
+  xn = x / np.linalg.norm(x, axis=1, keepdims=True)
+  ref = np.sqrt(((xn[:, None, :] - xn[None, keep, :]) ** 2).sum(-1))
+  got = group_pairing_cost(tree, g, keep, 2)
+  assert 1e-5 < ref[1, 0] < 1e-3
+  assert abs(got[1, 0] - ref[1, 0]) < 1e-8 and got[0, 0] == 0.0
+  np.testing.assert_allclose(got, ref, rtol=2e-6, atol=1e-7)
+  views = _member_views([tree["c1"]["kernel"], tree["c2"]["kernel"]], list(g.members), 8)
+  sq = sum(np.einsum("pnq,pnq->n", v, v, dtype=np.float64) for v in views)
+  plain = _euclidean_from_gram(sum(_kept_products(v, keep).astype(np.float64) for v in views), np.sqrt(sq), keep)
+  assert abs(plain[1, 0] - ref[1, 0]) > 0.5 * ref[1, 0]
