@@ -1,4 +1,4 @@
-"""Intra-Fusion against the official code, side by side: VGG11-BN, every group at 50%.
+"""Intra-Fusion and its default pruning against the official code, side by side: VGG11-BN, every group at 50%.
 
 The model is the official ``VGG("VGG11")`` (BatchNorm, conv biases), initialised by PyTorch with a
 fixed seed, its BatchNorm statistics and affine parameters randomised (timing and fusion do not
@@ -8,15 +8,16 @@ depend on the values being trained); both sides prune the same weights.
   (``--official-repo``), run by a Python with PyTorch, POT and scikit-learn (``--official-python``),
   in its own process: the two calls of its ``prune.py`` (a ``MagnitudePruner`` with
   ``MagnitudeImportance(1)``, the classifier ignored, backward order, and ``step()`` over all
-  groups) with ``OptimalTransport(p=1)`` on the CPU, as its ``main.py`` sets them up. The driver
+  groups) with ``OptimalTransport(p=1)`` on the CPU, as its ``main.py`` sets them up, and without
+  it (``optimal_transport=None``: the official default pruning, Intra-Fusion's baseline). The driver
   imports the checkout; nothing of it is copied into this repository. Building the pruner (its
   dependency graph, a traced forward pass) is timed apart from ``step()``.
-- ``jaxprune defaults`` and ``jaxprune official=True``: ``jp.intra_fusion`` on the same weights,
-  each in a fresh process; ``jp.groups`` (tracing) is timed apart from the call.
+- ``jaxprune defaults`` and ``jaxprune official=True``: ``jp.intra_fusion`` and ``jp.prune_channels``
+  on the same weights, each in a fresh process; ``jp.groups`` (tracing) is timed apart from the call.
 
 Each side imports its libraries first (the official script imports POT and scikit-learn at
 startup), then reports its first call and the median of ``--repeats`` more, each on a fresh copy
-of the model. The fused kernels of ``official=True`` are compared with the official ones.
+of the model. The pruned kernels of ``official=True`` are compared with the official ones.
 Example::
 
   python -m venv /tmp/torch-env && /tmp/torch-env/bin/pip install torch==2.13.0 numpy POT scikit-learn
@@ -40,7 +41,7 @@ SPARSITY = 0.5
 
 OFFICIAL_CHILD = r"""
 import copy, json, statistics, sys, time
-repo, data, pruned_path, repeats = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+repo, data, pruned_path, repeats, fuse = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5] == "1"
 sys.path.insert(0, repo)
 import numpy as np
 import torch
@@ -68,7 +69,7 @@ def once():
     t0 = time.perf_counter()
     pruner = tp.pruner.MagnitudePruner(m, example, importance=tp.importance.MagnitudeImportance(1),
                                        iterative_steps=1, ch_sparsity=%(sparsity)r, ignored_layers=[m.classifier],
-                                       optimal_transport=OptimalTransport(p=1, gpu_id=-1),
+                                       optimal_transport=OptimalTransport(p=1, gpu_id=-1) if fuse else None,
                                        backward_pruning=True, dimensionality_preserving=False)
     t1 = time.perf_counter()
     pruner.step(group_idxs=None)
@@ -88,7 +89,7 @@ import ot, scipy.spatial.distance   # imported at startup, as the official scrip
 import jax, jax.numpy as jnp
 import jaxprune as jp
 from jaxprune import models
-data, pruned_path, official, repeats = sys.argv[1], sys.argv[2], sys.argv[3] == "1", int(sys.argv[4])
+data, pruned_path, official, repeats, fuse = sys.argv[1], sys.argv[2], sys.argv[3] == "1", int(sys.argv[4]), sys.argv[5] == "1"
 a = np.load(data)
 params, stats = {}, {}
 for i in range(8):
@@ -103,7 +104,7 @@ def once():
     t0 = time.perf_counter()
     groups = jp.groups(model.apply, v, jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32))
     t1 = time.perf_counter()
-    r = jp.intra_fusion(v, groups, %(sparsity)r, official=official, show_progress=False)
+    r = (jp.intra_fusion if fuse else jp.prune_channels)(v, groups, %(sparsity)r, official=official, show_progress=False)
     jax.block_until_ready(jax.tree_util.tree_leaves(r.params))
     return t1 - t0, time.perf_counter() - t1, r
 graph_first, first, r = once()
@@ -142,35 +143,38 @@ def main():
   args = p.parse_args()
   if not (Path(args.official_repo) / "torch_pruning" / "optimal_transport.py").exists():
     sys.exit(f"--official-repo: no torch_pruning/optimal_transport.py in {args.official_repo}")
+  results, same = {}, {}
   with tempfile.TemporaryDirectory() as tmp:
     tmp = Path(tmp)
     data = tmp / "vgg11_bn.npz"
-    results = {"official": run([args.official_python, "-c", OFFICIAL_CHILD, args.official_repo, str(data),
-                                str(tmp / "official.npz"), str(args.repeats)])}
-    for name, flag in (("jaxprune official=True", "1"), ("jaxprune defaults", "0")):
-      results[name] = run([sys.executable, "-c", JAX_CHILD, str(data), str(tmp / f"{flag}.npz"), flag,
-                           str(args.repeats)])
-    same = kernel_difference(tmp / "official.npz", tmp / "1.npz")
-  ref = results["official"]
+    for method, fuse in (("intra_fusion", "1"), ("default pruning", "0")):
+      results[(method, "official")] = run([args.official_python, "-c", OFFICIAL_CHILD, args.official_repo, str(data),
+                                           str(tmp / "official.npz"), str(args.repeats), fuse])
+      for name, flag in (("jaxprune official=True", "1"), ("jaxprune defaults", "0")):
+        results[(method, name)] = run([sys.executable, "-c", JAX_CHILD, str(data), str(tmp / f"{flag}.npz"), flag,
+                                       str(args.repeats), fuse])
+      same[method] = kernel_difference(tmp / "official.npz", tmp / "1.npz")
   rows = []
-  for name, r in results.items():
-    rows.append({"implementation": name, "groups or graph, first (s)": round(r["graph_first"], 3),
+  for (method, name), r in results.items():
+    ref = results[(method, "official")]
+    rows.append({"method": method, "implementation": name, "groups or graph, first (s)": round(r["graph_first"], 3),
                  "first (s)": round(r["first"], 3), "warm (s)": round(r["warm"], 3),
                  "official / this, warm": round(ref["warm"] / r["warm"], 1),
                  "official / this, first": round(ref["first"] / r["first"], 1),
                  "with graph, official / this, warm": round((ref["graph"] + ref["warm"]) / (r["graph"] + r["warm"]), 1)})
     print(rows[-1], flush=True)
   import jax
-  md = [f"VGG11-BN, every group at {SPARSITY}, l1 targets, exact OT; {jax.devices()[0]}, {os.cpu_count()} cores, "
-        f"torch threads {ref['threads']}; official=True kernels against the official ones: max relative "
-        f"difference {same:.2e}", ""] + markdown_table(rows)
+  threads = results[("intra_fusion", "official")]["threads"]
+  md = [f"VGG11-BN, every group at {SPARSITY}, l1 targets (Intra-Fusion: exact OT); {jax.devices()[0]}, "
+        f"{os.cpu_count()} cores, torch threads {threads}; official=True kernels against the official ones, max "
+        "relative difference: " + ", ".join(f"{m} {d:.2e}" for m, d in same.items()), ""] + markdown_table(rows)
   print("\n".join(md))
   out = Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
-  (out / "intrafusion_official.json").write_text(json.dumps({"rows": rows, "raw": results,
+  raw = {f"{m} / {n}": r for (m, n), r in results.items()}
+  (out / "intrafusion_official.json").write_text(json.dumps({"rows": rows, "raw": raw,
                                                              "official_true_kernel_difference": same}, indent=1))
   (out / "intrafusion_official.md").write_text("\n".join(md) + "\n")
-
 
 if __name__ == "__main__":
   main()
