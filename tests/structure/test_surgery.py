@@ -206,6 +206,11 @@ def test_host_and_compiled_channel_sums_and_maps_agree():
   plain = rng.normal(size=(4, 6)).astype(np.float32)
   np.testing.assert_allclose(_map_rows_host(plain, coef, np.arange(4, dtype=np.int32)[:, None], 0, True),
                              coef @ plain, rtol=1e-5, atol=1e-5)
+  middle = rng.normal(size=(3, 3, 4, 5)).astype(np.float32)   # a consumer's axis: kept rows only
+  sparse = coef * np.array([1, 0, 1, 0], np.float32)[:, None]  # two channels removed (zero rows)
+  for c in (coef, sparse):
+    np.testing.assert_allclose(_map_rows_host(middle, c, np.arange(4, dtype=np.int32)[:, None], 2, True),
+                               np.einsum("kj,abjc->abkc", c, middle), rtol=1e-5, atol=1e-5)
   last = rng.normal(size=(3, 3, 2, 4)).astype(np.float32)   # channels last: the GEMM on a view
   for axis in (3, -1):
     np.testing.assert_allclose(_map_rows_host(last, coef, np.arange(4, dtype=np.int32)[:, None], axis, True),
