@@ -157,15 +157,14 @@ def _refine_near_pairs(gram: np.ndarray, sq: np.ndarray, views: list, keep: np.n
 
 
 def _host_pairing_vectors(arrays: list, members: list, n: int, dtype: Any) -> np.ndarray:
-  """Each member's channel rows written once into one ``(n, D)`` array of ``dtype``: no gathered
-  copy for unmapped members, no join, and the conversion done in the same pass."""
-  rows = [np.moveaxis(a, m.axis, 0)[:n, None] if m.index is None else np.moveaxis(a, m.axis, 0)[m.index]
-          for a, m in zip(arrays, members)]   # (n, r, ...)
-  widths = [int(np.prod(r.shape[1:])) for r in rows]
-  out = np.empty((n, sum(widths)), dtype)
+  """Each member's view (:func:`_member_views`) written once into one ``(n, D)`` array of
+  ``dtype``: no join, and the conversion done in the same pass."""
+  views = _member_views(arrays, members, n)
+  out = np.empty((n, sum(v.shape[0] * v.shape[2] for v in views)), dtype)
   start = 0
-  for r, width in zip(rows, widths):
-    out[:, start:start + width].reshape(r.shape)[...] = r
+  for v in views:
+    width = v.shape[0] * v.shape[2]
+    out[:, start:start + width].reshape(n, v.shape[0], v.shape[2])[...] = v.transpose(1, 0, 2)
     start += width
   return out
 
