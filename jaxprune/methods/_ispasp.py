@@ -30,7 +30,8 @@ from jaxprune.methods._repair import RepairOptions, check_repair_request, repair
 from jaxprune.methods._channels import model_inputs
 from jaxprune.structure.channel_groups import ChannelGroups
 from jaxprune.core.progress import progress
-from jaxprune.methods._recovery import PROXIES, RecoveryOptions, aggregate_activations, check_options, recover_support
+from jaxprune.methods._recovery import (PROXIES, RecoveryOptions, Support, aggregate_activations, check_options,
+                                        loop_inputs, next_support, recover_support)
 from jaxprune.structure.surgery import MODES, channel_masks, shrink_channels, write_channels
 from jaxprune.structure.units import Unit, capture_at, derive_units, norm_eval
 
@@ -46,19 +47,55 @@ def _hidden(hidden_fn, variables, x):
 
 
 @functools.partial(jax.jit, static_argnames=("output_fn", "options"))
-def _recover(output_fn, params, hidden, k, norm, options):
-  """The support and its relative output error, in one program per unit shape."""
-  return _solve(output_fn, params, hidden, k, norm, options)
+def _loop_inputs(output_fn, params, hidden, norm, options):
+  return loop_inputs(output_fn, params, hidden, norm, options)
 
 
 @functools.partial(jax.jit, static_argnames=("output_fn", "options"))
-def _recover_stacked(output_fn, params, hidden, k, norm, options):
-  return jax.vmap(lambda p, h, kk, nn: _solve(output_fn, p, h, kk, nn, options))(params, hidden, k, norm)
+def _iteration(output_fn, params, hidden, k, norm, inputs, mask, options):
+  """One compiled iteration for every ``k`` (traced) and support: ``(new mask, changed)``."""
+  new = next_support(output_fn, params, hidden, k, norm, options, inputs, mask)
+  return new, jnp.any(new != mask)
 
 
-def _solve(output_fn, params, hidden, k, norm, options):
-  support = recover_support(output_fn, params, hidden, k, norm, options)
-  return support, _output_error(output_fn, params, norm, hidden, support.mask)
+@functools.partial(jax.jit, static_argnames=("output_fn", "examples"))
+def _unit_error(output_fn, params, hidden, norm, mask, examples):
+  return _output_error(output_fn, params, norm, hidden[:examples], mask)
+
+
+@functools.partial(jax.jit, static_argnames=("output_fn", "options"))
+def _recover_traced(output_fn, params, hidden, k, norm, options):
+  return recover_support(output_fn, params, hidden, k, norm, options)
+
+
+def _recover(output_fn, params, hidden, k, norm, options, error_examples):
+  """The support and its relative output error.
+
+  The summed proxies' loop is driven from the host over one compiled iteration: a fixed point
+  ends it without a ``while_loop`` (XLA:CPU ran convolutions inside loop bodies 3-8x slower), and
+  T unrolled copies of the proxy are never compiled. The per-example proxy stays one program: its
+  unrolled iterations share the dense branch's forward pass, which a host loop would recompute.
+  """
+  err = functools.partial(_unit_error, output_fn, params, hidden, norm, examples=error_examples)
+  if options.proxy == "examples":
+    support = _recover_traced(output_fn, params, hidden, k, norm, options)
+    return support, err(support.mask)
+  inputs = _loop_inputs(output_fn, params, hidden, norm, options)
+  mask, changed, t = jnp.zeros(hidden.shape[-1], bool), True, 0
+  while t < options.iterations and (changed or not options.stop_at_fixed_point):
+    mask, changed = _iteration(output_fn, params, hidden, k, norm, inputs, mask, options)
+    t += 1
+    if options.stop_at_fixed_point:
+      changed = bool(changed)   # one scalar to the host per iteration
+  return Support(mask, jnp.asarray(t), jnp.asarray(changed)), err(mask)
+
+
+@functools.partial(jax.jit, static_argnames=("output_fn", "options", "error_examples"))
+def _recover_stacked(output_fn, params, hidden, k, norm, options, error_examples):
+  def solve(p, h, kk, nn):
+    support = recover_support(output_fn, p, h, kk, nn, options)
+    return support, _output_error(output_fn, p, nn, h[:error_examples], support.mask)
+  return jax.vmap(solve)(params, hidden, k, norm)
 
 
 def unit_labels(units: Sequence[Unit]) -> list:
@@ -150,27 +187,38 @@ class ISpaSPOptions(Options):
       better channels: a held-out conv-BN CNN at 30/50/70% 89.0/87.8/78.0 against 85.2/79.4/74.7;
       ResNet20, each of the 12 groups alone at 50%, mean 85.85 against 85.17
       (``experiments/README.md``, repair section)
-    stop_at_fixed_point: stop a unit's loop once its support repeats (same result, less work).
+    stop_at_fixed_point: stop a unit's loop once its support repeats (default True, with
+      ``official=True`` too). The update is deterministic, so the support is the one the official
+      code's full ``T`` iterations reach (tested); only the work is saved. ``False`` runs all ``T``.
     exclude_support: rank the proxy outside the support only (not the official code).
-    proxy: ``"examples"`` (the official computation: every example through the second layer,
-      in chunks), ``"reduced"`` (the same proxy from the summed activations, exact for an affine
-      second layer in inference mode) or ``"auto"``: reduced where it is exact, examples elsewhere.
+    proxy: ``"examples"`` (the official computation: every example forward and backward through
+      the second layer, in chunks), ``"residual_sum"`` (the pruned branch per example, one
+      pullback of the summed residual; exact for an affine second layer), ``"reduced"`` (the same
+      proxy from the summed activations; exact for an affine second layer in inference mode) or
+      ``"auto"`` (default, also with ``official=True``): the cheapest exact one, so reduced with
+      ``bn_mode="eval"``, residual_sum with ``"train"``, examples for a second layer that is not
+      affine. They differ in rounding only (the supports are tested equal to a float64 port of
+      the official loop); ``proxy="examples"`` is the official computation step by step.
     mode: ``"shrink"`` (smaller arrays; rebuild the model with ``from_params``) or ``"mask"``.
     rounding: ``"floor"`` or ``"truncate"`` (official ``int(C keep)``), see
       :func:`jaxprune.n_kept_channels`.
     round_to: keep a multiple of this many channels per unit (see :class:`ChannelOptions`).
+    error_examples: how many examples (the first ones) the reported ``relative_error`` is
+      measured on; ``None``: all. A diagnostic: over N = 1280 examples of a ResNet34 block it cost
+      two passes of the second layer, more than the rest of a default call.
   """
   order: str = "sequential"
   iterations: int = 20
   chunk_size: Optional[int] = 256
   bn_mode: str = "eval"
   aggregate: str = "l2"
-  stop_at_fixed_point: bool = False
+  stop_at_fixed_point: bool = True
   exclude_support: bool = False
   proxy: str = "auto"
   mode: str = "shrink"
   rounding: str = "floor"
   round_to: int = 1
+  error_examples: Optional[int] = 256
 
   OFFICIAL = {"bn_mode": "train", "rounding": "truncate", "aggregate": "signed_sum"}
 
@@ -180,6 +228,9 @@ class ISpaSPOptions(Options):
     check_choice(self.mode, MODES, "mode")
     check_choice(self.rounding, CHANNEL_ROUNDINGS, "rounding")
     check_round_to(self.round_to)
+    if self.error_examples is not None and (isinstance(self.error_examples, bool)
+                                            or not isinstance(self.error_examples, int) or self.error_examples < 1):
+      raise ValueError(f"error_examples must be a positive int or None, got {self.error_examples!r}")
     self.recovery()
 
   def recovery(self) -> RecoveryOptions:
@@ -215,7 +266,8 @@ def ispasp(params: Any, groups: Optional[Union[ChannelGroups, Sequence[Unit]]], 
     :class:`~jaxprune.ChannelResult`: ``kept`` maps each pruned unit's group index (derived
     units) or name (hand-made units) to its sorted kept channels; ``info["units"]`` holds per unit
     ``n``, ``m``, ``sparsity``, ``iterations``, ``converged`` (the support reached a fixed point),
-    ``relative_error`` (``||U - U_pruned|| / ||U||`` on the batch, inference-mode norm) and
+    ``relative_error`` (``||U - U_pruned|| / ||U||`` on the first ``error_examples`` examples of
+    the batch, inference-mode norm), ``error_examples`` (how many) and
     ``seconds``.
   """
   started = time.perf_counter()
@@ -249,6 +301,7 @@ def ispasp(params: Any, groups: Optional[Union[ChannelGroups, Sequence[Unit]]], 
 
   original, v = variables, variables
   kept, plans, per_unit = {}, [], {}
+  n_examples = int(x.shape[0])
 
   def finish(i, support, err, t0):
     nonlocal v
@@ -260,7 +313,8 @@ def ispasp(params: Any, groups: Optional[Union[ChannelGroups, Sequence[Unit]]], 
     per_unit[labels[i]] = {"name": unit.name, "n": unit.size, "m": int(keep_idx.size), "sparsity": budgets[i][0],
                            "iterations": int(support.iterations), "converged": not bool(support.changed),
                            "proxy": _resolve(options, proxy, unit).proxy,
-                           "relative_error": float(err), "seconds": round(time.perf_counter() - t0, 4)}
+                           "relative_error": float(err), "error_examples": min(n_examples, opts.error_examples or n_examples),
+                           "seconds": round(time.perf_counter() - t0, 4)}
 
   if order == "sequential":
     for i in progress(list(budgets), desc="i-SpaSP units", disable=not show_progress):
@@ -268,7 +322,7 @@ def ispasp(params: Any, groups: Optional[Union[ChannelGroups, Sequence[Unit]]], 
       unit = units[i]
       hidden = _unit_hidden(unit, v, x, chunk_size)
       sup, err = _recover(unit.output_fn, unit.params_fn(v), hidden, budgets[i][1], unit.output_norm(v),
-                          _resolve(options, proxy, unit))
+                          _resolve(options, proxy, unit), opts.error_examples)
       finish(i, sup, err, t0)
   else:
     t0 = time.perf_counter()
@@ -287,7 +341,7 @@ def ispasp(params: Any, groups: Optional[Union[ChannelGroups, Sequence[Unit]]], 
       norms = None if u0.norm is None else stack([units[i].output_norm(variables) for i in idx])
       ks = jnp.asarray([budgets[i][1] for i in idx])
       sups, errs = _recover_stacked(u0.output_fn, params, jnp.stack([hiddens[i] for i in idx]), ks, norms,
-                                    _resolve(options, proxy, u0))
+                                    _resolve(options, proxy, u0), opts.error_examples)
       for j, i in enumerate(idx):
         finish(i, jax.tree_util.tree_map(lambda a: a[j], sups), errs[j], t0)
 
@@ -300,12 +354,14 @@ def ispasp(params: Any, groups: Optional[Union[ChannelGroups, Sequence[Unit]]], 
 
 
 def _resolve(options: RecoveryOptions, proxy: str, unit: Unit) -> RecoveryOptions:
+  """``proxy="auto"``: the cheapest exact proxy for ``unit`` (see :class:`ISpaSPOptions`)."""
   if proxy != "auto":
-    if proxy == "reduced" and not unit.affine:
-      raise ValueError(f"proxy='reduced' needs an affine second layer; unit {unit.name} is not marked affine")
+    if proxy in ("reduced", "residual_sum") and not unit.affine:
+      raise ValueError(f"proxy={proxy!r} needs an affine second layer; unit {unit.name} is not marked affine")
     return options
-  exact = unit.affine and options.bn_mode == "eval"
-  return options._replace(proxy="reduced" if exact else "examples")
+  if not unit.affine:
+    return options._replace(proxy="examples")
+  return options._replace(proxy="reduced" if options.bn_mode == "eval" else "residual_sum")
 
 
 def _arranged(unit: Unit, captured: jax.Array) -> jax.Array:

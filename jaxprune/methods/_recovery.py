@@ -12,6 +12,11 @@ official ``prune_basic_block`` does (``../shared/research/ispasp.md`` section 2)
 3. the ``2k`` largest ``g`` (signed, the current support not excluded) merged with the support;
 4. the ``k`` merged channels with the largest aggregated dense activation ``a`` become the support.
 
+For an affine second layer every example's pullback has the same Jacobian ``J``, so the proxy is
+``J^T sum_b V_b``: the ``"residual_sum"`` proxy runs only the pruned branch per example (its
+train-mode statistics need them) and one pullback; ``"reduced"`` (inference-mode norm) needs no
+per-example pass at all.
+
 The support is a bool mask and top-k works by rank, so ``k`` may be traced: ``jax.vmap`` over
 ``k`` solves many keep ratios in one compiled call, and over stacked ``params``/``hidden``/``norm``
 it solves same-shaped units together.
@@ -30,7 +35,7 @@ from jaxprune.structure.units import OutputNorm, norm_eval
 
 AGGREGATES = ("signed_sum", "abs_sum", "l2")
 BN_MODES = ("eval", "train")
-PROXIES = ("examples", "reduced")
+PROXIES = ("examples", "residual_sum", "reduced")
 MAX_UNROLLED_CHUNKS = 32   # more chunks than this run in a lax.map loop (compile time stays bounded)
 
 
@@ -49,12 +54,15 @@ class RecoveryOptions(NamedTuple):
       result equals the full ``T`` iterations; only the work is saved.
     exclude_support: rank the proxy over channels outside the support only (CR-Sparse's CoSaMP;
       the official code does not).
-    proxy: ``"examples"``: the official computation, every example through the second layer in
-      chunks, any ``output_fn``; ``"reduced"``: the same proxy from the summed activations
-      ``sum_b H_b`` through the layer once (exact when ``output_fn`` is affine and ``bn_mode`` is
-      ``"eval"``, since the support is shared by all examples; the brief's section 7.1).
+    proxy: ``"examples"``: the official computation, every example forward and backward through
+      the second layer in chunks, any ``output_fn``; ``"residual_sum"``: the pruned branch per
+      example, then one pullback of the summed residual ``sum_b V_b`` (exact for an affine
+      ``output_fn``, either ``bn_mode``; the dense branch enters only through its precomputed sum);
+      ``"reduced"``: the same proxy from the summed activations ``sum_b H_b`` through the layer
+      once (exact when ``output_fn`` is affine and ``bn_mode`` is ``"eval"``, since the support is
+      shared by all examples; the brief's section 7.1). The three differ only in rounding.
     unroll: unroll the ``T`` iterations in the compiled program. ``None`` (default): only for the
-      per-example proxy on CPU, where XLA ran the convolutions inside a loop body about 8x slower
+      per-example proxies on CPU, where XLA ran the convolutions inside a loop body about 8x slower
       than unrolled (measured on ResNet20 blocks). Results are identical either way.
   """
   iterations: int = 20
@@ -130,16 +138,10 @@ def _chunk_proxy(output_fn, params, norm, bn_mode, mask, h):
   return jnp.sum(grad, axis=tuple(range(grad.ndim - 1)))
 
 
-def proxy(output_fn: Callable, params: Any, hidden: jax.Array, mask: jax.Array, norm: Optional[OutputNorm] = None,
-          *, chunk_size: Optional[int] = 256, bn_mode: str = "eval") -> jax.Array:
-  """The signed proxy ``g: (C,)`` for a support ``mask: (C,)``: the gradient of
-  ``1/2 ||U - U_hat||^2`` with respect to ``hidden: (N, ..., C)``, summed over all but channels.
-
-  Chunks of ``chunk_size`` examples run one after another (unrolled up to
+def _over_chunks(fn: Callable, hidden: jax.Array, chunk_size: Optional[int]) -> Any:
+  """``sum`` of ``fn`` over chunks of ``chunk_size`` examples, one after another (unrolled up to
   ``MAX_UNROLLED_CHUNKS``, else in ``lax.map``), a last partial chunk on its own, so that
-  train-mode statistics are per chunk as in the official loader.
-  """
-  fn = functools.partial(_chunk_proxy, output_fn, params, norm, bn_mode, mask)
+  train-mode statistics are per chunk as in the official loader."""
   n = hidden.shape[0]
   c = n if chunk_size is None else min(chunk_size, n)
   full, rest = divmod(n, c)
@@ -152,6 +154,55 @@ def proxy(output_fn: Callable, params: Any, hidden: jax.Array, mask: jax.Array, 
   if rest:
     g = g + fn(hidden[full * c:])
   return g
+
+
+def proxy(output_fn: Callable, params: Any, hidden: jax.Array, mask: jax.Array, norm: Optional[OutputNorm] = None,
+          *, chunk_size: Optional[int] = 256, bn_mode: str = "eval") -> jax.Array:
+  """The signed proxy ``g: (C,)`` for a support ``mask: (C,)``: the gradient of
+  ``1/2 ||U - U_hat||^2`` with respect to ``hidden: (N, ..., C)``, summed over all but channels,
+  every example forward and backward in chunks (see :func:`_over_chunks`).
+  """
+  fn = functools.partial(_chunk_proxy, output_fn, params, norm, bn_mode, mask)
+  return _over_chunks(fn, hidden, chunk_size)
+
+
+def dense_sum(output_fn: Callable, params: Any, summed: jax.Array, n: Any, norm: Optional[OutputNorm] = None):
+  """``sum_b U_b: (1, ..., C_out)`` of an affine unit from ``summed = sum_b H_b`` over ``n``
+  examples: ``f(summed) + (n - 1) f(0)``."""
+  dense = lambda x: norm_eval(output_fn(params, x), norm)
+  return dense(summed) + (n - 1) * dense(jnp.zeros_like(summed))
+
+
+def _chunk_pruned_sum(output_fn, params, norm, bn_mode, mask, h):
+  """``sum_b U_hat_b`` over one chunk: ``(1, ..., C_out)``."""
+  z = output_fn(params, h * mask.astype(h.dtype))
+  u_hat = _norm_batch(z, norm) if (bn_mode == "train" and norm is not None) else norm_eval(z, norm)
+  return jnp.sum(u_hat, axis=0, keepdims=True)
+
+
+def _pullback_sum(output_fn, params, norm, v_sum, like):
+  """``J^T v_sum`` summed over positions: ``(C,)``; ``J`` the affine unit's Jacobian, the same at
+  every point, taken at zero activations shaped ``like: (1, ..., C)``."""
+  dense = lambda x: norm_eval(output_fn(params, x), norm)
+  _, pullback = jax.vjp(dense, jnp.zeros_like(like))
+  (grad,) = pullback(v_sum)
+  return jnp.sum(grad, axis=tuple(range(grad.ndim - 1)))
+
+
+def residual_sum_proxy(output_fn: Callable, params: Any, hidden: jax.Array, mask: jax.Array,
+                       norm: Optional[OutputNorm] = None, *, dense: jax.Array, chunk_size: Optional[int] = 256,
+                       bn_mode: str = "eval") -> jax.Array:
+  """:func:`proxy` for an affine ``output_fn``, from ``dense = sum_b U_b`` (:func:`dense_sum`).
+
+  The pruned branch runs per example in chunks (train-mode statistics are per chunk); its
+  outputs are summed and ``g = J^T (dense - sum_b U_hat_b)``: one pullback of one example's shape
+  instead of a forward and a backward pass of the dense branch per example. Before any channel is
+  chosen the pruned output is 0, as in the official code.
+  """
+  fn = functools.partial(_chunk_pruned_sum, output_fn, params, norm, bn_mode, mask)
+  pruned = jax.lax.cond(jnp.any(mask), lambda: _over_chunks(fn, hidden, chunk_size), lambda: jnp.zeros_like(dense))
+  v_sum = dense - pruned
+  return _pullback_sum(output_fn, params, norm, v_sum, hidden[:1])
 
 
 def reduced_proxy(output_fn: Callable, params: Any, summed: jax.Array, n: Any, mask: jax.Array,
@@ -171,9 +222,49 @@ def reduced_proxy(output_fn: Callable, params: Any, summed: jax.Array, n: Any, m
   return jnp.sum(grad, axis=tuple(range(grad.ndim - 1)))
 
 
+class LoopInputs(NamedTuple):
+  """What every iteration reads, computed once: ``a: (C,)`` the thresholding scores,
+  ``summed = sum_b H_b: (1, ..., C)``, ``dense``: :func:`dense_sum` (``"residual_sum"`` only)."""
+  a: jax.Array
+  summed: jax.Array
+  dense: Optional[jax.Array]
+
+
+def loop_inputs(output_fn: Callable, params: Any, hidden: jax.Array, norm: Optional[OutputNorm],
+                options: RecoveryOptions) -> LoopInputs:
+  summed = jnp.sum(hidden, axis=0, keepdims=True)
+  dense = None
+  if options.proxy == "residual_sum":
+    dense = dense_sum(output_fn, params, summed, hidden.shape[0], norm)
+  return LoopInputs(aggregate_activations(hidden, options.aggregate), summed, dense)
+
+
+def next_support(output_fn: Callable, params: Any, hidden: jax.Array, k: Any, norm: Optional[OutputNorm],
+                 options: RecoveryOptions, inputs: LoopInputs, mask: jax.Array) -> jax.Array:
+  """One iteration: proxy, the top ``2k`` merged with ``mask``, the top ``k`` of them by ``a``."""
+  if options.proxy == "reduced":
+    g = reduced_proxy(output_fn, params, inputs.summed, hidden.shape[0], mask, norm)
+  elif options.proxy == "residual_sum":
+    g = residual_sum_proxy(output_fn, params, hidden, mask, norm, dense=inputs.dense, chunk_size=options.chunk_size,
+                           bn_mode=options.bn_mode)
+  else:
+    g = proxy(output_fn, params, hidden, mask, norm, chunk_size=options.chunk_size, bn_mode=options.bn_mode)
+  neg_inf = jnp.asarray(-jnp.inf, inputs.a.dtype)
+  if options.exclude_support:
+    g = jnp.where(mask, neg_inf, g)
+  merged = topk_mask(g, jnp.minimum(2 * k, g.size)) | mask   # the official top-2s, at most every channel
+  return topk_mask(jnp.where(merged, inputs.a, neg_inf), k)
+
+
+def check_support_size(k: Any, c: int) -> None:
+  check_budget(k, c, "k")   # a concrete k; a traced one (vmap over budgets) is the caller's
+  if not isinstance(k, jax.core.Tracer) and int(k) < 1:
+    raise ValueError(f"k must keep at least one of the {c} channels, got {int(k)}")
+
+
 def recover_support(output_fn: Callable, params: Any, hidden: jax.Array, k: Any, norm: Optional[OutputNorm] = None,
                     options: RecoveryOptions = RecoveryOptions()) -> Support:
-  """Runs the i-SpaSP loop on one unit.
+  """Runs the i-SpaSP loop on one unit, traceable (``jax.jit``, ``jax.vmap`` over ``k`` or units).
 
   Args:
     output_fn: ``output_fn(params, H) -> Z``, the unit's second layer before its norm
@@ -188,23 +279,9 @@ def recover_support(output_fn: Callable, params: Any, hidden: jax.Array, k: Any,
     :class:`Support` with ``mask: (C,)``.
   """
   options = check_options(options)
-  check_budget(k, hidden.shape[-1], "k")   # a concrete k; a traced one (vmap over budgets) is the caller's
-  if not isinstance(k, jax.core.Tracer) and int(k) < 1:
-    raise ValueError(f"k must keep at least one of the {hidden.shape[-1]} channels, got {int(k)}")
-  a = aggregate_activations(hidden, options.aggregate)
-  neg_inf = jnp.asarray(-jnp.inf, a.dtype)
-  summed = jnp.sum(hidden, axis=0, keepdims=True)
-
-  def step(mask):
-    if options.proxy == "reduced":
-      g = reduced_proxy(output_fn, params, summed, hidden.shape[0], mask, norm)
-    else:
-      g = proxy(output_fn, params, hidden, mask, norm, chunk_size=options.chunk_size, bn_mode=options.bn_mode)
-    if options.exclude_support:
-      g = jnp.where(mask, neg_inf, g)
-    merged = topk_mask(g, jnp.minimum(2 * k, g.size)) | mask   # the official top-2s, at most every channel
-    return topk_mask(jnp.where(merged, a, neg_inf), k)
-
+  check_support_size(k, hidden.shape[-1])
+  inputs = loop_inputs(output_fn, params, hidden, norm, options)
+  step = lambda mask: next_support(output_fn, params, hidden, k, norm, options, inputs, mask)
   empty = jnp.zeros(hidden.shape[-1], bool)
   if not options.stop_at_fixed_point:
     def body(_, carry):
@@ -213,7 +290,7 @@ def recover_support(output_fn: Callable, params: Any, hidden: jax.Array, k: Any,
       return new, jnp.any(new != mask)
     unroll = options.unroll
     if unroll is None:
-      unroll = options.proxy == "examples" and jax.default_backend() == "cpu"
+      unroll = options.proxy != "reduced" and jax.default_backend() == "cpu"
     mask, changed = jax.lax.fori_loop(0, options.iterations, body, (empty, jnp.asarray(True)), unroll=bool(unroll) or 1)
     return Support(mask, jnp.asarray(options.iterations), changed)
 

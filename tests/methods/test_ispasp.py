@@ -9,7 +9,7 @@ import pytest
 
 import jaxprune as jp
 from jaxprune import models
-from jaxprune.methods._recovery import RecoveryOptions, proxy, reduced_proxy
+from jaxprune.methods._recovery import RecoveryOptions, dense_sum, proxy, reduced_proxy, residual_sum_proxy
 
 RELEASE_EACH_TEST = True   # each test compiles its own large programs (see conftest)
 
@@ -111,7 +111,7 @@ def random_unit(conv, with_bn, seed=0, n=40, c=12, o=7):
 
 
 CASES = [(conv, bn, mode, proxy_kind) for conv in (False, True) for bn in (False, True)
-         for mode in ("eval", "train") for proxy_kind in ("examples", "reduced")
+         for mode in ("eval", "train") for proxy_kind in ("examples", "residual_sum", "reduced")
          if not (mode == "train" and (proxy_kind == "reduced" or not bn))]
 
 
@@ -139,13 +139,29 @@ def test_reduced_proxy_equals_per_example_proxy_for_any_support():
     np.testing.assert_allclose(red, full, rtol=2e-4, atol=1e-3 * float(jnp.abs(full).max()))
 
 
+@pytest.mark.parametrize("conv", [False, True])
+@pytest.mark.parametrize("bn_mode", ["eval", "train"])
+def test_residual_sum_proxy_equals_per_example_proxy_for_any_support(conv, bn_mode):
+  # 40 examples in chunks of 16, 16 and 8: train-mode statistics per chunk, the last one partial
+  u = random_unit(conv=conv, with_bn=True, seed=4)
+  h = jnp.asarray(u["h"])
+  dense = dense_sum(u["fn"], u["params"], h.sum(0, keepdims=True), h.shape[0], u["norm"])
+  rng = np.random.default_rng(1)
+  for mask in [np.zeros(12, bool), rng.random(12) < 0.3, rng.random(12) < 0.7]:
+    mask = jnp.asarray(mask)
+    full = proxy(u["fn"], u["params"], h, mask, u["norm"], chunk_size=16, bn_mode=bn_mode)
+    summed = residual_sum_proxy(u["fn"], u["params"], h, mask, u["norm"], dense=dense, chunk_size=16,
+                                bn_mode=bn_mode)
+    np.testing.assert_allclose(summed, full, rtol=2e-4, atol=1e-4 * float(jnp.abs(full).max()))
+
+
 def test_vmapped_sweep_equals_separate_calls(resnet20):
   v, model, x = resnet20
   unit = jp.two_layer_units(model.apply, v, x[:1])[-1]   # layer1_0: the first block
   hidden = unit.hidden_fn(v, x[:40])
   keeps = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]
   recover = jax.jit(jp.recover_support, static_argnums=0, static_argnames="options")
-  for proxy_kind in ("examples", "reduced"):
+  for proxy_kind in ("examples", "residual_sum", "reduced"):
     opts = RecoveryOptions(proxy=proxy_kind, chunk_size=16)
     swept = np.asarray(jp.ispasp_sweep(unit, v, hidden, [1 - r for r in keeps], proxy=proxy_kind, chunk_size=16,
                                        aggregate="signed_sum",
@@ -253,14 +269,25 @@ def test_sequential_prunes_each_unit_on_the_pruned_network(mlpnet_variables, mni
   np.testing.assert_array_equal(oneshot.kept[1], both.kept[1])
   dense_only = jp.ispasp(mlpnet_variables, None, {0: 0.7}, apply_fn=model.apply, batch=x, rounding="truncate", mode="mask", show_progress=False)
   np.testing.assert_array_equal(oneshot.kept[0], dense_only.kept[0])
-  # one-shot errors are those of each unit on the dense network (fc2 is unit 1's layer and group 0's producer)
+  # one-shot errors are those of each unit on the dense network (fc2 is unit 1's layer and group 0's producer),
+  # measured on the first error_examples (256 of the 300)
   unit = jp.two_layer_units(model.apply, mlpnet_variables, x[:1])[1]
-  h = unit.hidden_fn(mlpnet_variables, x)
+  assert oneshot.info["units"][1]["error_examples"] == 256
+  h = unit.hidden_fn(mlpnet_variables, x[:256])
   keep = np.zeros(40, bool)
   keep[oneshot.kept[1]] = True
   dense, pruned = unit.output(mlpnet_variables, h), unit.output(mlpnet_variables, h, jnp.asarray(keep))
   assert oneshot.info["units"][1]["relative_error"] == pytest.approx(
       float(jnp.linalg.norm(dense - pruned) / jnp.linalg.norm(dense)), rel=1e-5)
+  # error_examples=None: all 300, in both orders
+  h = unit.hidden_fn(mlpnet_variables, x)
+  dense, pruned = unit.output(mlpnet_variables, h), unit.output(mlpnet_variables, h, jnp.asarray(keep))
+  for order in ("parallel", "sequential"):
+    every = jp.ispasp(mlpnet_variables, None, {1: 0.7}, apply_fn=model.apply, batch=x, rounding="truncate",
+                      order=order, mode="mask", error_examples=None, show_progress=False)
+    assert every.info["units"][1]["error_examples"] == 300
+    assert every.info["units"][1]["relative_error"] == pytest.approx(
+        float(jnp.linalg.norm(dense - pruned) / jnp.linalg.norm(dense)), rel=1e-5)
 
 
 def test_oneshot_vmapped_units_equal_unit_by_unit(resnet20):
@@ -304,7 +331,12 @@ def test_hand_made_unit_equals_the_derived_one(mlpnet_variables, mnist_test):
   by_hand = jp.ispasp(v, [unit], 0.75, batch=x, rounding="truncate", mode="mask", show_progress=False)
   derived = jp.ispasp(v, None, {1: 0.75}, apply_fn=model.apply, batch=x, rounding="truncate", mode="mask", show_progress=False)
   np.testing.assert_array_equal(by_hand.kept["fc1"], derived.kept[1])
-  assert by_hand.info["units"]["fc1"]["iterations"] == 20
+  # not marked affine: the per-example proxy; stopped at its fixed point, it keeps what all T iterations keep
+  assert by_hand.info["units"]["fc1"]["proxy"] == "examples"
+  full = jp.ispasp(v, [unit], 0.75, batch=x, rounding="truncate", mode="mask", stop_at_fixed_point=False,
+                   show_progress=False)
+  np.testing.assert_array_equal(full.kept["fc1"], by_hand.kept["fc1"])
+  assert full.info["units"]["fc1"]["iterations"] == 20 > by_hand.info["units"]["fc1"]["iterations"]
   # hidden activations in uneven chunks (64, 64, 64, 8) give the same support; a NaN in any chunk is named
   for order in ("sequential", "parallel"):
     chunked = jp.ispasp(v, [unit], 0.75, batch=x, rounding="truncate", mode="mask", chunk_size=64, order=order,
@@ -320,7 +352,14 @@ def test_train_mode_norm_runs_and_keeps_the_budget(resnet20):
   v, model, x = resnet20
   res = jp.ispasp(v, None, {3: 0.5}, apply_fn=model.apply, batch=x[:64], rounding="truncate", bn_mode="train", chunk_size=32, mode="mask", show_progress=False)
   (gi,) = res.kept
-  assert res.kept[gi].size == 32 and res.info["units"][gi]["proxy"] == "examples"
+  assert res.kept[gi].size == 32 and res.info["units"][gi]["proxy"] == "residual_sum"
+  # the summed residual's one pullback selects what per-example pullbacks select, iteration by iteration
+  for stop in (True, False):
+    step_by_step = jp.ispasp(v, None, {3: 0.5}, apply_fn=model.apply, batch=x[:64], rounding="truncate",
+                             bn_mode="train", chunk_size=32, mode="mask", proxy="examples", stop_at_fixed_point=stop,
+                             show_progress=False)
+    np.testing.assert_array_equal(step_by_step.kept[gi], res.kept[gi])
+    assert step_by_step.info["units"][gi]["iterations"] == (res.info["units"][gi]["iterations"] if stop else 20)
 
 
 def test_bad_input_fails_clearly(resnet20, mlpnet_variables):
@@ -331,6 +370,9 @@ def test_bad_input_fails_clearly(resnet20, mlpnet_variables):
       jp.ispasp(v, None, sparsity, apply_fn=model.apply, batch=x, rounding="truncate", show_progress=False)
   with pytest.raises(ValueError, match="order"):
     jp.ispasp(v, None, 0.5, apply_fn=model.apply, batch=x, order="oneshot", show_progress=False)
+  for bad in (0, 2.5, True):
+    with pytest.raises(ValueError, match="error_examples"):
+      jp.ispasp(v, None, 0.5, apply_fn=model.apply, batch=x, error_examples=bad, show_progress=False)
   with pytest.raises(ValueError, match="bn_mode"):
     jp.ispasp(v, None, 0.5, apply_fn=model.apply, batch=x, rounding="truncate", bn_mode="frozen", show_progress=False)
   with pytest.raises(ValueError, match="reduced"):
