@@ -8,12 +8,15 @@ same support (checked):
   examples, index sets on the host) with a jitted per-example gradient (batches of one);
 - ``official, chunks of 256``: the same with the official chunk size;
 - ``jaxprune examples``: :func:`jaxprune.recover_support` with the per-example proxy (one
-  compiled loop, chunks of 256 via ``lax.map``);
+  compiled loop, chunks of 256 unrolled);
+- ``jaxprune residual_sum``: the pruned branch per example, one pullback of the summed residual
+  (what ``proxy="auto"`` picks with train-mode BatchNorm, so with ``official=True``);
 - ``jaxprune reduced``: the exact reduced proxy (the default for this block).
 Then 8 keep ratios (0.1 .. 0.8) in one vmapped call (:func:`jaxprune.ispasp_sweep`) against 8
 calls of the compiled single-ratio function, for both proxies (the per-example one on N = 256).
-Last, ``jaxprune.ispasp`` on all nine ResNet20 units (sequential, keep 0.5) with each proxy and
-with the official train-mode BatchNorm.
+Last, ``jaxprune.ispasp`` on all nine ResNet20 units (sequential, keep 0.5): the defaults, with and
+without the stop at the fixed point, the per-example proxy, ``official=True`` and ``official=True``
+computed step by step as the official code (per-example proxy, all T iterations).
 Warm timings (compiled), median of ``repeats``; the per-example loop runs once (its one small
 compilation is included).
 """
@@ -70,7 +73,7 @@ def main():
   hidden = jax.block_until_ready(unit.hidden_fn(v, x))
   s = int(unit.size * 0.4)
   recover = jax.jit(jp.recover_support, static_argnums=0, static_argnames="options")
-  opts = {k: jp.RecoveryOptions(iterations=iterations, proxy=k) for k in ("examples", "reduced")}
+  opts = {k: jp.RecoveryOptions(iterations=iterations, proxy=k) for k in ("examples", "residual_sum", "reduced")}
   rows, masks = [], {}
   cases = {"official, per example": lambda: official_loop(unit, v, hidden, s, iterations, 1),
            "official, chunks of 256": lambda: official_loop(unit, v, hidden, s, iterations, 256)}
@@ -105,8 +108,12 @@ def main():
                        "separate_calls_s": round(separate, 4), "separate_over_vmapped": round(separate / vmapped, 2)})
     print(sweep_rows[-1], flush=True)
   network_rows = []
-  for label, kw in (("eval BN, reduced proxy (default)", {}), ("eval BN, per-example proxy", {"proxy": "examples"}),
-                    ("train-mode BN (official), per-example proxy", {"bn_mode": "train"})):
+  for label, kw in (("defaults (eval BN, reduced proxy, stop at the fixed point)", {}),
+                    ("defaults, all T iterations", {"stop_at_fixed_point": False}),
+                    ("eval BN, per-example proxy", {"proxy": "examples"}),
+                    ("official=True (train-mode BN, residual_sum proxy, stop at the fixed point)", {"official": True}),
+                    ("official=True, per-example proxy, all T (the official computation step by step)",
+                     {"official": True, "proxy": "examples", "stop_at_fixed_point": False})):
     run = lambda: jp.ispasp(v, None, 0.5, apply_fn=model.apply, batch=x, iterations=iterations, show_progress=False, **kw)[:2]
     (_, kept), first, warm = median_time(run, 1)
     network_rows.append({"whole ResNet20, sequential, keep 0.5": label, "N": n, "T": iterations,

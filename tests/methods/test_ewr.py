@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import flax.linen as nn
 from flax import nnx
 from scipy.optimize import minimize_scalar
 
@@ -239,7 +240,7 @@ def test_official_single_step_on_mlpnet_is_magnitude_with_tau_zero(method, mlpne
   res = getattr(jp, method)(mlpnet_variables, batch, k, loss_fn=loss, official=True, show_progress=False)
   (step,) = res.info["steps"]
   assert step["kind"] == "iht" and step["tau"] == 0.0
-  assert res.info["options"].replace(coupling="entropic") == jp.EWROptions.official()
+  assert res.info["options"].replace(coupling="entropic") == jp.EWROptions.official().replace(signals="matrix_free")
   mag = jp.magnitude(mlpnet_variables, k)
   for (_, a), (_, b) in zip(jp.leaves_with_paths(res.params), jp.leaves_with_paths(mag.params)):
     np.testing.assert_array_equal(a, b)
@@ -299,7 +300,7 @@ def test_warm_started_plans_keep_the_support_and_need_fewer_sinkhorn_iterations(
 
 def test_auto_chunk_size_from_a_memory_budget_gives_the_same_result():
   v, batch, loss = _mlp_setup()
-  kw = dict(loss_fn=loss, official=True, show_progress=False)
+  kw = dict(loss_fn=loss, official=True, signals="materialized", show_progress=False)
   one_example = signals.chunk_size_for(loss, v, batch, memory_budget=1.0)
   per_example = next(b for b in (2 ** i for i in range(10, 40))
                      if signals.chunk_size_for(loss, v, batch, memory_budget=b) > 1)
@@ -310,8 +311,45 @@ def test_auto_chunk_size_from_a_memory_budget_gives_the_same_result():
   assert 1 < expected < batch[0].shape[0] and auto.info["chunk_size"] == expected and fixed.info["chunk_size"] == 7
   for (_, a), (_, b) in zip(jp.leaves_with_paths(fixed.masks), jp.leaves_with_paths(auto.masks)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # matrix-free signals (the official preset's default) hold no G: a larger chunk fits the same budget
+  free = jp.lr(v, batch, 30, chunk_size="auto", memory_budget=6.0 * per_example, **dict(kw, signals="auto"))
+  expected_free = signals.chunk_size_for(loss, v, batch, memory_budget=6.0 * per_example, materialized=False)
+  assert free.info["options"].signals == "matrix_free" and free.info["chunk_size"] == expected_free > expected
+  for (_, a), (_, b) in zip(jp.leaves_with_paths(fixed.masks), jp.leaves_with_paths(free.masks)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   for bad in ("big", 0):
     with pytest.raises(ValueError, match="chunk_size"):
       jp.lr(v, batch, 30, chunk_size=bad, **kw)
   with pytest.raises(ValueError, match="memory_budget"):
     jp.lr(v, batch, 30, chunk_size="auto", memory_budget=-1.0, **kw)
+
+
+class _PooledConv(nn.Module):
+  """A convolution over 16 x 16 positions, pooled: each kernel weight is used 256 times per example."""
+  @nn.compact
+  def __call__(self, x):
+    return nn.Dense(3)(jnp.mean(nn.relu(nn.Conv(4, (3, 3), padding="SAME")(x)), axis=(1, 2)))
+
+
+@pytest.mark.parametrize("method", ["lr", "ewr"])
+def test_auto_signals_is_matrix_free_for_the_official_step_without_weight_reuse(method):
+  # official preset, dense layers: matrix-free, the same support as with G
+  v, batch, loss = _mlp_setup()
+  run = lambda vv, bb, ll, **kw: getattr(jp, method)(vv, bb, 30, loss_fn=ll, show_progress=False, **kw)
+  auto, with_g = run(v, batch, loss, official=True), run(v, batch, loss, official=True, signals="materialized")
+  assert auto.info["options"].signals == "matrix_free" and with_g.info["options"].signals == "materialized"
+  for (_, a), (_, b) in zip(jp.leaves_with_paths(auto.masks), jp.leaves_with_paths(with_g.masks)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # a refit (the defaults) or gradient noise reads G itself
+  assert run(v, batch, loss, stages=1).info["options"].signals == "materialized"
+  noisy = run(v, batch, loss, official=True, noise=(0.1, 0.5), key=jax.random.key(0))
+  assert noisy.info["options"].signals == "materialized"
+  # a convolution reuses each weight over its positions: products cost more than G
+  model = _PooledConv()
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(24, 16, 16, 2)), jnp.float32)
+  y = jnp.asarray(rng.integers(0, 3, size=24), jnp.int32)
+  cv = model.init(jax.random.key(0), x[:1])
+  closs = jp.classification_loss(model.apply)
+  assert signals.weight_reuse(closs, cv, (x, y)) > _ewr.MATRIX_FREE_REUSE
+  assert run(cv, (x, y), closs, official=True).info["options"].signals == "materialized"

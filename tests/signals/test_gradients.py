@@ -2,6 +2,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import flax.linen as nn
 from flax import nnx
 
 import jaxprune as jp
@@ -122,3 +123,45 @@ def test_chunk_size_for_a_memory_budget_counts_rows_and_backward_intermediates()
   with pytest.raises(ValueError, match="memory_budget"):
     signals.chunk_size_for(loss, v, (x, y), memory_budget=0)
   assert signals.default_memory_budget() > 0
+
+
+class _ConvNet(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    h = nn.relu(nn.Conv(3, (3, 3), padding="SAME")(x))
+    return nn.Dense(3)(h.reshape(len(x), -1))
+
+
+def _conv_problem(n=37):
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(n, 6, 6, 2)), jnp.float32)
+  y = jnp.asarray(rng.integers(0, 3, size=n), jnp.int32)
+  model = _ConvNet()
+  v = model.init(jax.random.key(0), x[:2])
+  return model, v, (x, y), signals.classification_loss(model.apply)
+
+
+@pytest.mark.parametrize("chunk", [2, 5, 37])
+def test_matrix_free_equals_materialised_for_a_convolution(chunk):
+  # on CPU the chunks of a convolution are unrolled (8 of 5 examples, 1 of 37); 19 chunks of 2 stay in lax.map
+  model, v, batch, loss = _conv_problem()
+  G = signals.per_example_grads(loss, v, batch, chunk_size=chunk, show_progress=False)
+  op = signals.gradient_operator(loss, v, batch, chunk_size=chunk)
+  assert op.unroll == (jax.default_backend() == "cpu")
+  _, dense_v, dense_batch, dense_loss = _setup()
+  assert not signals.gradient_operator(dense_loss, dense_v, dense_batch, chunk_size=chunk).unroll   # no convolution
+  vec = jax.random.normal(jax.random.key(1), (G.shape[1],))
+  u = jax.random.normal(jax.random.key(2), (G.shape[0],))
+  np.testing.assert_allclose(jax.jit(lambda o, a: o.matvec(a))(op, vec), G @ vec, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(jax.jit(lambda o, b: o.rmatvec(b))(op, u), G.T @ u, rtol=1e-4, atol=1e-5)
+
+
+def test_weight_reuse_counts_multiply_adds_per_prunable_weight():
+  model, v, batch, loss = _conv_problem()
+  spec = jp.trees.flat_spec(v, None)
+  # conv: 6 x 6 positions x 3 outputs x a 3 x 3 x 2 filter; dense: 108 inputs x 3 outputs
+  assert signals.weight_reuse(loss, v, batch) == pytest.approx((36 * 3 * 18 + 108 * 3) / spec.size)
+  _, v2, batch2, loss2 = _setup()
+  kernels = sum(leaf.size for path, leaf in jp.leaves_with_paths(v2) if path.endswith("kernel"))
+  assert jp.trees.flat_spec(v2, None).size == kernels
+  assert signals.weight_reuse(loss2, v2, batch2) == 1.0   # dense layers use each weight once per example

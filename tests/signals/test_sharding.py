@@ -26,10 +26,13 @@ SCRIPT = textwrap.dedent("""
     assert {s.data.shape[0] for s in G.addressable_shards} == {64}   # each device holds its 64 rows
     k = jp.k_from_sparsity(v, 0.9)
     for method in (jp.lr, jp.ewr):
-        one = method(v, (x, y), k, apply_fn=model.apply, stages=2, show_progress=False)
-        eight = method(v, (xs, ys), k, apply_fn=model.apply, stages=2, show_progress=False)
-        for a, b in zip(jax.tree_util.tree_leaves(one.masks), jax.tree_util.tree_leaves(eight.masks)):
-            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        # the defaults (materialised G) and the official preset (matrix-free products)
+        for kw in ({"stages": 2}, {"official": True}):
+            one = method(v, (x, y), k, apply_fn=model.apply, show_progress=False, **kw)
+            eight = method(v, (xs, ys), k, apply_fn=model.apply, show_progress=False, **kw)
+            assert eight.info["options"].signals == ("matrix_free" if "official" in kw else "materialized")
+            for a, b in zip(jax.tree_util.tree_leaves(one.masks), jax.tree_util.tree_leaves(eight.masks)):
+                np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     print("OK")
 """)
 
