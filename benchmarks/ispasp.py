@@ -114,7 +114,9 @@ def main():
                     ("official=True (train-mode BN, residual_sum proxy, stop at the fixed point)", {"official": True}),
                     ("official=True, per-example proxy, all T (the official computation step by step)",
                      {"official": True, "proxy": "examples", "stop_at_fixed_point": False})):
-    run = lambda: jp.ispasp(v, None, 0.5, apply_fn=model.apply, batch=x, iterations=iterations, show_progress=False, **kw)[:2]
+    def run(kw=kw):
+      r = jp.ispasp(v, None, 0.5, apply_fn=model.apply, batch=x, iterations=iterations, show_progress=False, **kw)
+      return r.params, r.kept
     (_, kept), first, warm = median_time(run, 1)
     network_rows.append({"whole ResNet20, sequential, keep 0.5": label, "N": n, "T": iterations,
                          "first_call_s": round(first, 2), "warm_s": round(warm, 2),

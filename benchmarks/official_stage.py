@@ -4,7 +4,8 @@ The issue-15 target: a whole official stage (gradients, projections, plan, IHT s
 masks) within 1.3x of computing ``G`` alone. Each row is timed interleaved with the floor in one
 process (calls alternate, so machine noise hits all alike); medians of ``--repeats`` warm calls.
   floor          jit(vmap(grad)) of the per-example loss over all N examples
-  lr / ewr       jp.lr / jp.ewr(official=True): eager, with the host checks and one transfer
+  lr / ewr       jp.lr / jp.ewr(official=True): eager, with the host checks and one transfer; its
+                 signals (``"auto"``: matrix-free on MLPNet, G on ResNet20) in the "signals" column
   lr jit / ...   jax.jit(functools.partial(jp.lr, k=..., ...)): the whole stage as one program
 "first" is the first call in the process (compilation included). The EWR rows also report
 Sinkhorn's iterations (the N x N log-domain solve is EWR's extra cost).
@@ -72,8 +73,10 @@ def main():
     for name, (first, warm) in timed.items():
       method = name.split()[0]
       its = infos[method]["steps"][0].get("sinkhorn_iterations") if method == "ewr" else None
-      rows.append({"model": model, "N": n, "call": name, "first (s)": round(first, 3), "warm (s)": round(warm, 4),
-                   "warm / floor": round(warm / floor, 2), "Sinkhorn its": "" if its is None else int(its)})
+      signals = infos[method]["options"].signals if method in infos else ""
+      rows.append({"model": model, "N": n, "call": name, "signals": signals, "first (s)": round(first, 3),
+                   "warm (s)": round(warm, 4), "warm / floor": round(warm / floor, 2),
+                   "Sinkhorn its": "" if its is None else int(its)})
       print(rows[-1], flush=True)
   md = markdown_table(rows)
   print("\n".join(md))

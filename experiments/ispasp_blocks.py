@@ -60,8 +60,9 @@ def main():
     dense[name] = acc(model, v)
     print(f"{name}: dense {dense[name]}, units on groups {unit_groups}", flush=True)
     for r in ratios:
+      # error_examples=None: the recorded mean unit error is over the whole pruning batch
       runs = {"ispasp": lambda: jp.ispasp(v, groups, 1 - r, apply_fn=model.apply, batch=x_prune, rounding="truncate",
-                                          show_progress=show),
+                                          error_examples=None, show_progress=show),
               "default": lambda: jp.prune_channels(v, groups, {g: 1 - r for g in unit_groups}, importance="l1",
                                                    rounding="truncate", show_progress=False),
               "intra_fusion": lambda: jp.intra_fusion(v, groups, {g: 1 - r for g in unit_groups}, importance="l1",
@@ -72,7 +73,8 @@ def main():
         del runs["default_bn_kept"]
       if args.train_bn_ratio and abs(r - args.train_bn_ratio) < 1e-9 and name == "resnet20":
         runs["ispasp_train_bn"] = lambda: jp.ispasp(v, groups, 1 - r, apply_fn=model.apply, batch=x_prune,
-                                                    rounding="truncate", bn_mode="train", show_progress=show)
+                                                    rounding="truncate", bn_mode="train", error_examples=None,
+                                                    show_progress=show)
       sizes = None
       for method, run in runs.items():
         t0 = time.perf_counter()

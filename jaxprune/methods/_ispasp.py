@@ -63,23 +63,23 @@ def _unit_error(output_fn, params, hidden, norm, mask, examples):
   return _output_error(output_fn, params, norm, hidden[:examples], mask)
 
 
-@functools.partial(jax.jit, static_argnames=("output_fn", "options"))
-def _recover_traced(output_fn, params, hidden, k, norm, options):
-  return recover_support(output_fn, params, hidden, k, norm, options)
+@functools.partial(jax.jit, static_argnames=("output_fn", "options", "error_examples"))
+def _recover_traced(output_fn, params, hidden, k, norm, options, error_examples):
+  support = recover_support(output_fn, params, hidden, k, norm, options)
+  return support, _output_error(output_fn, params, norm, hidden[:error_examples], support.mask)
 
 
 def _recover(output_fn, params, hidden, k, norm, options, error_examples):
   """The support and its relative output error.
 
-  The summed proxies' loop is driven from the host over one compiled iteration: a fixed point
-  ends it without a ``while_loop`` (XLA:CPU ran convolutions inside loop bodies 3-8x slower), and
-  T unrolled copies of the proxy are never compiled. The per-example proxy stays one program: its
-  unrolled iterations share the dense branch's forward pass, which a host loop would recompute.
+  The ``"residual_sum"`` loop is driven from the host over one compiled iteration: T unrolled
+  copies of its per-example pruned branch took seconds to compile, and a ``while_loop`` ran the
+  convolutions 3x slower on XLA:CPU; a fixed point ends the host loop. The other proxies run as
+  one program: the reduced one's iterations are small, and the per-example one's unrolled
+  iterations share the dense branch's forward pass, which a host loop would recompute.
   """
-  err = functools.partial(_unit_error, output_fn, params, hidden, norm, examples=error_examples)
-  if options.proxy == "examples":
-    support = _recover_traced(output_fn, params, hidden, k, norm, options)
-    return support, err(support.mask)
+  if options.proxy != "residual_sum":
+    return _recover_traced(output_fn, params, hidden, k, norm, options, error_examples)
   inputs = _loop_inputs(output_fn, params, hidden, norm, options)
   mask, changed, t = jnp.zeros(hidden.shape[-1], bool), True, 0
   while t < options.iterations and (changed or not options.stop_at_fixed_point):
@@ -87,7 +87,8 @@ def _recover(output_fn, params, hidden, k, norm, options, error_examples):
     t += 1
     if options.stop_at_fixed_point:
       changed = bool(changed)   # one scalar to the host per iteration
-  return Support(mask, jnp.asarray(t), jnp.asarray(changed)), err(mask)
+  err = _unit_error(output_fn, params, hidden, norm, mask, error_examples)
+  return Support(mask, jnp.asarray(t), jnp.asarray(changed)), err
 
 
 @functools.partial(jax.jit, static_argnames=("output_fn", "options", "error_examples"))

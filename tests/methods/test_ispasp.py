@@ -179,11 +179,14 @@ def test_fixed_point_stop_equals_the_full_iterations(conv):
     h = jnp.asarray(u["h"])
     for s in (3, 6):
       full = jp.recover_support(u["fn"], u["params"], h, s, u["norm"], RecoveryOptions(iterations=20))
-      early = jp.recover_support(u["fn"], u["params"], h, s, u["norm"],
-                                 RecoveryOptions(iterations=20, stop_at_fixed_point=True))
-      np.testing.assert_array_equal(early.mask, full.mask)
-      assert not bool(full.changed) and not bool(early.changed)
-      assert int(early.iterations) < 20
+      # unrolled iterations that skip once fixed (per-example proxies on CPU), or a while_loop
+      for proxy_kind, unroll in (("examples", None), ("examples", False), ("residual_sum", None), ("reduced", None)):
+        early = jp.recover_support(u["fn"], u["params"], h, s, u["norm"],
+                                   RecoveryOptions(iterations=20, stop_at_fixed_point=True, proxy=proxy_kind,
+                                                   unroll=unroll))
+        np.testing.assert_array_equal(early.mask, full.mask)
+        assert not bool(full.changed) and not bool(early.changed)
+        assert int(early.iterations) < 20
 
 
 def test_support_is_monotone_in_aggregated_activation():
