@@ -124,7 +124,7 @@ def main():
     print(network_rows[-1], flush=True)
   md = ["### One ResNet20 block (layer1_0, 16 channels at 32x32), keep 0.4", ""] + markdown_table(rows)
   md += ["", "### 8 keep ratios: one vmapped call vs 8 calls", ""] + markdown_table(sweep_rows)
-  md += ["", "### All 9 units of ResNet20", ""] + markdown_table(network_rows)
+  md += ["", f"### All {len(kept)} units of ResNet20", ""] + markdown_table(network_rows)
   print("\n".join(md))
   write_results(args.out, "ispasp_quick" if args.quick else "ispasp", {"block": rows, "sweep": sweep_rows, "network": network_rows}, md, repeats)
 

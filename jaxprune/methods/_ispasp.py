@@ -72,23 +72,30 @@ def _recover_traced(output_fn, params, hidden, k, norm, options, error_examples)
 def _recover(output_fn, params, hidden, k, norm, options, error_examples):
   """The support and its relative output error.
 
-  The ``"residual_sum"`` loop is driven from the host over one compiled iteration: T unrolled
-  copies of its per-example pruned branch took seconds to compile, and a ``while_loop`` ran the
-  convolutions 3x slower on XLA:CPU; a fixed point ends the host loop. The other proxies run as
-  one program: the reduced one's iterations are small, and the per-example one's unrolled
-  iterations share the dense branch's forward pass, which a host loop would recompute.
+  With a per-example proxy and the fixed-point stop, the loop is driven from the host over one
+  compiled iteration, and the fixed point ends it. On XLA:CPU a ``while_loop`` ran the
+  convolutions about 3x slower, a ``lax.cond`` per unrolled iteration no faster, and T unrolled
+  copies took long to compile. The reduced proxy's iterations are small and run as one program.
+  So does the full T (``stop_at_fixed_point=False``): its unrolled iterations share the dense
+  branch's forward pass.
   """
-  if options.proxy != "residual_sum":
+  if options.proxy == "reduced" or not options.stop_at_fixed_point:
     return _recover_traced(output_fn, params, hidden, k, norm, options, error_examples)
   inputs = _loop_inputs(output_fn, params, hidden, norm, options)
   mask, changed, t = jnp.zeros(hidden.shape[-1], bool), True, 0
-  while t < options.iterations and (changed or not options.stop_at_fixed_point):
+  while t < options.iterations and changed:
     mask, changed = _iteration(output_fn, params, hidden, k, norm, inputs, mask, options)
-    t += 1
-    if options.stop_at_fixed_point:
-      changed = bool(changed)   # one scalar to the host per iteration
+    changed, t = bool(changed), t + 1   # one scalar to the host per iteration
   err = _unit_error(output_fn, params, hidden, norm, mask, error_examples)
   return Support(mask, jnp.asarray(t), jnp.asarray(changed)), err
+
+
+def _vmapped(options: RecoveryOptions) -> RecoveryOptions:
+  """Options for a vmapped loop: the per-example proxies on CPU run all T iterations unrolled
+  (same supports), since a ``while_loop`` ran their convolutions about 3x slower (a vmapped
+  8-ratio sweep took 6.8 s against 4.2 s for 8 unrolled calls)."""
+  per_example = options.proxy != "reduced" and jax.default_backend() == "cpu"
+  return options._replace(stop_at_fixed_point=False) if per_example and options.unroll is not False else options
 
 
 @functools.partial(jax.jit, static_argnames=("output_fn", "options", "error_examples"))
@@ -302,7 +309,7 @@ def ispasp(params: Any, groups: Optional[Union[ChannelGroups, Sequence[Unit]]], 
 
   original, v = variables, variables
   kept, plans, per_unit = {}, [], {}
-  n_examples = int(x.shape[0])
+  error_examples = min(int(x.shape[0]), opts.error_examples or int(x.shape[0]))
 
   def finish(i, support, err, t0):
     nonlocal v
@@ -314,7 +321,7 @@ def ispasp(params: Any, groups: Optional[Union[ChannelGroups, Sequence[Unit]]], 
     per_unit[labels[i]] = {"name": unit.name, "n": unit.size, "m": int(keep_idx.size), "sparsity": budgets[i][0],
                            "iterations": int(support.iterations), "converged": not bool(support.changed),
                            "proxy": _resolve(options, proxy, unit).proxy,
-                           "relative_error": float(err), "error_examples": min(n_examples, opts.error_examples or n_examples),
+                           "relative_error": float(err), "error_examples": error_examples,
                            "seconds": round(time.perf_counter() - t0, 4)}
 
   if order == "sequential":
@@ -323,7 +330,7 @@ def ispasp(params: Any, groups: Optional[Union[ChannelGroups, Sequence[Unit]]], 
       unit = units[i]
       hidden = _unit_hidden(unit, v, x, chunk_size)
       sup, err = _recover(unit.output_fn, unit.params_fn(v), hidden, budgets[i][1], unit.output_norm(v),
-                          _resolve(options, proxy, unit), opts.error_examples)
+                          _resolve(options, proxy, unit), error_examples)
       finish(i, sup, err, t0)
   else:
     t0 = time.perf_counter()
@@ -342,7 +349,7 @@ def ispasp(params: Any, groups: Optional[Union[ChannelGroups, Sequence[Unit]]], 
       norms = None if u0.norm is None else stack([units[i].output_norm(variables) for i in idx])
       ks = jnp.asarray([budgets[i][1] for i in idx])
       sups, errs = _recover_stacked(u0.output_fn, params, jnp.stack([hiddens[i] for i in idx]), ks, norms,
-                                    _resolve(options, proxy, u0), opts.error_examples)
+                                    _vmapped(_resolve(options, proxy, u0)), error_examples)
       for j, i in enumerate(idx):
         finish(i, jax.tree_util.tree_map(lambda a: a[j], sups), errs[j], t0)
 
@@ -406,7 +413,7 @@ def ispasp_sweep(unit: Unit, params: Any, hidden: jax.Array, sparsities: Sequenc
   """
   opts = resolve(ISpaSPOptions, options, official, overrides)
   ks = jnp.asarray([plan_units([unit], s, opts.rounding, opts.round_to)[0][1] for s in sparsities])
-  rec = _resolve(opts.recovery(), opts.proxy, unit)
+  rec = _vmapped(_resolve(opts.recovery(), opts.proxy, unit))
   return _sweep(unit.output_fn, unit.params_fn(params), hidden, ks, unit.output_norm(params), rec)
 
 

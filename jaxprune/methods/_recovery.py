@@ -63,8 +63,8 @@ class RecoveryOptions(NamedTuple):
       shared by all examples; the brief's section 7.1). The three differ only in rounding.
     unroll: unroll the ``T`` iterations in the compiled program. ``None`` (default): only for the
       per-example proxies on CPU, where XLA ran the convolutions inside a loop body about 8x slower
-      than unrolled (measured on ResNet20 blocks); with ``stop_at_fixed_point`` the unrolled
-      iterations skip their work once the support repeats. Results are identical either way.
+      than unrolled (measured on ResNet20 blocks). ``stop_at_fixed_point`` uses a ``while_loop``
+      instead. Results are identical either way.
   """
   iterations: int = 20
   chunk_size: Optional[int] = 256
@@ -301,15 +301,6 @@ def recover_support(output_fn: Callable, params: Any, hidden: jax.Array, k: Any,
     return t + 1, new, jnp.any(new != mask)
 
   start = (jnp.asarray(0), empty, jnp.asarray(True))
-  if unroll:
-    # Unrolled iterations that skip their work once the support repeats (a while_loop ran the
-    # convolutions 3x slower on XLA:CPU); under vmap the skip is a select, as in the while_loop.
-    def skip(carry):
-      return carry
-    body = lambda _, carry: jax.lax.cond(carry[2], wbody, skip, carry)
-    t, mask, changed = jax.lax.fori_loop(0, options.iterations, body, start, unroll=True)
-    return Support(mask, t, changed)
-
   def cond(carry):
     t, _mask, changed = carry
     return (t < options.iterations) & changed
