@@ -132,9 +132,9 @@ class _ConvNet(nn.Module):
     return nn.Dense(3)(h.reshape(len(x), -1))
 
 
-def _conv_problem(n=37):
+def _conv_problem(n=37, side=6):
   rng = np.random.default_rng(0)
-  x = jnp.asarray(rng.normal(size=(n, 6, 6, 2)), jnp.float32)
+  x = jnp.asarray(rng.normal(size=(n, side, side, 2)), jnp.float32)
   y = jnp.asarray(rng.integers(0, 3, size=n), jnp.int32)
   model = _ConvNet()
   v = model.init(jax.random.key(0), x[:2])
@@ -161,6 +161,11 @@ def test_weight_reuse_counts_multiply_adds_per_prunable_weight():
   spec = jp.trees.flat_spec(v, None)
   # conv: 6 x 6 positions x 3 outputs x a 3 x 3 x 2 filter; dense: 108 inputs x 3 outputs
   assert signals.weight_reuse(loss, v, batch) == pytest.approx((36 * 3 * 18 + 108 * 3) / spec.size)
+  # the jaxpr is cached by shapes: other values give the same count, other shapes their own
+  assert signals.weight_reuse(loss, v, (batch[0][:5] * 2.0, batch[1][:5])) == signals.weight_reuse(loss, v, batch)
+  _, v8, batch8, loss8 = _conv_problem(side=8)
+  p8 = jp.trees.flat_spec(v8, None).size
+  assert signals.weight_reuse(loss8, v8, batch8) == pytest.approx((64 * 3 * 18 + 192 * 3) / p8)
   _, v2, batch2, loss2 = _setup()
   kernels = sum(leaf.size for path, leaf in jp.leaves_with_paths(v2) if path.endswith("kernel"))
   assert jp.trees.flat_spec(v2, None).size == kernels
