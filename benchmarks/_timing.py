@@ -1,6 +1,7 @@
 """Timing and result writing shared by the benchmark scripts."""
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -21,10 +22,12 @@ def parse_args(description: str) -> argparse.Namespace:
   return p.parse_args()
 
 
-def run_child(code: str, *args: str, timeout: int = 1800) -> dict:
-  """Runs ``python -c code *args`` in a fresh process (first calls are per process) and returns
-  the JSON object on the last line of its output; raises with its stderr if it fails."""
-  proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=timeout)
+def run_child(code: str, *args: str, python: str = sys.executable, timeout: int = 1800) -> dict:
+  """Runs ``python -c code *args`` in a fresh process (first calls are per process; ``python``
+  may be another environment's, e.g. an official code's) with progress bars off, and returns the
+  JSON object on the last line of its output; raises with its stderr if it fails."""
+  env = {**os.environ, "JAXPRUNE_NO_PROGRESS": "1"}
+  proc = subprocess.run([python, "-c", code, *args], capture_output=True, text=True, timeout=timeout, env=env)
   if proc.returncode != 0:
     raise RuntimeError(proc.stderr[-3000:])
   return json.loads(proc.stdout.strip().splitlines()[-1])

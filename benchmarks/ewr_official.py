@@ -30,14 +30,13 @@ one. Example::
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from _timing import RESULTS, markdown_table
+from _timing import RESULTS, markdown_table, run_child
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("JAXPRUNE_SHARED", REPO.parent / "shared"))
@@ -146,13 +145,6 @@ def make_data(path: Path, n: int) -> None:
            **{layer: weights[f"{layer}.weight"].astype(np.float32) for layer in LAYERS})
 
 
-def run(cmd: list) -> dict:
-  proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "JAXPRUNE_NO_PROGRESS": "1"})
-  if proc.returncode != 0:
-    raise RuntimeError(proc.stderr[-3000:])
-  return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 def main():
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--official-repo", required=True, help="a checkout of youlei202/Entropic-Wasserstein-Pruning")
@@ -170,10 +162,10 @@ def main():
     p_total = sum(np.load(data)[layer].size for layer in LAYERS)
     k = int(p_total * (1 - SPARSITY))   # the official non_zero_params_num
     for method in ("lr", "ewr"):
-      got = {"official": run([args.official_python, "-c", OFFICIAL_CHILD, args.official_repo, str(data),
-                              str(args.repeats), method, str(SPARSITY), str(REG)])}
+      got = {"official": run_child(OFFICIAL_CHILD, args.official_repo, str(data), str(args.repeats), method,
+                                   str(SPARSITY), str(REG), python=args.official_python)}
       for name, flag in (("jaxprune official=True", "1"), ("jaxprune defaults", "0")):
-        got[name] = run([sys.executable, "-c", JAX_CHILD, str(data), method, flag, str(args.repeats), str(k)])
+        got[name] = run_child(JAX_CHILD, str(data), method, flag, str(args.repeats), str(k))
       ref = got["official"]
       for name, r in got.items():
         rows.append({"method": method, "implementation": name, "first (s)": round(r["first"], 3),

@@ -28,14 +28,13 @@ Example::
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from _timing import RESULTS, markdown_table
+from _timing import RESULTS, markdown_table, run_child
 
 SPARSITY = 0.5
 
@@ -116,13 +115,6 @@ print(json.dumps({"graph_first": graph_first, "first": first, "graph": statistic
 """ % {"sparsity": SPARSITY}
 
 
-def run(cmd: list) -> dict:
-  proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "JAXPRUNE_NO_PROGRESS": "1"})
-  if proc.returncode != 0:
-    raise RuntimeError(proc.stderr[-3000:])
-  return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 def kernel_difference(a: Path, b: Path) -> float:
   """Largest ``|a - b| / max |a|`` over the pruned conv kernels (inf when shapes differ)."""
   x, y = np.load(a), np.load(b)
@@ -148,11 +140,12 @@ def main():
     tmp = Path(tmp)
     data = tmp / "vgg11_bn.npz"
     for method, fuse in (("intra_fusion", "1"), ("default pruning", "0")):
-      results[(method, "official")] = run([args.official_python, "-c", OFFICIAL_CHILD, args.official_repo, str(data),
-                                           str(tmp / "official.npz"), str(args.repeats), fuse])
+      results[(method, "official")] = run_child(OFFICIAL_CHILD, args.official_repo, str(data),
+                                                str(tmp / "official.npz"), str(args.repeats), fuse,
+                                                python=args.official_python)
       for name, flag in (("jaxprune official=True", "1"), ("jaxprune defaults", "0")):
-        results[(method, name)] = run([sys.executable, "-c", JAX_CHILD, str(data), str(tmp / f"{flag}.npz"), flag,
-                                       str(args.repeats), fuse])
+        results[(method, name)] = run_child(JAX_CHILD, str(data), str(tmp / f"{flag}.npz"), flag,
+                                            str(args.repeats), fuse)
       same[method] = kernel_difference(tmp / "official.npz", tmp / "1.npz")
   rows = []
   for (method, name), r in results.items():

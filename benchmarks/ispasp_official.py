@@ -23,14 +23,13 @@ warm calls, and the kept channels; the supports are compared. Example::
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from _timing import RESULTS, markdown_table
+from _timing import RESULTS, markdown_table, run_child
 
 CHANNELS, SIDE, KEEP_RATIO, ITERATIONS, CHUNK = 256, 14, 0.4, 20, 128
 
@@ -123,13 +122,6 @@ def make_data(path: Path, n: int, seed: int = 0) -> None:
   np.savez(path, **{k: v.astype(np.float32) for k, v in arrays.items()})
 
 
-def run(cmd: list) -> dict:
-  proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "JAXPRUNE_NO_PROGRESS": "1"})
-  if proc.returncode != 0:
-    raise RuntimeError(proc.stderr[-3000:])
-  return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 def main():
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--official-repo", required=True, help="a checkout of wolfecameron/i-SpaSP")
@@ -145,12 +137,10 @@ def main():
   with tempfile.TemporaryDirectory() as tmp:
     data = Path(tmp) / "block.npz"
     make_data(data, args.n)
-    results = {"official": run([args.official_python, "-c", OFFICIAL_CHILD, args.official_repo, str(data),
-                                str(args.repeats)]),
-               "jaxprune official=True": run([sys.executable, "-c", JAX_CHILD, str(data), "1", str(args.repeats),
-                                              str(sparsity)]),
-               "jaxprune defaults": run([sys.executable, "-c", JAX_CHILD, str(data), "0", str(args.repeats),
-                                         str(sparsity)])}
+    results = {"official": run_child(OFFICIAL_CHILD, args.official_repo, str(data), str(args.repeats),
+                                     python=args.official_python),
+               "jaxprune official=True": run_child(JAX_CHILD, str(data), "1", str(args.repeats), str(sparsity)),
+               "jaxprune defaults": run_child(JAX_CHILD, str(data), "0", str(args.repeats), str(sparsity))}
   ref = results["official"]
   rows = []
   for name, r in results.items():
