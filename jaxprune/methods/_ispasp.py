@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxprune.core.budget import CHANNEL_ROUNDINGS, check_round_to, n_kept_channels
-from jaxprune.core.checks import check_choice
+from jaxprune.core.checks import check_choice, check_positive_int
 from jaxprune.core.forms import as_model
 from jaxprune.core.options import Options, resolve
 from jaxprune.core.results import ChannelResult, make_info
@@ -63,10 +63,13 @@ def _unit_error(output_fn, params, hidden, norm, mask, examples):
   return _output_error(output_fn, params, norm, hidden[:examples], mask)
 
 
-@functools.partial(jax.jit, static_argnames=("output_fn", "options", "error_examples"))
-def _recover_traced(output_fn, params, hidden, k, norm, options, error_examples):
+def _solve(output_fn, params, hidden, k, norm, options, error_examples):
+  """The support and its relative output error on the first ``error_examples``, traced."""
   support = recover_support(output_fn, params, hidden, k, norm, options)
   return support, _output_error(output_fn, params, norm, hidden[:error_examples], support.mask)
+
+
+_recover_traced = jax.jit(_solve, static_argnames=("output_fn", "options", "error_examples"))
 
 
 def _recover(output_fn, params, hidden, k, norm, options, error_examples):
@@ -100,9 +103,7 @@ def _vmapped(options: RecoveryOptions) -> RecoveryOptions:
 
 @functools.partial(jax.jit, static_argnames=("output_fn", "options", "error_examples"))
 def _recover_stacked(output_fn, params, hidden, k, norm, options, error_examples):
-  def solve(p, h, kk, nn):
-    support = recover_support(output_fn, p, h, kk, nn, options)
-    return support, _output_error(output_fn, p, nn, h[:error_examples], support.mask)
+  solve = lambda p, h, kk, nn: _solve(output_fn, p, h, kk, nn, options, error_examples)
   return jax.vmap(solve)(params, hidden, k, norm)
 
 
@@ -236,9 +237,8 @@ class ISpaSPOptions(Options):
     check_choice(self.mode, MODES, "mode")
     check_choice(self.rounding, CHANNEL_ROUNDINGS, "rounding")
     check_round_to(self.round_to)
-    if self.error_examples is not None and (isinstance(self.error_examples, bool)
-                                            or not isinstance(self.error_examples, int) or self.error_examples < 1):
-      raise ValueError(f"error_examples must be a positive int or None, got {self.error_examples!r}")
+    if self.error_examples is not None:
+      check_positive_int(self.error_examples, "error_examples")
     self.recovery()
 
   def recovery(self) -> RecoveryOptions:
