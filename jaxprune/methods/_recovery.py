@@ -128,9 +128,14 @@ def _norm_batch(z, norm):
   return (z - mean) * jax.lax.rsqrt(var + norm.eps) * norm.scale + norm.offset
 
 
+def _dense_output(output_fn, params, norm):
+  """``H -> U``: the unit's second layer, then its norm in inference mode (the dense branch)."""
+  return lambda x: norm_eval(output_fn(params, x), norm)
+
+
 def _chunk_proxy(output_fn, params, norm, bn_mode, mask, h):
   """``sum_{examples, positions} dR/dH`` on one chunk: ``(C,)``."""
-  dense = lambda x: norm_eval(output_fn(params, x), norm)
+  dense = _dense_output(output_fn, params, norm)
   u, pullback = jax.vjp(dense, h)
   z = output_fn(params, h * mask.astype(h.dtype))
   u_hat = _norm_batch(z, norm) if (bn_mode == "train" and norm is not None) else norm_eval(z, norm)
@@ -170,7 +175,7 @@ def proxy(output_fn: Callable, params: Any, hidden: jax.Array, mask: jax.Array, 
 def dense_sum(output_fn: Callable, params: Any, summed: jax.Array, n: Any, norm: Optional[OutputNorm] = None):
   """``sum_b U_b: (1, ..., C_out)`` of an affine unit from ``summed = sum_b H_b`` over ``n``
   examples: ``f(summed) + (n - 1) f(0)``."""
-  dense = lambda x: norm_eval(output_fn(params, x), norm)
+  dense = _dense_output(output_fn, params, norm)
   return dense(summed) + (n - 1) * dense(jnp.zeros_like(summed))
 
 
@@ -184,7 +189,7 @@ def _chunk_pruned_sum(output_fn, params, norm, bn_mode, mask, h):
 def _pullback_sum(output_fn, params, norm, v_sum, like):
   """``J^T v_sum`` summed over positions: ``(C,)``; ``J`` the affine unit's Jacobian, the same at
   every point, taken at zero activations shaped ``like: (1, ..., C)``."""
-  dense = lambda x: norm_eval(output_fn(params, x), norm)
+  dense = _dense_output(output_fn, params, norm)
   _, pullback = jax.vjp(dense, jnp.zeros_like(like))
   (grad,) = pullback(v_sum)
   return jnp.sum(grad, axis=tuple(range(grad.ndim - 1)))
@@ -215,7 +220,7 @@ def reduced_proxy(output_fn: Callable, params: Any, summed: jax.Array, n: Any, m
   empty one (pruned output 0, as the official code) ``sum_b V_b = L summed + n c``. The proxy is
   ``L^T`` of that sum, summed over positions: two passes of the layer over one example.
   """
-  dense = lambda x: norm_eval(output_fn(params, x), norm)
+  dense = _dense_output(output_fn, params, norm)
   offset = dense(jnp.zeros_like(summed))
   removed, pullback = jax.vjp(dense, summed * (1 - mask.astype(summed.dtype)))
   v_sum = removed - offset + jnp.where(jnp.any(mask), 0.0, n * offset)
@@ -284,10 +289,11 @@ def recover_support(output_fn: Callable, params: Any, hidden: jax.Array, k: Any,
   inputs = loop_inputs(output_fn, params, hidden, norm, options)
   step = lambda mask: next_support(output_fn, params, hidden, k, norm, options, inputs, mask)
   empty = jnp.zeros(hidden.shape[-1], bool)
-  unroll = options.unroll
-  if unroll is None:
-    unroll = options.proxy != "reduced" and jax.default_backend() == "cpu"
   if not options.stop_at_fixed_point:
+    unroll = options.unroll
+    if unroll is None:
+      unroll = options.proxy != "reduced" and jax.default_backend() == "cpu"
+
     def body(_, carry):
       mask, _changed = carry
       new = step(mask)
@@ -300,10 +306,9 @@ def recover_support(output_fn: Callable, params: Any, hidden: jax.Array, k: Any,
     new = step(mask)
     return t + 1, new, jnp.any(new != mask)
 
-  start = (jnp.asarray(0), empty, jnp.asarray(True))
   def cond(carry):
     t, _mask, changed = carry
     return (t < options.iterations) & changed
 
-  t, mask, changed = jax.lax.while_loop(cond, wbody, start)
+  t, mask, changed = jax.lax.while_loop(cond, wbody, (jnp.asarray(0), empty, jnp.asarray(True)))
   return Support(mask, t, changed)
