@@ -200,6 +200,34 @@ def host_like(value: np.ndarray, like: Any) -> Any:
   return to_device(value, like) if isinstance(like, jax.Array) else value
 
 
+def as_numpy_tree(tree: PyTree) -> PyTree:
+  """``tree`` with numpy leaves (read-only views, no copy) when every leaf is in host memory
+  (:func:`on_host_numeric`), else ``tree`` itself. A method that rewrites many leaves one group
+  at a time works on these and places its result once (:func:`placed_like`), instead of placing
+  every written leaf on the device."""
+  leaves = jax.tree_util.tree_leaves(tree)
+  if not leaves or not on_host_numeric(*leaves):
+    return tree
+  return jax.tree_util.tree_map(np.asarray, tree)
+
+
+def placed_like(tree: PyTree, like: PyTree) -> PyTree:
+  """``tree`` (of :func:`as_numpy_tree`, same structure as ``like``) with each numpy leaf whose
+  counterpart in ``like`` is a jax array placed as that one is, in one transfer call."""
+  leaves, treedef = jax.tree_util.tree_flatten(tree)
+  return jax.tree_util.tree_unflatten(treedef, host_likes(leaves, treedef.flatten_up_to(like)))
+
+
+def host_likes(values: Sequence[Any], likes: Sequence[Any]) -> list:
+  """:func:`host_like` of each numpy ``value`` and its ``like`` (other values are kept); those to be
+  placed go in one transfer call."""
+  out = list(values)
+  todo = [i for i, (x, y) in enumerate(zip(out, likes)) if isinstance(x, np.ndarray) and isinstance(y, jax.Array)]
+  for i, placed in zip(todo, to_devices([out[i] for i in todo], [likes[i] for i in todo])):
+    out[i] = placed
+  return out
+
+
 def get_leaf(tree: PyTree, path: str) -> Any:
   """The leaf at ``path`` (normalised path string)."""
   for p, leaf in leaves_with_paths(tree):

@@ -12,6 +12,7 @@ Several groups are pruned by :func:`write_channels` on each (same shapes, in ord
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Optional, Sequence, Union
 
@@ -20,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxprune.structure.channel_groups import CONSUMER, ChannelGroups, Group, NormLink
-from jaxprune.core.trees import leaves_with_paths, map_with_paths, on_host, replace_leaves, to_device, to_devices
+from jaxprune.core.trees import host_like, host_likes, leaves_with_paths, map_with_paths, on_host, replace_leaves
 
 MODES = ("shrink", "mask")
 
@@ -108,6 +109,61 @@ def write_channels(variables: Any, group: Group, keep: Any, fusion_map: Optional
   return replace_leaves(variables, new)
 
 
+def write_kept(variables: Any, group: Group, keep: Any, fusion_map: Optional[Any] = None, *,
+               producer_map: Optional[Any] = None) -> tuple[Any, Group]:
+  """:func:`write_channels`, then the removed channels deleted wherever the group owns a whole axis,
+  for a tree in host memory.
+
+  A plain member (channel ``j`` is row ``j`` of an axis of length ``n``) gets its ``m`` kept rows
+  computed directly, ``T @ rows`` or a selection, with no zero-filled full-size copy to cut later.
+  Other members (a flatten's rows, an offset into a concatenation: another group may own the rest
+  of that axis) are written at full size by :func:`write_channels`; the returned group holds them,
+  for one :func:`shrink_channels` at the end, so their positions never go stale.
+
+  Returns:
+    ``(tree, rest)``: ``rest`` is ``group`` with only the members still to be cut.
+  """
+  keep = check_keep(keep, group)
+  n, m = group.size, keep.size
+  order = np.argsort(keep)
+  t_cons = None if fusion_map is None else _check_map(fusion_map, m, n, "fusion_map")[order]
+  t_prod = t_cons if producer_map is None else _check_map(producer_map, m, n, "producer_map")[order]
+  keep = keep[order]
+  leaves = dict(leaves_with_paths(variables))
+  whole = [mem for mem in group.members if mem.index is None and np.shape(leaves[mem.path])[mem.axis] == n]
+  rest = dataclasses.replace(group, producers=tuple(mem for mem in group.producers if mem not in whole),
+                             consumers=tuple(mem for mem in group.consumers if mem not in whole))
+  if rest.members:
+    variables = write_channels(variables, rest, keep, t_cons, producer_map=t_prod)
+    leaves = dict(leaves_with_paths(variables))
+  new = {}
+  for mem in whole:
+    leaf = np.asarray(new.get(mem.path, leaves[mem.path]))
+    t = t_cons if mem.role == CONSUMER else t_prod
+    if t is not None and mem.kind in ("kernel", "depthwise", "bias"):
+      new[mem.path] = _kept_mix(leaf, t.astype(leaf.dtype), mem.axis % leaf.ndim)
+    else:
+      new[mem.path] = np.take(leaf, keep, axis=mem.axis)
+  placed = host_likes([new[p] for p in new], [leaves[p] for p in new])
+  return replace_leaves(variables, dict(zip(new, placed))), rest
+
+
+def _kept_mix(w: np.ndarray, t: np.ndarray, axis: int) -> np.ndarray:
+  """``t: (m, n)`` applied along ``axis`` of ``w``, giving ``m`` rows there: one GEMM on a view when
+  the axis is last, one per leading block when there are few, else a ``tensordot``."""
+  n, m = w.shape[axis], t.shape[0]
+  if axis == w.ndim - 1:
+    return (w.reshape(-1, n) @ t.T).reshape(w.shape[:-1] + (m,))
+  pre = int(np.prod(w.shape[:axis]))
+  if pre > 64:
+    return np.ascontiguousarray(np.moveaxis(np.tensordot(t, w, axes=(1, axis)), 0, axis))
+  x = w.reshape(pre, n, -1)
+  out = np.empty((pre, m, x.shape[2]), w.dtype)
+  for p in range(pre):
+    np.matmul(t, x[p], out=out[p])
+  return out.reshape(w.shape[:axis] + (m,) + w.shape[axis + 1:])
+
+
 def _apply_channel_map(leaf: Any, mem, n: int, *, full: Optional[np.ndarray] = None,
                        scale: Optional[np.ndarray] = None) -> jax.Array:
   """``leaf`` with channel ``k`` of the member replaced by ``sum_j full[k, j] channel_j`` (or
@@ -118,7 +174,7 @@ def _apply_channel_map(leaf: Any, mem, n: int, *, full: Optional[np.ndarray] = N
     return _scale_along(leaf, _axis_scale(scale, pos, np.shape(leaf)[mem.axis]), mem.axis)
   if on_host(leaf) and np.dtype(leaf.dtype) in (np.float32, np.float64):   # numpy: nothing to compile on CPU
     out = _channel_rows(np, np.asarray(leaf), full, pos, mem.axis, mem.index is None)
-    return to_device(out, leaf)
+    return host_like(out, leaf)
   return _map_rows(leaf, full, pos, mem.axis, mem.index is None)
 
 
@@ -180,7 +236,7 @@ def _axis_scale(scale: np.ndarray, pos: np.ndarray, length: int) -> np.ndarray:
 def _scale_along(leaf: Any, vec: np.ndarray, axis: int) -> Any:
   """``leaf`` times ``vec`` broadcast along ``axis``: one pass, no gathered copy of the rows."""
   if on_host(leaf) and np.dtype(leaf.dtype) in (np.float32, np.float64):
-    return to_device(_times_along(np, np.asarray(leaf), vec, axis), leaf)
+    return host_like(_times_along(np, np.asarray(leaf), vec, axis), leaf)
   return _times_along_jit(leaf, vec, axis)
 
 
@@ -221,7 +277,7 @@ def shrink_channels(variables: Any, plans: Sequence[tuple[Group, Any]]) -> Any:
   axes = tuple(tuple(a for a, _ in kept[p]) for p in paths)
   arrays = [leaves[p] for p in paths]
   if on_host(*arrays):   # host memory already: numpy gathers, nothing to compile
-    small = to_devices([_take_numpy(np.asarray(a), kept[p]) for a, p in zip(arrays, paths)], arrays)
+    small = host_likes([_take_numpy(np.asarray(a), kept[p]) for a, p in zip(arrays, paths)], arrays)
   else:
     small = _gather_kept(axes, arrays, [[jnp.asarray(i, jnp.int32) for _, i in kept[p]] for p in paths])
   return replace_leaves(variables, dict(zip(paths, small)))
@@ -266,8 +322,7 @@ def select_channels(variables: Any, group: Group, keep: Any, *, mode: str = "shr
     ``mode="shrink"``: smaller arrays; ``mode="mask"``: same shapes, removed channels zeroed.
   """
   _check_mode(mode)
-  out = write_channels(variables, group, keep)
-  return shrink_channels(out, [(group, keep)]) if mode == "shrink" else out
+  return _write_and_cut(variables, group, keep) if mode == "shrink" else write_channels(variables, group, keep)
 
 
 def fuse_channels(variables: Any, group: Group, keep: Any, fusion_map: Any, *, mode: str = "shrink",
@@ -278,8 +333,21 @@ def fuse_channels(variables: Any, group: Group, keep: Any, fusion_map: Any, *, m
   biases), each consumer's input slice likewise; norm parameters and statistics are selected.
   """
   _check_mode(mode)
+  if mode == "shrink":
+    return _write_and_cut(variables, group, keep, fusion_map, producer_map)
+  return write_channels(variables, group, keep, fusion_map, producer_map=producer_map)
+
+
+def _write_and_cut(variables: Any, group: Group, keep: Any, fusion_map: Optional[Any] = None,
+                   producer_map: Optional[Any] = None) -> Any:
+  """One group written and cut: by :func:`write_kept` for host leaves (no full-size copy of the
+  axes the group owns), else written at full size and cut by one compiled gather."""
+  leaves = dict(leaves_with_paths(variables))
+  if on_host(*(leaves[m.path] for m in group.members)):
+    out, rest = write_kept(variables, group, keep, fusion_map, producer_map=producer_map)
+    return shrink_channels(out, [(rest, keep)]) if rest.members else out
   out = write_channels(variables, group, keep, fusion_map, producer_map=producer_map)
-  return shrink_channels(out, [(group, keep)]) if mode == "shrink" else out
+  return shrink_channels(out, [(group, keep)])
 
 
 def channel_masks(variables: Any, plans: Sequence[tuple[Group, Any]]) -> Any:
@@ -322,7 +390,7 @@ _fold_jit = jax.jit(functools.partial(_fold_arrays, jnp), static_argnums=(7, 8))
 
 def _full_like(host: bool, like: Any, value: float) -> jax.Array:
   if host:
-    return to_device(np.full(np.shape(like), value, like.dtype), like)
+    return host_like(np.full(np.shape(like), value, like.dtype), like)
   return jnp.full_like(like, value)
 
 
@@ -364,7 +432,7 @@ def fold_batchnorm(variables: Any, norms: Union[ChannelGroups, Sequence[NormLink
     if host:      # numpy: nothing to compile, and no per-shape compilation on a first call
       kernel, shift = _fold_arrays(np, *(None if a is None else np.asarray(a) for a in arrays),
                                    e, include_eps, link.axis)
-      kernel, shift = (to_device(a, arrays[0]) for a in (kernel, shift))
+      kernel, shift = (host_like(a, arrays[0]) for a in (kernel, shift))
     else:
       kernel, shift = _fold_jit(*arrays, e, include_eps, link.axis)
     full = functools.partial(_full_like, host)

@@ -70,6 +70,55 @@ def test_masking_equals_removing_channels(model_case):
       assert leaves[m.path].shape[m.axis] == keep.size * rows + other
 
 
+def test_cutting_each_group_as_it_goes_equals_one_cut_at_the_end(model_case):
+  """``write_kept`` cuts the axes a group owns whole as it writes them (its kept rows computed
+  directly) and leaves the others for one cut at the end: the same tree as ``write_channels`` on
+  every group and one ``shrink_channels``, with random fusion maps and unsorted ``keep``."""
+  from jaxprune.structure.surgery import write_kept
+  name, model, v, x, rebuild, groups = model_case
+  rng = np.random.default_rng(3)
+  full = cut = jax.tree.map(np.asarray, v)
+  plans, rest_plans = [], []
+  for g in groups:
+    keep = rng.permutation(g.size)[:max(1, g.size // 2)]
+    t = rng.uniform(size=(keep.size, g.size)).astype(np.float32)
+    full = jp.write_channels(full, g, keep, t)
+    cut, rest = write_kept(cut, g, keep, t)
+    plans.append((g, keep))
+    rest_plans.append((rest, keep))
+  assert_same_trees(jp.shrink_channels(cut, rest_plans), jp.shrink_channels(full, plans))
+
+
+def test_write_kept_defers_the_members_read_through_a_mapping():
+  """A flatten-style member (several rows per channel) and an offset into a concatenated axis are
+  written at full size and returned for the final cut; the plain members are cut at once."""
+  from jaxprune.structure.surgery import write_kept
+  rng = np.random.default_rng(1)
+  rows = rng.permutation(12).reshape(4, 3)
+  tree = {"a": {"kernel": rng.normal(size=(2, 12)).astype(np.float32)},
+          "b": {"kernel": rng.normal(size=(12, 3)).astype(np.float32)},
+          "c": {"kernel": rng.normal(size=(3, 3, 5, 4)).astype(np.float32), "bias": rng.normal(size=4).astype(np.float32)},
+          "d": {"kernel": rng.normal(size=(7, 2)).astype(np.float32)}}
+  g = jp.make_group(tree, [jp.Member("a/kernel", 1, "producer", "kernel", rows), ("c/kernel", 3), ("c/bias", 0)],
+                    [jp.Member("b/kernel", 0, "consumer", "kernel", rows),
+                     jp.Member("d/kernel", 0, "consumer", "kernel", np.arange(2, 6)[:, None])], size=4)
+  keep, t = np.array([3, 0]), rng.uniform(size=(2, 4)).astype(np.float32)
+  cut, rest = write_kept(tree, g, keep, t)
+  assert [m.path for m in rest.members] == ["a/kernel", "b/kernel", "d/kernel"]
+  assert cut["c"]["kernel"].shape == (3, 3, 5, 2) and cut["d"]["kernel"].shape == (7, 2)
+  np.testing.assert_allclose(cut["c"]["bias"], (t @ tree["c"]["bias"])[[1, 0]], rtol=1e-6)
+  assert_same_trees(jp.shrink_channels(cut, [(rest, keep)]),
+                    jp.shrink_channels(jp.write_channels(tree, g, keep, t), [(g, keep)]))
+
+
+def assert_same_trees(got, want):
+  got, want = jp.trees.leaves_with_paths(got), jp.trees.leaves_with_paths(want)
+  assert [p for p, _ in got] == [p for p, _ in want]
+  for (path, a), (_, b) in zip(got, want):
+    assert np.shape(a) == np.shape(b), path
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * max(1.0, float(np.abs(b).max())), err_msg=path)
+
+
 def masked_leaf(tree, path):
   return jp.trees.get_leaf(tree, path)
 
