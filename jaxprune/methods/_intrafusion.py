@@ -9,6 +9,9 @@ Per group (official code, brief ``intrafusion.md`` section 2.9):
 4. Cost ``C[j, k] = ||x_j - x_keep[k]||_p``, ``(n, m)``: ``p=1`` in the official code, ``p=2``
    by default here (as good a model in our measurements, and one matrix product on the host).
 5. Marginals uniform ``a = 1/n``, ``b = 1/m`` (or importance-weighted); exact OT plan ``P``.
+   By default (``transport="removed"``) each kept channel's own mass stays in place and only the
+   removed channels' rows of ``C`` are computed and solved: the same optimum for a metric cost,
+   on an ``(n - m) x m`` problem (:func:`removed_mass_plan`); the official code solves ``n x m``.
 6. Fusion map ``T = P^T diag(1/a): (m, n)``: each column sums to 1, each row to ``n/m`` (uniform):
    kept channels become *sums* of their clusters (official). ``semantics="average"`` instead
    uses the row-normalised ``T`` for the producers (barycentres) and ``T`` for the consumers, an
@@ -46,13 +49,18 @@ from jaxprune.methods._channels import (_as_groups, check_importance, importance
                                         resolve_groups)
 from jaxprune.structure.importance import taylor_grads, taylor_importance
 from jaxprune.core.progress import progress
-from jaxprune.structure.surgery import MODES, channel_masks, fold_batchnorm, shrink_channels, write_channels
-from jaxprune.core.trees import host_like, leaves_with_paths, on_host
+from jaxprune.structure.surgery import MODES, channel_masks, fold_batchnorm, shrink_channels, write_channels, write_kept
+from jaxprune.core.trees import as_numpy_tree, host_like, leaves_with_paths, on_host, placed_like
 
 SOLVERS = ("exact", "entropic")
 SEMANTICS = ("sum", "average")
 MARGINALS = ("uniform", "importance")
 ORDERS = ("sequential", "parallel")
+TRANSPORTS = ("removed", "all")
+
+
+def _numpy_tree(tree: Any) -> bool:
+  return all(isinstance(x, np.ndarray) for x in jax.tree_util.tree_leaves(tree))
 
 
 class FusionMap(NamedTuple):
@@ -99,19 +107,22 @@ def _pairing_members(variables: Any, group: Group, include_bias: bool) -> tuple[
 
 
 def group_pairing_cost(variables: Any, group: Group, keep: np.ndarray, p: float = 2, *,
-                       include_bias: bool = False) -> Any:
-  """``C: (n, m)`` of :func:`pairing_cost` for ``group``'s pairing vectors. For host leaves and
-  ``p=2`` it is built from each member's products (:func:`_member_views`), without the ``(n, D)``
-  matrix of pairing vectors, a transposed copy of every kernel."""
+                       include_bias: bool = False, rows: Optional[np.ndarray] = None) -> Any:
+  """``C: (r, m)`` of :func:`pairing_cost` for ``group``'s pairing vectors, for the channels
+  ``rows`` (default all ``n``). For host leaves and ``p=2`` it is built from each member's products
+  (:func:`_member_views`), without the ``(n, D)`` matrix of pairing vectors, a transposed copy of
+  every kernel."""
   members, arrays = _pairing_members(variables, group, include_bias)
   if p == 2 and on_host(*arrays):
     keep = np.asarray(keep)
+    rows = np.arange(group.size) if rows is None else np.asarray(rows)
     views = _member_views([np.asarray(a) for a in arrays], members, group.size)
     sq = sum(np.einsum("pnq,pnq->n", x, x, dtype=np.float64) for x in views)
-    gram = sum(_kept_products(x, keep).astype(np.float64) for x in views)
-    _refine_near_pairs(gram, sq, views, keep)
-    return host_like(_euclidean_from_gram(gram, np.sqrt(sq), keep), arrays[0])
-  return pairing_cost(pairing_vectors(variables, group, include_bias=include_bias, host_dtype=np.float64), keep, p)
+    gram = sum(_kept_products(x, keep, rows).astype(np.float64) for x in views)
+    _refine_near_pairs(gram, sq, views, keep, rows)
+    return host_like(_euclidean_from_gram(gram, np.sqrt(sq), keep, rows), arrays[0])
+  x = pairing_vectors(variables, group, include_bias=include_bias, host_dtype=np.float64)
+  return pairing_cost(x, keep, p, rows=rows)
 
 
 def _member_views(arrays: list, members: list, n: int) -> list:
@@ -129,31 +140,33 @@ def _member_views(arrays: list, members: list, n: int) -> list:
   return views
 
 
-def _kept_products(x: np.ndarray, keep: np.ndarray) -> np.ndarray:
-  """``(n, m)`` products ``sum_{p, q} x[p, j, q] x[p, keep[k], q]`` of ``x: (pre, n, post)``: one
-  ``A^T A`` when ``post == 1`` (channels last), else one product per leading block (float32 GEMMs)."""
-  if x.shape[2] == 1:
+def _kept_products(x: np.ndarray, keep: np.ndarray, rows: np.ndarray) -> np.ndarray:
+  """``(r, m)`` products ``sum_{p, q} x[p, rows[i], q] x[p, keep[k], q]`` of ``x: (pre, n, post)``:
+  one product when ``post == 1`` (channels last), else one per leading block (float32 GEMMs)."""
+  if x.shape[2] == 1:   # np.take: several times faster than fancy indexing along the last axis
     flat = x[:, :, 0]
-    return flat.T @ flat[:, keep]
-  return sum(block @ block[keep].T for block in x)
+    left = flat if rows.size == flat.shape[1] else np.take(flat, rows, axis=1)
+    return left.T @ np.take(flat, keep, axis=1)
+  return sum(block[rows] @ block[keep].T for block in x)
 
 
-def _refine_near_pairs(gram: np.ndarray, sq: np.ndarray, views: list, keep: np.ndarray,
+def _refine_near_pairs(gram: np.ndarray, sq: np.ndarray, views: list, keep: np.ndarray, rows: np.ndarray,
                        near: float = 0.95, chunk: int = 256) -> None:
   """Recomputes in float64, in place, the products of pairs whose cosine exceeds ``near``: there
   ``|u - v|^2 = 2 - 2 cos`` cancels, and a float32 product's rounding (about 1e-7 of the cosine)
-  would be a visible part of the distance. Elsewhere it is below 2e-6 of it. A row and itself
-  (every kept channel) is its squared norm; other near pairs (near-duplicate channels, usually
-  none) are summed from their slices, ``chunk`` pairs at a time."""
+  would be a visible part of the distance. Elsewhere it is below 2e-6 of it. ``gram: (r, m)``
+  holds the products of the channels ``rows`` with the kept ones. A channel and itself is its
+  squared norm; other near pairs (near-duplicate channels, usually none) are summed from their
+  slices, ``chunk`` pairs at a time."""
   safe = np.sqrt(np.where(sq > 0, sq, 1.0))
-  rows, cols = np.nonzero(gram / safe[:, None] / safe[None, keep] > near)
-  mine = keep[cols] == rows
-  gram[rows[mine], cols[mine]] = sq[rows[mine]]
-  rows, cols = rows[~mine], cols[~mine]
-  for s in range(0, rows.size, chunk):
-    i, j = rows[s:s + chunk], keep[cols[s:s + chunk]]
-    gram[i, cols[s:s + chunk]] = sum(np.einsum("pcq,pcq->c", x[:, i].astype(np.float64), x[:, j].astype(np.float64))
-                                     for x in views)
+  at, cols = np.nonzero(gram / safe[rows, None] / safe[None, keep] > near)
+  mine = keep[cols] == rows[at]
+  gram[at[mine], cols[mine]] = sq[rows[at[mine]]]
+  at, cols = at[~mine], cols[~mine]
+  for s in range(0, at.size, chunk):
+    i, j = rows[at[s:s + chunk]], keep[cols[s:s + chunk]]
+    gram[at[s:s + chunk], cols[s:s + chunk]] = sum(
+        np.einsum("pcq,pcq->c", x[:, i].astype(np.float64), x[:, j].astype(np.float64)) for x in views)
 
 
 def _host_pairing_vectors(arrays: list, members: list, n: int, dtype: Any) -> np.ndarray:
@@ -169,60 +182,66 @@ def _host_pairing_vectors(arrays: list, members: list, n: int, dtype: Any) -> np
   return out
 
 
-def pairing_cost(x: jax.Array, keep: Any, p: float = 2, *, chunk: int = 32) -> jax.Array:
-  """``C: (n, m)``: ``l_p`` distances between l2-normalised rows of ``x`` and the kept rows.
+def pairing_cost(x: jax.Array, keep: Any, p: float = 2, *, rows: Any = None, chunk: int = 32) -> jax.Array:
+  """``C: (r, m)``: ``l_p`` distances between the l2-normalised rows ``rows`` of ``x: (n, D)``
+  (default all: ``r = n``) and its kept rows.
 
   Rows with zero norm stay zero (the official code divides by zero and gets NaN). The distances
   between all ``n`` rows are computed by one jitted function per ``(n, D)`` shape, in chunks of
   ``chunk`` rows (memory ``O(chunk * n * D)``), and the kept columns taken after: a new sparsity
   changes ``m`` but compiles nothing. For ``x`` in host memory nothing is compiled: ``p=2`` is one
-  float64 matrix product, other ``p`` SciPy's ``cdist`` on the ``(n, m)`` pairs (as fast as the
+  float64 matrix product, other ``p`` SciPy's ``cdist`` on the ``(r, m)`` pairs (as fast as the
   compiled function warm).
   """
   keep = np.asarray(keep)
+  rows = np.arange(np.shape(x)[0]) if rows is None else np.asarray(rows)
   if on_host(x):
-    return host_like(_pairing_cost_host(np.asarray(x), keep, float(p)), x)
+    return host_like(_pairing_cost_host(np.asarray(x), keep, float(p), rows=rows), x)
   full = np.asarray(all_pairs_cost(jnp.asarray(x), float(p), int(chunk)))
-  return jax.device_put(full[:, keep])   # device_put: jnp.asarray would compile per shape
+  return jax.device_put(full[np.ix_(rows, keep)])   # device_put: jnp.asarray would compile per shape
 
 
-def _pairing_cost_host(x: np.ndarray, keep: np.ndarray, p: float, workers: Optional[int] = None) -> np.ndarray:
-  """``p=2``: :func:`_euclidean_host`. Otherwise SciPy's ``cdist`` over blocks of rows in ``workers``
-  threads (default: one per core, when the ``n x m x D`` work is large enough to pay for them;
-  ``cdist`` releases the GIL). Each block is the same computation, so the result does not depend
-  on ``workers``."""
+def _pairing_cost_host(x: np.ndarray, keep: np.ndarray, p: float, workers: Optional[int] = None, *,
+                       rows: Optional[np.ndarray] = None) -> np.ndarray:
+  """``p=2``: :func:`_euclidean_host`. Otherwise SciPy's ``cdist`` over blocks of ``rows`` (default
+  all) in ``workers`` threads (default: one per core, when the ``r x m x D`` work is large enough to
+  pay for them; ``cdist`` releases the GIL). Each block is the same computation, so the result does
+  not depend on ``workers``."""
   x = np.asarray(x, np.float64)   # cdist computes in float64 too
+  rows = np.arange(x.shape[0]) if rows is None else rows
   norms = np.sqrt(np.einsum("nd,nd->n", x, x))
   if p == 2:
-    return _euclidean_host(x, norms, keep)
+    return _euclidean_host(x, norms, keep, rows)
   xn = x / np.where(norms > 0, norms, 1.0)[:, None]
   from scipy.spatial.distance import cdist
   metric = {1.0: "cityblock", 2.0: "euclidean"}.get(p, "minkowski")
-  one = lambda rows: cdist(xn[rows], xn[keep], metric, **({"p": p} if metric == "minkowski" else {}))  # noqa: E731
+  one = lambda block: cdist(xn[block], xn[keep], metric, **({"p": p} if metric == "minkowski" else {}))  # noqa: E731
   if workers is None:
-    workers = (os.cpu_count() or 1) if x.shape[0] * keep.size * x.shape[1] > 10_000_000 else 1
-  blocks = [b for b in np.array_split(np.arange(x.shape[0]), max(1, min(workers, x.shape[0]))) if b.size]
+    workers = (os.cpu_count() or 1) if rows.size * keep.size * x.shape[1] > 10_000_000 else 1
+  blocks = [b for b in np.array_split(rows, max(1, min(workers, rows.size))) if b.size]
+  if not blocks:
+    return np.zeros((0, keep.size), np.float32)
   if len(blocks) == 1:
     return one(blocks[0]).astype(np.float32)
   with ThreadPoolExecutor(len(blocks)) as pool:
     return np.concatenate(list(pool.map(one, blocks))).astype(np.float32)
 
 
-def _euclidean_host(x: np.ndarray, norms: np.ndarray, keep: np.ndarray) -> np.ndarray:
-  """``(n, m)`` Euclidean distances between the l2-normalised float64 rows of ``x: (n, D)`` and
-  the kept ones, from one product: a GEMM, where ``cdist`` walks every pair, and no pass to
+def _euclidean_host(x: np.ndarray, norms: np.ndarray, keep: np.ndarray, rows: np.ndarray) -> np.ndarray:
+  """``(r, m)`` Euclidean distances between the l2-normalised float64 rows ``rows`` of ``x: (n, D)``
+  and the kept ones, from one product: a GEMM, where ``cdist`` walks every pair, and no pass to
   normalise ``x``."""
-  return _euclidean_from_gram(x @ x[keep].T, norms, keep)
+  return _euclidean_from_gram(x[rows] @ x[keep].T, norms, keep, rows)
 
 
-def _euclidean_from_gram(gram: np.ndarray, norms: np.ndarray, keep: np.ndarray) -> np.ndarray:
-  """Distances of the l2-normalised rows from their products ``gram: (n, m)`` and ``norms: (n,)``:
+def _euclidean_from_gram(gram: np.ndarray, norms: np.ndarray, keep: np.ndarray, rows: np.ndarray) -> np.ndarray:
+  """Distances of the l2-normalised rows from their products ``gram: (r, m)`` and ``norms: (n,)``:
   ``|u - v|^2 = |u|^2 + |v|^2 - 2 x.y / (|x| |y|)`` with ``|u|^2`` 1 (0 for a zero row). Near rows
   cancel, so their products must be float64-accurate (:func:`_refine_near_pairs`)."""
   safe = np.where(norms > 0, norms, 1.0)
   unit = (norms > 0).astype(np.float64)
-  cos = gram / safe[:, None] / safe[None, keep]
-  d2 = unit[:, None] + unit[None, keep] - 2.0 * cos
+  cos = gram / safe[rows, None] / safe[None, keep]
+  d2 = unit[rows, None] + unit[None, keep] - 2.0 * cos
   return np.sqrt(np.maximum(d2, 0.0)).astype(np.float32)
 
 
@@ -269,23 +288,62 @@ def fusion_from_plan(plan: Any, a: Any, semantics: str = "sum") -> tuple[np.ndar
   return t, t / np.where(rows > 0, rows, 1.0)
 
 
-def _solve(costs: list, ab: list, solver: str, eps: float, options: ot.SinkhornOptions) -> list:
-  """Plans for a list of cost matrices; entropic ones of one shape in one vmapped call."""
-  plans = [None] * len(costs)
+def removed_mass_plan(cost: Any, a: np.ndarray, b: np.ndarray, keep: np.ndarray, rows: np.ndarray) -> np.ndarray:
+  """The exact plan ``P: (n, m)`` with each kept channel's own mass left in place: only the
+  removed channels ``rows`` are transported, a network simplex on ``cost: (r, m)`` (their rows).
+
+  For a metric cost (every ``l_p`` distance with ``p >= 1``) the optimal transport cost between
+  ``a`` and ``b`` equals that between what is left of them after their common mass stays where it
+  is (Kantorovich-Rubinstein), here ``min(a[keep], b)`` on the kept channels, at zero cost. So
+  this plan is optimal for the whole ``(n, m)`` problem, and it is the plan of the whole problem
+  when that optimum is unique, which it was in every group we measured. It needs ``a[keep] <= b``,
+  which uniform and importance marginals satisfy, and solves ``(n - m) x m`` instead of ``n x m``.
+  """
+  if np.any(a[keep] > b):
+    raise ValueError("transport='removed' needs a kept channel's source mass <= its target mass")
+  plan = np.zeros((a.size, keep.size))
+  plan[keep, np.arange(keep.size)] = a[keep]
+  moved = a[rows].sum()
+  if rows.size and moved > 0:
+    plan[rows] = ot.exact_plan(cost, a[rows], b - a[keep]) * moved
+  return plan
+
+
+def _solve(problems: list, solver: str, eps: float, options: ot.SinkhornOptions) -> list:
+  """Plans for a list of :class:`_Problem`; entropic ones of one shape in one vmapped call."""
+  plans = [None] * len(problems)
   if solver == "exact":
-    return [ot.exact_plan(c, a, b) for c, (a, b) in zip(costs, ab)]
+    return [ot.exact_plan(q.cost, *q.ab) if q.rows is None else removed_mass_plan(q.cost, *q.ab, q.keep, q.rows)
+            for q in problems]
   by_shape: dict = {}
-  for i, c in enumerate(costs):
-    by_shape.setdefault(tuple(np.shape(c)), []).append(i)
+  for i, q in enumerate(problems):
+    by_shape.setdefault(tuple(np.shape(q.cost)), []).append(i)
   for idx in by_shape.values():
-    c = jnp.stack([jnp.asarray(costs[i], jnp.float32) for i in idx])
-    a = jnp.stack([jnp.asarray(ab[i][0], jnp.float32) for i in idx])
-    b = jnp.stack([jnp.asarray(ab[i][1], jnp.float32) for i in idx])
+    c = jnp.stack([jnp.asarray(problems[i].cost, jnp.float32) for i in idx])
+    a = jnp.stack([jnp.asarray(problems[i].ab[0], jnp.float32) for i in idx])
+    b = jnp.stack([jnp.asarray(problems[i].ab[1], jnp.float32) for i in idx])
     out, info = _vmapped_entropic(c, a, b, eps, options)
     ot.report_convergence(info, options, f"Intra-Fusion groups of shape {tuple(c.shape[1:])}")
     for j, i in enumerate(idx):
       plans[i] = np.asarray(out[j], np.float64)
   return plans
+
+
+class _Problem(NamedTuple):
+  """One group's OT problem: ``cost: (r, m)`` of the sources ``rows`` (``None``: all ``n``, ``r = n``)."""
+  keep: np.ndarray
+  cost: np.ndarray
+  rows: Optional[np.ndarray]
+  ab: tuple
+
+  def full_cost(self) -> np.ndarray:
+    """``C: (n, m)``; rows not computed are NaN, but for each kept channel's zero to itself."""
+    if self.rows is None:
+      return self.cost
+    full = np.full((self.ab[0].size, self.keep.size), np.nan)
+    full[self.keep, np.arange(self.keep.size)] = 0.0
+    full[self.rows] = self.cost
+    return full
 
 
 def _entropic(c, a, b, eps, options):
@@ -319,6 +377,12 @@ class IntraFusionOptions(Options):
     fold_bn, include_eps: fold BatchNorm first (official: always, eps-free: ``include_eps=False``).
     order: ``"sequential"`` (official: each group on the weights the previous ones left) or
       ``"parallel"`` (every map from the input weights; entropic plans of one shape in one call).
+    transport: ``"removed"`` (default) or ``"all"`` (official). With the exact solver,
+      ``"removed"`` leaves each kept channel's own mass in place and transports the removed
+      channels' mass only: an ``(n - m) x m`` cost and network simplex instead of ``n x m``, the
+      same optimum for these metric costs, and the same plan whenever the optimum is unique
+      (:func:`removed_mass_plan`). ``FusionMap.cost`` then has NaN in the kept channels' rows,
+      which carry no transport. The entropic solver always solves the whole problem.
     sinkhorn: static Sinkhorn settings.
     rounding: ``"floor"`` or ``"truncate"`` (official), see :func:`jaxprune.n_kept_channels`.
     round_to: keep a multiple of this many channels per group (see :class:`ChannelOptions`).
@@ -334,17 +398,19 @@ class IntraFusionOptions(Options):
   fold_bn: bool = True
   include_eps: bool = True
   order: str = "sequential"
+  transport: str = "removed"
   sinkhorn: ot.SinkhornOptions = ot.SinkhornOptions(threshold=1e-5, max_iterations=20000)
   rounding: str = "floor"
   round_to: int = 1
 
-  OFFICIAL = {"include_eps": False, "rounding": "truncate", "p": 1}
+  OFFICIAL = {"include_eps": False, "rounding": "truncate", "p": 1, "transport": "all"}
 
   def check(self) -> None:
     check_importance(self.importance)
     check_round_to(self.round_to)
     for value, allowed, name in ((self.solver, SOLVERS, "solver"), (self.semantics, SEMANTICS, "semantics"),
                                  (self.marginals, MARGINALS, "marginals"), (self.order, ORDERS, "order"),
+                                 (self.transport, TRANSPORTS, "transport"),
                                  (self.mode, MODES, "mode"), (self.rounding, CHANNEL_ROUNDINGS, "rounding")):
       check_choice(value, allowed, name)
     if isinstance(self.p, bool) or not (isinstance(self.p, (int, float)) and self.p >= 1):
@@ -395,10 +461,16 @@ def intra_fusion(params: Any, groups: Optional[Union[ChannelGroups, Sequence[Gro
   if taylor and grads is None and (loss_fn is None or batches is None):
     raise ValueError("importance='taylor' needs grads=, or loss_fn= and batches=")
   original = variables
+  variables = as_numpy_tree(variables)   # host trees: written in numpy, placed once at the end
   if opts.fold_bn and norms:
     variables = fold_batchnorm(variables, norms, include_eps=opts.include_eps)
   if taylor and grads is None:
     grads = taylor_grads(loss_fn, variables, batches, show_progress=show_progress)
+  grads = as_numpy_tree(grads) if taylor else grads
+  # host trees in shrink mode: each group's own axes are cut as it goes (write_kept), the rest at the end
+  cut_early = opts.mode == "shrink" and _numpy_tree(variables) and (not taylor or _numpy_tree(grads))
+
+  removed_only = opts.solver == "exact" and opts.transport == "removed"
 
   def fusion_for(v, g_idx, grads_now):
     s, m = budgets[g_idx]
@@ -407,43 +479,47 @@ def intra_fusion(params: Any, groups: Optional[Union[ChannelGroups, Sequence[Gro
     if scores.shape != (g.size,):
       raise ValueError(f"importance returned shape {scores.shape} for group {g_idx}, expected ({g.size},)")
     keep = keep_top(scores, m)
-    cost = np.asarray(group_pairing_cost(v, g, keep, opts.p, include_bias=opts.include_bias), np.float64)
-    a, b = marginals(g.size, keep, opts.marginals, scores)
-    return keep, cost, (a, b)
+    rows = np.flatnonzero(~np.isin(np.arange(g.size), keep)) if removed_only else None
+    cost = np.asarray(group_pairing_cost(v, g, keep, opts.p, include_bias=opts.include_bias, rows=rows), np.float64)
+    return _Problem(keep, cost, rows, marginals(g.size, keep, opts.marginals, scores))
 
-  def finish(keep, cost, ab, plan):
-    t, t_prod = fusion_from_plan(plan, ab[0], opts.semantics)
-    return FusionMap(keep, t, t_prod, plan, cost)
+  def finish(q, plan):
+    t, t_prod = fusion_from_plan(plan, q.ab[0], opts.semantics)
+    return FusionMap(q.keep, t, t_prod, plan, q.full_cost())
 
-  maps, stats, plans = {}, {}, []
+  maps, stats, plans, to_cut = {}, {}, [], []
   indices = list(budgets)
   if opts.order == "parallel":
     t0 = time.perf_counter()
     prepared = {i: fusion_for(variables, i, grads) for i in indices}
-    solved = _solve([prepared[i][1] for i in indices], [prepared[i][2] for i in indices], opts.solver, opts.eps, opts.sinkhorn)
+    solved = _solve([prepared[i] for i in indices], opts.solver, opts.eps, opts.sinkhorn)
     for i, plan in zip(indices, solved):
-      maps[i] = finish(*prepared[i], plan)
+      maps[i] = finish(prepared[i], plan)
     per_group_s = (time.perf_counter() - t0) / max(len(indices), 1)
   for i in progress(indices, desc="intra-fusion", disable=not show_progress):
     t0 = time.perf_counter()
     g = group_list[i]
     if opts.order == "sequential":
-      keep, cost, ab = fusion_for(variables, i, grads)
-      plan = _solve([cost], [ab], opts.solver, opts.eps, opts.sinkhorn)[0]
-      maps[i] = finish(keep, cost, ab, plan)
+      q = fusion_for(variables, i, grads)
+      maps[i] = finish(q, _solve([q], opts.solver, opts.eps, opts.sinkhorn)[0])
     f = maps[i]
-    variables = write_channels(variables, g, f.keep, f.fusion_map, producer_map=f.producer_map)
+    write = write_kept if cut_early else write_channels
+    written = write(variables, g, f.keep, f.fusion_map, producer_map=f.producer_map)
+    variables, rest = written if cut_early else (written, g)
     if taylor:
-      grads = write_channels(grads, g, f.keep, f.fusion_map, producer_map=f.producer_map)
+      grads = write(grads, g, f.keep, f.fusion_map, producer_map=f.producer_map)
+      grads = grads[0] if cut_early else grads
     plans.append((g, f.keep))
+    to_cut.append((rest, f.keep))
     a, b = marginals(g.size, f.keep, opts.marginals, None) if opts.marginals == "uniform" else (f.plan.sum(1), f.plan.sum(0))
     stats[i] = {"n": g.size, "m": int(f.keep.size), "sparsity": budgets[i][0],
-                "transport_cost": float((f.plan * f.cost).sum()),
+                "transport_cost": float(np.where(f.plan > 0, f.plan * f.cost, 0.0).sum()),
                 "marginal_error": float(max(np.abs(f.plan.sum(1) - a).max(), np.abs(f.plan.sum(0) - b).max())),
                 "seconds": round(time.perf_counter() - t0 + (per_group_s if opts.order == "parallel" else 0.0), 4)}
   masks = channel_masks(original, plans)
   if opts.mode == "shrink":
-    variables = shrink_channels(variables, plans)
+    variables = shrink_channels(variables, to_cut)
+  variables = placed_like(variables, original)
   info = make_info("intra_fusion", opts, started, fold_bn=bool(opts.fold_bn and norms), groups=stats, maps=maps, plans=tuple(plans))
   result = ChannelResult(variables, masks, info, {i: maps[i].keep for i in indices})
   return repair_if_asked(result, model, repair, repair_options, groups, started, show_progress)

@@ -178,7 +178,7 @@ def test_intra_fusion_bad_input():
   for kw, match in ((dict(solver="sinkhorn"), "solver"), (dict(semantics="mean"), "semantics"),
                     (dict(marginals="softmax"), "marginals"), (dict(order="random"), "order"),
                     (dict(p=0.5), "p must be"), (dict(solver="entropic", eps=0.0), "eps"),
-                    (dict(mode="cut"), "mode")):
+                    (dict(mode="cut"), "mode"), (dict(transport="kept"), "transport")):
     with pytest.raises(ValueError, match=match):
       jp.intra_fusion(v, g, 0.5, show_progress=False, **kw)
   with pytest.raises(ValueError, match="sparsity"):
@@ -236,6 +236,11 @@ def test_official_preset_uses_the_l1_pairing_cost_and_the_default_l2(resnet20_ch
     x = np.asarray(pairing_vectors(jp.fold_batchnorm(v, groups, include_eps=not official), groups[1]), np.float64)
     xn = x / np.linalg.norm(x, axis=1, keepdims=True)
     ref = (np.abs(xn[:, None, :] - xn[None, f.keep, :]) ** p).sum(-1) ** (1.0 / p)
+    if not official:   # transport="removed": the kept channels' rows are not computed, but for their zero self-cost
+      removed = np.setdiff1d(np.arange(groups[1].size), f.keep)
+      np.testing.assert_array_equal(f.cost[f.keep, np.arange(f.keep.size)], 0.0)
+      assert np.isnan(f.cost[f.keep]).sum() == f.keep.size * (f.keep.size - 1)
+      f, ref = f._replace(cost=f.cost[removed]), ref[removed]
     np.testing.assert_allclose(f.cost, ref, rtol=2e-5, atol=1e-6)
 
 
@@ -288,6 +293,8 @@ def test_group_pairing_cost_from_member_products_equals_the_pairing_vectors_cost
     got = group_pairing_cost(tree, g, keep, 2)
     assert isinstance(got, np.ndarray) and got.shape == (g.size, keep.size)
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+    removed = np.setdiff1d(np.arange(g.size), keep)
+    np.testing.assert_allclose(group_pairing_cost(tree, g, keep, 2, rows=removed), ref[removed], rtol=1e-5, atol=1e-5)
   assert got[2, list(keep).index(2)] == 0.0 and np.all(np.isfinite(got))
 
 
@@ -316,5 +323,49 @@ def test_group_pairing_cost_recomputes_near_duplicate_channels_in_float64():
   np.testing.assert_allclose(got, ref, rtol=2e-6, atol=1e-7)
   views = _member_views([tree["c1"]["kernel"], tree["c2"]["kernel"]], list(g.members), 8)
   sq = sum(np.einsum("pnq,pnq->n", v, v, dtype=np.float64) for v in views)
-  plain = _euclidean_from_gram(sum(_kept_products(v, keep).astype(np.float64) for v in views), np.sqrt(sq), keep)
+  rows = np.arange(8)
+  plain = _euclidean_from_gram(sum(_kept_products(v, keep, rows).astype(np.float64) for v in views), np.sqrt(sq),
+                               keep, rows)
   assert abs(plain[1, 0] - ref[1, 0]) > 0.5 * ref[1, 0]
+
+
+@pytest.mark.parametrize("p, seed", [(1, 0), (2, 1), (2, 2), (3, 3)])
+def test_removed_mass_plan_is_the_optimal_plan_of_the_whole_problem(p, seed):
+  """For an ``l_p`` distance cost (a metric), leaving each kept channel's own mass in place and
+  transporting the removed channels' mass only is optimal for the whole ``(n, m)`` problem: the
+  same value as linear programming on all of it, and the same plan (random points: a unique optimum).
+  Also with importance marginals, where the kept channels' target mass is not uniform."""
+  from jaxprune.methods._intrafusion import marginals, removed_mass_plan
+  rng = np.random.default_rng(seed)
+  n, m = 11, 4
+  x = rng.normal(size=(n, 5))
+  keep = np.sort(rng.permutation(n)[:m])
+  removed = np.setdiff1d(np.arange(n), keep)
+  c = (np.abs(x[:, None, :] - x[None, keep, :]) ** p).sum(-1) ** (1.0 / p)
+  for a, b in (marginals(n, keep), marginals(n, keep, "importance", rng.uniform(0.1, 1.0, n))):
+    plan = removed_mass_plan(c[removed], a, b, keep, removed)
+    ref, value = scipy_ot(c, a, b)
+    np.testing.assert_allclose(plan.sum(1), a, atol=1e-12)
+    np.testing.assert_allclose(plan.sum(0), b, atol=1e-12)
+    assert (plan * c).sum() == pytest.approx(value, abs=1e-12)
+    np.testing.assert_allclose(plan, ref, atol=1e-9)
+  with pytest.raises(ValueError, match="source mass"):
+    removed_mass_plan(c[removed], np.full(n, 1.0 / n), np.full(m, 0.5 / n), keep, removed)
+
+
+@pytest.mark.parametrize("official", [False, True])
+def test_transport_removed_prunes_as_the_whole_problem_on_resnet20(resnet20_checkpoint, official):
+  """On the ResNet20 checkpoint (every group at 0.5, the default l2 and the official l1 cost) the
+  removed-channels problem gives the plans and pruned weights of the whole ``n x m`` problem (its
+  costs, from float32 products of other shapes, agree to float32 rounding)."""
+  v, groups = resnet20_checkpoint
+  kw = dict(official=True) if official else {}
+  whole = jp.intra_fusion(v, groups, 0.5, show_progress=False, **kw, transport="all")
+  part = jp.intra_fusion(v, groups, 0.5, show_progress=False, **kw, transport="removed")
+  assert part.info["options"].transport == "removed" and whole.info["options"].transport == "all"
+  for i in range(len(groups)):
+    np.testing.assert_array_equal(part.kept[i], whole.kept[i])
+    np.testing.assert_allclose(part.info["maps"][i].plan, whole.info["maps"][i].plan, atol=1e-12)
+    assert part.info["groups"][i]["transport_cost"] == pytest.approx(whole.info["groups"][i]["transport_cost"], rel=1e-6)
+  for a, b in zip(jax.tree_util.tree_leaves(part.params), jax.tree_util.tree_leaves(whole.params)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * float(np.abs(b).max()))
