@@ -296,16 +296,18 @@ def removed_mass_plan(cost: Any, a: np.ndarray, b: np.ndarray, keep: np.ndarray,
   ``a`` and ``b`` equals that between what is left of them after their common mass stays where it
   is (Kantorovich-Rubinstein), here ``min(a[keep], b)`` on the kept channels, at zero cost. So
   this plan is optimal for the whole ``(n, m)`` problem, and it is the plan of the whole problem
-  when that optimum is unique, which it was in every group we measured. It needs ``a[keep] <= b``,
-  which uniform and importance marginals satisfy, and solves ``(n - m) x m`` instead of ``n x m``.
+  when that optimum is unique (as on every ResNet20 group in the tests). It needs ``a[keep] <= b``
+  (to rounding), which uniform and importance marginals satisfy, and solves ``(n - m) x m``
+  instead of ``n x m``.
   """
-  if np.any(a[keep] > b):
+  stay = np.minimum(a[keep], b)
+  if np.any(a[keep] - stay > 1e-12):
     raise ValueError("transport='removed' needs a kept channel's source mass <= its target mass")
   plan = np.zeros((a.size, keep.size))
-  plan[keep, np.arange(keep.size)] = a[keep]
+  plan[keep, np.arange(keep.size)] = stay
   moved = a[rows].sum()
   if rows.size and moved > 0:
-    plan[rows] = ot.exact_plan(cost, a[rows], b - a[keep]) * moved
+    plan[rows] = ot.exact_plan(cost, a[rows], b - stay) * moved
   return plan
 
 

@@ -8,7 +8,9 @@ or zeroed in place (``mode="mask"``; statistics are left as they are, the zeroed
 kernels already silence the channel). Both modes give the same model outputs.
 
 Several groups are pruned by :func:`write_channels` on each (same shapes, in order) and one
-:func:`shrink_channels` at the end, so positions never go stale between groups.
+:func:`shrink_channels` at the end, so positions never go stale between groups; on host trees
+:func:`write_kept` cuts the axes a group owns whole at once. Trees in host memory are computed in
+numpy, which compiles nothing: numpy leaves come back as numpy, jax leaves as jax arrays.
 """
 from __future__ import annotations
 
@@ -117,8 +119,9 @@ def write_kept(variables: Any, group: Group, keep: Any, fusion_map: Optional[Any
   A plain member (channel ``j`` is row ``j`` of an axis of length ``n``) gets its ``m`` kept rows
   computed directly, ``T @ rows`` or a selection, with no zero-filled full-size copy to cut later.
   Other members (a flatten's rows, an offset into a concatenation: another group may own the rest
-  of that axis) are written at full size by :func:`write_channels`; the returned group holds them,
-  for one :func:`shrink_channels` at the end, so their positions never go stale.
+  of that axis; leaves that are not float32/float64) are written at full size by
+  :func:`write_channels`; the returned group holds them, for one :func:`shrink_channels` at the
+  end, so their positions never go stale.
 
   Returns:
     ``(tree, rest)``: ``rest`` is ``group`` with only the members still to be cut.
@@ -130,7 +133,8 @@ def write_kept(variables: Any, group: Group, keep: Any, fusion_map: Optional[Any
   t_prod = t_cons if producer_map is None else _check_map(producer_map, m, n, "producer_map")[order]
   keep = keep[order]
   leaves = dict(leaves_with_paths(variables))
-  whole = [mem for mem in group.members if mem.index is None and np.shape(leaves[mem.path])[mem.axis] == n]
+  whole = [mem for mem in group.members if mem.index is None and np.shape(leaves[mem.path])[mem.axis] == n
+           and np.dtype(leaves[mem.path].dtype) in (np.float32, np.float64)]
   rest = dataclasses.replace(group, producers=tuple(mem for mem in group.producers if mem not in whole),
                              consumers=tuple(mem for mem in group.consumers if mem not in whole))
   if rest.members:
