@@ -114,11 +114,11 @@ def group_pairing_cost(variables: Any, group: Group, keep: np.ndarray, p: float 
   every kernel."""
   members, arrays = _pairing_members(variables, group, include_bias)
   if p == 2 and on_host(*arrays):
-    keep = np.asarray(keep)
-    rows = np.arange(group.size) if rows is None else np.asarray(rows)
+    keep, rows = np.asarray(keep), None if rows is None else np.asarray(rows)
     views = _member_views([np.asarray(a) for a in arrays], members, group.size)
     sq = sum(np.einsum("pnq,pnq->n", x, x, dtype=np.float64) for x in views)
     gram = sum(_kept_products(x, keep, rows).astype(np.float64) for x in views)
+    rows = np.arange(group.size) if rows is None else rows
     _refine_near_pairs(gram, sq, views, keep, rows)
     return host_like(_euclidean_from_gram(gram, np.sqrt(sq), keep, rows), arrays[0])
   x = pairing_vectors(variables, group, include_bias=include_bias, host_dtype=np.float64)
@@ -140,14 +140,15 @@ def _member_views(arrays: list, members: list, n: int) -> list:
   return views
 
 
-def _kept_products(x: np.ndarray, keep: np.ndarray, rows: np.ndarray) -> np.ndarray:
-  """``(r, m)`` products ``sum_{p, q} x[p, rows[i], q] x[p, keep[k], q]`` of ``x: (pre, n, post)``:
-  one product when ``post == 1`` (channels last), else one per leading block (float32 GEMMs)."""
+def _kept_products(x: np.ndarray, keep: np.ndarray, rows: Optional[np.ndarray] = None) -> np.ndarray:
+  """``(r, m)`` products ``sum_{p, q} x[p, rows[i], q] x[p, keep[k], q]`` of ``x: (pre, n, post)``
+  (``rows=None``: all ``n``): one product when ``post == 1`` (channels last), else one per leading
+  block (float32 GEMMs)."""
   if x.shape[2] == 1:   # np.take: several times faster than fancy indexing along the last axis
     flat = x[:, :, 0]
-    left = flat if rows.size == flat.shape[1] else np.take(flat, rows, axis=1)
+    left = flat if rows is None else np.take(flat, rows, axis=1)
     return left.T @ np.take(flat, keep, axis=1)
-  return sum(block[rows] @ block[keep].T for block in x)
+  return sum((block if rows is None else block[rows]) @ block[keep].T for block in x)
 
 
 def _refine_near_pairs(gram: np.ndarray, sq: np.ndarray, views: list, keep: np.ndarray, rows: np.ndarray,

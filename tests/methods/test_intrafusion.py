@@ -295,6 +295,8 @@ def test_group_pairing_cost_from_member_products_equals_the_pairing_vectors_cost
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
     removed = np.setdiff1d(np.arange(g.size), keep)
     np.testing.assert_allclose(group_pairing_cost(tree, g, keep, 2, rows=removed), ref[removed], rtol=1e-5, atol=1e-5)
+    order = rng.permutation(g.size)   # any rows, in any order
+    np.testing.assert_allclose(group_pairing_cost(tree, g, keep, 2, rows=order), ref[order], rtol=1e-5, atol=1e-5)
   assert got[2, list(keep).index(2)] == 0.0 and np.all(np.isfinite(got))
 
 
