@@ -103,3 +103,36 @@ def test_to_devices_places_each_result_as_its_like():
   assert out[1].devices() == {cpu}
   for x, value in zip(out, values):
     np.testing.assert_array_equal(np.asarray(x), value)
+
+
+def test_numpy_views_of_a_host_tree_are_placed_back_as_their_originals():
+  """``as_numpy_tree`` gives numpy views of a host tree (no copy) and leaves any other tree as it
+  is; ``placed_like`` places each numpy leaf whose original was a jax array as that one was
+  (committed or not) and keeps numpy leaves numpy."""
+  from jaxprune.core.trees import as_numpy_tree, placed_like
+  cpu = jax.devices("cpu")[0]
+  tree = {"a": jnp.arange(4.0), "b": jax.device_put(jnp.ones(3), cpu), "c": np.zeros(2)}
+  views = as_numpy_tree(tree)
+  assert all(isinstance(x, np.ndarray) for x in jax.tree_util.tree_leaves(views))
+  assert views["a"].ctypes.data == tree["a"].unsafe_buffer_pointer()
+  half = {"a": jnp.arange(4.0), "h": jnp.ones(2, jnp.bfloat16)}
+  assert as_numpy_tree(half) is half   # bfloat16 stays with jax: the tree is left as it is
+  back = placed_like(jax.tree.map(lambda x: x * 2, views), tree)
+  assert isinstance(back["a"], jax.Array) and not back["a"].committed
+  assert back["b"].committed and back["b"].devices() == {cpu}
+  assert isinstance(back["c"], np.ndarray)
+  np.testing.assert_array_equal(back["a"], np.arange(4.0) * 2)
+
+
+def test_intra_fusion_returns_leaves_of_the_kind_it_was_given():
+  """Intra-Fusion works on numpy views of a host tree and places its result once: jax leaves come
+  back as jax arrays, numpy leaves as numpy, with the same values."""
+  from jaxprune import models
+  model = models.MLP(widths=(8, 6), num_classes=3)
+  v = model.init(jax.random.key(0), jnp.zeros((1, 5)))
+  g = jp.groups(model.apply, v, jnp.zeros((1, 5)))
+  as_jax = jp.intra_fusion(v, g, 0.5, show_progress=False)
+  as_numpy = jp.intra_fusion(jax.tree.map(np.asarray, v), g, 0.5, show_progress=False)
+  for a, b in zip(jax.tree_util.tree_leaves(as_jax.params), jax.tree_util.tree_leaves(as_numpy.params)):
+    assert isinstance(a, jax.Array) and isinstance(b, np.ndarray)
+    np.testing.assert_array_equal(np.asarray(a), b)
