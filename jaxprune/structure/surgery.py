@@ -187,9 +187,7 @@ def _channel_rows(xp, leaf, coef, pos, axis: int, plain: bool):
   numpy (trees in host memory) or ``jax.numpy`` (jitted: :data:`_map_rows`)."""
   n = pos.shape[0]
   if xp is np and plain and leaf.shape[axis] == n:
-    mixed = _mix_host(np.asarray(leaf), coef, axis % leaf.ndim)
-    if mixed is not None:
-      return mixed
+    return _mix_host(np.asarray(leaf), coef, axis % leaf.ndim)
   w = xp.moveaxis(xp.asarray(leaf), axis, 0)
   plain = plain and w.shape[0] == n
   rows = w[:, None] if plain else w[pos]                        # (n, r, ...)
@@ -208,25 +206,16 @@ def _channel_rows(xp, leaf, coef, pos, axis: int, plain: bool):
 _map_rows = jax.jit(functools.partial(_channel_rows, jnp), static_argnums=(3, 4))
 
 
-def _mix_host(w: np.ndarray, coef: np.ndarray, axis: int) -> Optional[np.ndarray]:
-  """``coef: (n, n)`` applied along ``axis`` of a host leaf by GEMMs on views of it, viewed as
-  ``(pre, n, post)``: channels last is one product; otherwise one per leading block, for the rows
-  of ``coef`` that are not zero only (the removed channels' rows are, when they are silenced),
-  written into contiguous rows. ``None`` when there are too many leading blocks to loop over."""
-  n = w.shape[axis]
-  coef = coef.astype(w.dtype)
-  if axis == w.ndim - 1:
-    return (w.reshape(-1, n) @ coef.T).reshape(w.shape)
-  pre = int(np.prod(w.shape[:axis]))
-  if pre > 64:
-    return None
-  x = w.reshape(pre, n, -1)
+def _mix_host(w: np.ndarray, coef: np.ndarray, axis: int) -> np.ndarray:
+  """``coef: (n, n)`` applied along ``axis`` of a host leaf at its full size: the rows of ``coef``
+  that are not zero (the removed channels' rows are, when they are silenced) computed by
+  :func:`_kept_mix` and written into a zero leaf."""
   live = np.flatnonzero(np.any(coef != 0, axis=1))
-  part = coef[live]
-  out = np.zeros_like(x)
-  for p in range(pre):
-    out[p, live] = part @ x[p]
-  return out.reshape(w.shape)
+  out = np.zeros_like(w)
+  index = [slice(None)] * w.ndim
+  index[axis] = live
+  out[tuple(index)] = _kept_mix(w, coef[live].astype(w.dtype), axis)
+  return out
 
 
 def _axis_scale(scale: np.ndarray, pos: np.ndarray, length: int) -> np.ndarray:

@@ -236,6 +236,13 @@ def test_host_and_compiled_channel_sums_and_maps_agree():
     rows = np.moveaxis(leaf, axis, 0)[pos]
     np.testing.assert_allclose(_channel_sums(np, leaf, None, pos, axis, "sum"),
                                rows.reshape(pos.shape[0], -1).sum(1), rtol=1e-5)
+    n = leaf.shape[axis]   # the whole axis as a plain member: host GEMMs (a zero row, as a silenced channel's) against jnp
+    plain = rng.normal(size=(n, n)).astype(np.float32)
+    plain[2] = 0.0
+    got = _map_rows_host(leaf, plain, np.arange(n)[:, None].astype(np.int32), axis, True)
+    np.testing.assert_allclose(got, np.asarray(_map_rows(jnp.asarray(leaf), plain, np.arange(n)[:, None].astype(np.int32),
+                                                         axis, True)), rtol=1e-5, atol=1e-5)
+    assert not np.take(got, 2, axis=axis).any()
     if pos.shape[0] == 4:
       np.testing.assert_allclose(_map_rows_host(leaf, coef, pos, axis, False),
                                  np.asarray(_map_rows(jnp.asarray(leaf), coef, pos, axis, False)), rtol=1e-5, atol=1e-5)
