@@ -191,4 +191,6 @@ def test_mission_call_and_nnx_update(batch):
   assert module(batch[0]).shape == (48, 3)
   groups = jp.groups(None, module, batch[0][:1])   # an NNX module traces itself; paths into its state
   assert [g.size for g in groups] == [20, 40]
+  # the module first, as every method takes it: not called on the example as if it were variables
+  assert jp.groups(module, batch[0][:1]) == groups
   assert {m.path for m in groups[1].members} >= {"fc1/kernel", "fc1/bias", "fc2/kernel"}

@@ -66,6 +66,7 @@ def groups(apply_fn: Callable[..., Any], variables: Any, *example_args: Any, exc
     apply_fn: ``apply_fn(variables, *example_args, **example_kwargs) -> outputs``, e.g.
       ``model.apply`` (linen) or ``lambda state, x: nnx.merge(graphdef, state)(x)`` (NNX); ``None``
       when ``variables`` is an ``nnx.Module`` (member paths then refer to ``nnx.state(module)``).
+      An ``nnx.Module`` here is the model itself: ``groups(module, x)`` is ``groups(None, module, x)``.
     variables: the parameter tree (linen ``variables`` dict or ``nnx.State``); member paths refer
       to its leaves.
     *example_args, **example_kwargs: example inputs. Array leaves are traced; other values
@@ -76,6 +77,8 @@ def groups(apply_fn: Callable[..., Any], variables: Any, *example_args: Any, exc
     :class:`ChannelGroups`: prunable groups ordered output to input (group 0 nearest the output),
     the unprunable ones with reasons, and the norm layers that follow a kernel.
   """
+  if is_module(apply_fn):   # groups(module, x): the module came first, so there is no apply function
+    apply_fn, variables, example_args = None, apply_fn, (variables,) + example_args
   if apply_fn is None and is_module(variables):   # an nnx.Module: its own apply function, paths into its state
     model = as_model(variables)
     apply_fn, variables = model.apply_fn, model.tree
