@@ -152,7 +152,13 @@ def on_host(*arrays: Any) -> bool:
 def on_host_numeric(*arrays: Any) -> bool:
   """:func:`on_host`, and every dtype a plain numpy number or bool (``bfloat16`` and PRNG keys
   stay with jax, whose promotion rules numpy does not share)."""
-  return on_host(*arrays) and all(a is None or np.dtype(a.dtype).kind in "biuf" for a in arrays)
+  return on_host(*arrays) and all(a is None or _numpy_number(a.dtype) for a in arrays)
+
+
+def _numpy_number(dtype: Any) -> bool:
+  if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):   # numpy cannot read a key dtype
+    return False
+  return np.dtype(dtype).kind in "biuf"
 
 
 def to_device(value: np.ndarray, like: Any = None) -> jax.Array:

@@ -248,7 +248,7 @@ def _intermediate_bytes(jaxpr) -> int:
     for var in eqn.outvars:
       aval = var.aval
       if hasattr(aval, "shape") and hasattr(aval, "dtype"):
-        total += int(np.prod(aval.shape, dtype=np.int64)) * np.dtype(aval.dtype).itemsize
+        total += int(np.prod(aval.shape, dtype=np.int64)) * aval.dtype.itemsize   # key dtypes are not numpy's
     for sub in _subjaxprs(eqn.params):
       total += _intermediate_bytes(sub)
   return total

@@ -125,6 +125,24 @@ def test_chunk_size_for_a_memory_budget_counts_rows_and_backward_intermediates()
   assert signals.default_memory_budget() > 0
 
 
+def test_chunk_size_for_a_loss_that_draws_random_numbers():
+  """A loss that makes a PRNG key (dropout) has key-typed intermediates, which numpy cannot size
+  (it raised); they count by their own item size, so the chunk is at most the plain loss's."""
+  from jaxprune.signals.gradients import _example_loss_fn, _intermediate_bytes
+  model, v, (x, y), loss = _setup()
+
+  def dropout_loss(params, batch):
+    keep = jax.random.bernoulli(jax.random.key(1), 0.9, batch[0].shape)
+    return loss(params, (batch[0] * keep, batch[1]))
+
+  spec = jp.trees.flat_spec(v)
+  w, _ = jp.flatten(v, spec=spec)
+  jaxpr = jax.make_jaxpr(jax.grad(_example_loss_fn(loss, v, spec)))(w, (x[0], y[0])).jaxpr
+  budget = 3 * (_intermediate_bytes(jaxpr) + 4 * spec.size) + 3
+  assert signals.chunk_size_for(loss, v, (x, y), memory_budget=budget) == 3
+  assert 1 <= signals.chunk_size_for(dropout_loss, v, (x, y), memory_budget=budget) <= 3
+
+
 class _ConvNet(nn.Module):
   @nn.compact
   def __call__(self, x):
