@@ -14,6 +14,7 @@ from __future__ import annotations
 import sys
 from typing import Any, Callable, NamedTuple, Optional
 
+import numpy as np
 import optax
 
 
@@ -144,15 +145,24 @@ def _default_rules() -> None:
     RESIZE_RULES.setdefault(cls, rule)
 
 
-def resized_module(module: Any, params: Any) -> Any:
+def resized_module(module: Any, params: Any, *, plans: Any = None) -> Any:
   """A copy of the ``nnx.Module`` holding ``params`` (e.g. a shrunk result's ``nnx.State``), with its
   width attributes (``in_features``, ``out_features``, ``num_features``, a depthwise conv's
   ``feature_group_count``, an attention layer's ``num_heads``, ``num_kv_heads``, ``head_dim``
-  and ``qkv_features``) set from the arrays, so that the module describes what it computes.
+  and ``qkv_features``, a GroupNorm's ``num_groups`` and ``group_size``) set from the arrays, so
+  that the module describes what it computes.
 
   ``nnx.update(module, result.params)`` alone already runs (NNX layers read their arrays), but
   leaves the attributes at the dense widths. Layers without a rule (:data:`RESIZE_RULES`,
   :func:`register_resize_rule`) keep their attributes; the input module is not changed.
+
+  Args:
+    module: the dense ``nnx.Module``.
+    params: its pruned state.
+    plans: ``result.info["plans"]``, the ``(group, keep)`` pairs of the result. Needed only when a
+      ``nnx.GroupNorm`` changed width: its arrays do not say how many groups are left (8 channels
+      may be 2 groups of 4 or 4 groups of 2), the plans do (:func:`jaxprune.groups` gives one group
+      for its group count and one for the channels within each group).
   """
   from flax import nnx
   if not is_module(module):
@@ -160,8 +170,38 @@ def resized_module(module: Any, params: Any) -> Any:
   _default_rules()
   graphdef, _ = nnx.split(module)
   out = nnx.merge(graphdef, params)
-  for _, sub in nnx.iter_modules(out):
+  for path, sub in nnx.iter_modules(out):
     rule = next((r for cls, r in RESIZE_RULES.items() if type(sub) is cls), None)
     if rule is not None:
       rule(sub)
+    elif type(sub) is nnx.GroupNorm:
+      _resize_group_norm(sub, "/".join(map(str, path)), plans)
   return out
+
+
+def _resize_group_norm(m, path: str, plans: Any) -> None:
+  """``num_groups`` from the plan that prunes the group count (its members' rows are whole groups
+  of ``group_size`` channels), ``group_size`` from the arrays."""
+  from flax import nnx
+  arrays = [getattr(m, name).get_value() for name in ("scale", "bias") if isinstance(getattr(m, name, None), nnx.Variable)]
+  if not arrays or arrays[0].shape[-1] == m.num_groups * m.group_size:
+    return
+  width = arrays[0].shape[-1]
+  if plans is None:
+    raise ValueError(f"plans: the GroupNorm at {path!r} went from {m.num_groups * m.group_size} to {width} "
+                     "channels and its arrays do not say how many groups are left; pass plans=result.info['plans']")
+  groups = m.num_groups
+  for group, keep in plans:
+    for mem in group.members:
+      if mem.path in (f"{path}/scale", f"{path}/bias") and _whole_groups(mem.positions(group.size), m.group_size):
+        groups = len(keep)
+  if width % groups:
+    raise ValueError(f"plans: the GroupNorm at {path!r} keeps {groups} groups, which do not divide its {width} channels")
+  m.num_groups, m.group_size = groups, width // groups
+
+
+def _whole_groups(positions: Any, group_size: int) -> bool:
+  """Whether channel ``i`` of a group is the ``i``-th block of ``group_size`` rows: ``(n, r)``."""
+  n = positions.shape[0]
+  return positions.shape[1] == group_size and np.array_equal(
+      positions, np.arange(n)[:, None] * group_size + np.arange(group_size))

@@ -36,6 +36,50 @@ def test_a_shrunk_nnx_module_describes_its_arrays():
   np.testing.assert_allclose(small(x), nnx.merge(nnx.graphdef(module), masked.params)(x), rtol=1e-4, atol=1e-5)
 
 
+class GroupNormNet(nnx.Module):
+  """A GroupNorm of ``groups`` groups of ``size`` channels, and a Dropout (a PRNG key in the state)."""
+
+  def __init__(self, rngs, groups=4, size=6):
+    self.conv = nnx.Conv(3, groups * size, (3, 3), rngs=rngs)
+    self.gn = nnx.GroupNorm(groups * size, num_groups=groups, rngs=rngs)
+    self.drop = nnx.Dropout(0.1, rngs=rngs)
+    self.fc = nnx.Linear(groups * size, 5, rngs=rngs)
+
+  def __call__(self, x):
+    return self.fc(self.drop(nnx.relu(self.gn(self.conv(x)))).mean((1, 2)))
+
+
+def _group_norm_problem():
+  module = GroupNormNet(nnx.Rngs(0))
+  module.eval()
+  x = jax.random.normal(jax.random.key(1), (8, 6, 6, 3))
+  groups = jp.groups(module, x[:1])
+  count = next(i for i, g in enumerate(groups) if g.size == 4)   # one group per GroupNorm group
+  within = next(i for i, g in enumerate(groups) if g.size == 6)  # a channel's place within its group
+  return module, x, groups, count, within
+
+
+@pytest.mark.parametrize("prune", [jp.prune_channels, jp.intra_fusion])
+def test_a_shrunk_group_norm_gets_its_group_count_from_the_plans(prune):
+  module, x, groups, count, within = _group_norm_problem()
+  assert groups[within].mask_note and not groups[count].mask_note   # statistics run within a group
+  res = prune(module, groups, {count: 0.5, within: 0.5}, show_progress=False)
+  with pytest.raises(ValueError, match="plans.*GroupNorm at 'gn' went from 24 to 6 channels"):
+    jp.resized_module(module, res.params)          # 6 channels: 2 groups of 3, or 3 of 2?
+  small = jp.resized_module(module, res.params, plans=res.info["plans"])
+  assert (small.gn.num_groups, small.gn.group_size) == (2, 3)
+  reference = GroupNormNet(nnx.Rngs(0), groups=2, size=3)   # built at those widths
+  reference.eval()
+  nnx.update(reference, res.params)
+  np.testing.assert_allclose(small(x), reference(x), rtol=1e-6)
+  # whole groups removed: the shrunk model computes what the masked one does
+  res = prune(module, groups, {count: 0.5}, show_progress=False)
+  small = jp.resized_module(module, res.params, plans=res.info["plans"])
+  assert (small.gn.num_groups, small.gn.group_size) == (2, 6)
+  masked = prune(module, groups, {count: 0.5}, mode="mask", show_progress=False)
+  np.testing.assert_allclose(small(x), nnx.merge(nnx.graphdef(module), masked.params)(x), rtol=1e-4, atol=1e-5)
+
+
 def test_resized_module_rejects_a_non_module():
   with pytest.raises(TypeError, match="module"):
     jp.resized_module({"a": jnp.ones(2)}, {})
