@@ -109,7 +109,9 @@ def check_masks(params: PyTree, masks: PyTree, name: str = "masks") -> None:
     if m is None:
       continue
     if np.shape(m) != np.shape(leaf):
-      raise ValueError(f"{name} at {path!r} has shape {np.shape(m)}, params has {np.shape(leaf)}")
+      hint = ("; a shrunk structured result's masks are shaped like the dense tree: pass the dense params "
+              "(or use size_report for the shrunk model)" if np.size(leaf) < np.size(m) else "")
+      raise ValueError(f"{name} at {path!r} has shape {np.shape(m)}, params has {np.shape(leaf)}{hint}")
     if jnp.asarray(m).dtype != jnp.bool_:
       raise ValueError(f"{name} at {path!r} has dtype {jnp.asarray(m).dtype}, expected bool")
   if all(m is None for _, m in mask_items):

@@ -67,8 +67,13 @@ def test_mismatched_masks_are_rejected():
   params = linen_variables()["params"]
   masks = jp.masks_like(params)
   wrong_shape = jax.tree.map(lambda m: None if m is None else m[:1], masks, is_leaf=lambda x: x is None)
-  with pytest.raises(ValueError, match="has shape"):
+  with pytest.raises(ValueError, match="has shape") as raised:
     jp.apply_masks(params, wrong_shape)
+  assert "shrunk" not in str(raised.value)
+  # a shrunk structured result's masks with its own (smaller) params: the message says what to pass
+  small = jax.tree.map(lambda x: x[:1], params)
+  with pytest.raises(ValueError, match="masks are shaped like the dense tree: pass the dense params"):
+    jp.sparsity_report(small, masks)
   missing = {k: v for k, v in masks.items() if k != "Dense_2"}
   with pytest.raises(ValueError, match="missing paths"):
     jp.apply_masks(params, missing)
