@@ -16,7 +16,7 @@ from jaxprune.core.options import Options, resolve
 from jaxprune.core.progress import progress
 from jaxprune.core.results import ChannelResult, make_info
 from jaxprune.methods._repair import RepairOptions, check_repair_request, repair_if_asked
-from jaxprune.structure.channel_groups import ChannelGroups, Group
+from jaxprune.structure.channel_groups import ChannelGroups, Group, check_groups_fit
 from jaxprune.structure.importance import (MagnitudeScores, magnitude_importance, random_importance, taylor_grads,
                                           taylor_importance)
 from jaxprune.structure.surgery import (MODES, channel_masks, fold_batchnorm, kept_flags, shrink_channels,
@@ -70,6 +70,7 @@ def plan_budgets(groups: Sequence[Group], sparsity: Union[float, Mapping[int, fl
 def resolve_groups(model: Model, groups: Any, batch: Any) -> Any:
   """``groups`` as given, or traced from ``apply_fn`` on the first example of ``batch`` when ``None``."""
   if groups is not None:
+    check_groups_fit(model.tree, _as_groups(groups)[0])
     return groups
   if model.apply_fn is None:
     raise TypeError("groups: pass the model's groups (jaxprune.groups(apply_fn, params, x)), or groups=None "
@@ -92,7 +93,7 @@ def keep_top(scores: Any, m: int) -> np.ndarray:
   """Sorted indices of the ``m`` highest scores; the official ``argsort(imp)[:n-m]`` are dropped."""
   scores = np.asarray(scores, np.float64)
   if not np.all(np.isfinite(scores)):
-    raise ValueError("importance returned non-finite scores")
+    raise ValueError("importance returned non-finite scores (NaN or inf in params, or in the importance function)")
   order = np.argsort(scores, kind="stable")
   return np.sort(order[scores.size - m:])
 

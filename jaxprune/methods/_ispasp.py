@@ -28,7 +28,7 @@ from jaxprune.core.results import ChannelResult, make_info
 from jaxprune.core.trees import join_rows, take_rows
 from jaxprune.methods._repair import RepairOptions, check_repair_request, repair_if_asked
 from jaxprune.methods._channels import model_inputs
-from jaxprune.structure.channel_groups import ChannelGroups
+from jaxprune.structure.channel_groups import ChannelGroups, check_groups_fit
 from jaxprune.core.progress import progress
 from jaxprune.methods._recovery import (PROXIES, RecoveryOptions, Support, aggregate_activations, check_options,
                                         loop_inputs, next_support, recover_support)
@@ -295,6 +295,8 @@ def ispasp(params: Any, groups: Optional[Union[ChannelGroups, Sequence[Unit]]], 
   else:
     if model.apply_fn is None:
       raise TypeError("apply_fn: i-SpaSP runs the model to read hidden activations; pass apply_fn=model.apply")
+    if groups is not None:
+      check_groups_fit(variables, groups.groups)
     units, skipped = derive_units(model.apply_fn, variables,
                                   jax.ShapeDtypeStruct((1,) + tuple(x.shape[1:]), x.dtype), groups, **apply_kwargs)
     if not units:

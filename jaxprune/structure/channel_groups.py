@@ -110,6 +110,27 @@ class Group:
     return "\n".join(lines)
 
 
+def check_groups_fit(variables: Any, groups: Sequence[Group]) -> None:
+  """Raises ``ValueError`` naming the member when a group refers to a leaf ``variables`` lacks, or
+  to rows its axis does not have (groups traced from another tree, e.g. a linen ``variables``
+  dict's groups given its ``["params"]``), before any work."""
+  shapes = {path: np.shape(leaf) for path, leaf in leaves_with_paths(variables)}
+  for i, g in enumerate(groups):
+    for m in g.members:
+      shape = shapes.get(m.path)
+      if shape is None:
+        close = [p for p in shapes if p.endswith("/" + m.path) or m.path.endswith("/" + p)]
+        hint = f" (it has {close[0]!r}: were the groups traced from another form of the tree?)" if close else ""
+        raise ValueError(f"groups: group {i} refers to {m.path!r}, which params does not have{hint}; "
+                         "trace the groups from the tree you prune, jaxprune.groups(apply_fn, params, x)")
+      rows = int(m.positions(g.size).max()) + 1 if g.size else 0
+      fits = -len(shape) <= m.axis < len(shape) and (shape[m.axis] >= rows if m.mapped else shape[m.axis] == rows)
+      if not fits:
+        need = f"{rows} rows" if m.mapped else f"exactly {rows} rows (one per channel)"
+        raise ValueError(f"groups: group {i} needs {need} on axis {m.axis} of {m.path!r}, whose shape is "
+                         f"{shape}; trace the groups from the tree you prune")
+
+
 @dataclasses.dataclass(frozen=True)
 class NormLink:
   """A norm layer that acts per channel right after a kernel (what BatchNorm folding needs).

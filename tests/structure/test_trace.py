@@ -253,6 +253,23 @@ def test_groups_bad_input():
     jp.groups(model.apply, {}, jnp.zeros((1, 784)))
 
 
+@pytest.mark.parametrize("method", ["prune_channels", "intra_fusion", "ispasp"])
+def test_groups_of_another_tree_are_rejected_before_any_work(method):
+  model = models.mlpnet()
+  v = init(model, (1, 784))
+  groups = jp.groups(model.apply, v, jnp.zeros((1, 784)))
+  x = jnp.ones((8, 784))
+  call = {"prune_channels": jp.prune_channels, "intra_fusion": jp.intra_fusion,
+          "ispasp": lambda p, g, s: jp.ispasp(p, g, s, apply_fn=lambda q, x: model.apply({"params": q}, x), batch=x)}[method]
+  # the linen variables' groups given its params dict: paths start with "params/"
+  with pytest.raises(ValueError, match=r"refers to 'params/fc\d/kernel'.*it has 'fc\d/kernel'"):
+    call(v["params"], groups, 0.5)
+  for widths, rows in (((20, 10), "exactly 40 rows"), ((80, 40), "exactly 40 rows")):   # narrower, wider
+    other = init(models.mlpnet(widths=widths), (1, 784))
+    with pytest.raises(ValueError, match=f"groups: group 1 needs {rows}|groups: group 0 needs exactly 20 rows"):
+      call(other, groups, 0.5)
+
+
 @jax.custom_vjp
 def _clipped_relu(x):
   return jnp.clip(x, 0.0, 6.0)
