@@ -54,6 +54,21 @@ def broadcast_in_dim(w, eqn, infos, out_shapes):
   return [AxisInfo(axes=tuple(axes), prov=(x.prov[0], tuple(amap)) if x.prov else None, affine=x.affine)]
 
 
+def tile(w, eqn, infos, out_shapes):
+  """``jnp.tile`` (a class token copied over the batch): an axis tiled once keeps its index, and a
+  size-1 axis tiled ``r`` times is a new axis, as a broadcast makes it. Copies of an axis of more
+  than one entry repeat its channels: opaque."""
+  (x,), reps = infos, tuple(eqn.params["reps"])
+  in_shape = shape_of(eqn.invars[0])
+  if len(reps) != len(in_shape) or any(r != 1 and d != 1 for r, d in zip(reps, in_shape)):
+    out = AxisInfo(axes=w.fresh(out_shapes[0]))
+    w.opaque([x], [out], "tile: copies of an axis repeat its channels")
+    return [out]
+  axes = tuple(a if r == 1 else w.cls.axis(d) for a, r, d in zip(x.axes, reps, out_shapes[0]))
+  amap = tuple(m if r == 1 else () for m, r in zip(x.prov[1], reps)) if x.prov else None
+  return [AxisInfo(axes=axes, prov=(x.prov[0], amap) if x.prov else None, affine=x.affine)]
+
+
 def transpose(w, eqn, infos, out_shapes):
   (x,), perm = infos, eqn.params["permutation"]
   prov = (x.prov[0], tuple(x.prov[1][p] for p in perm)) if x.prov else None
@@ -327,6 +342,7 @@ Rule = Callable[..., list]
 RULES: dict[str, Rule] = {
     "broadcast_in_dim": broadcast_in_dim,
     "transpose": transpose,
+    "tile": tile,
     "squeeze": squeeze,
     "reshape": reshape,
     "concatenate": concatenate,

@@ -177,6 +177,41 @@ def test_concatenation_model_mask_equals_shrink():
   assert not np.allclose(model.apply(masked, x), model.apply(v, x))
 
 
+class ClassToken(nn.Module):
+  """A ViT's class token, copied over the batch by ``jnp.tile`` and put before the tokens."""
+  width: int = 8
+  repeat_channels: bool = False
+
+  @nn.compact
+  def __call__(self, x):   # (B, T, 6)
+    h = nn.Dense(self.width, name="embed")(x)
+    cls = self.param("cls", nn.initializers.normal(1.0), (1, 1, self.width))
+    h = jnp.concatenate([jnp.tile(cls, (x.shape[0], 1, 1)), h], axis=1)
+    if self.repeat_channels:
+      h = jnp.tile(h, (1, 1, 2))[..., :self.width]
+    h = nn.relu(nn.Dense(5, name="mix")(h))
+    return nn.Dense(3, name="head")(h[:, 0])
+
+
+def test_a_tiled_class_token_joins_its_channels_group():
+  model = ClassToken()
+  x = jax.random.normal(jax.random.key(1), (4, 5, 6))
+  v = model.init(jax.random.key(0), x[:1])
+  g = jp.groups(model.apply, v, x[:1])
+  embed = next(grp for grp in g if grp.name == "params/embed")
+  assert ("params/cls", 2) in {(m.path, m.axis) for m in embed.members}
+  assert not embed.mask_note
+  shrunk = jp.prune_channels(v, g, {g.groups.index(embed): 0.5}, show_progress=False)
+  masked = jp.prune_channels(v, g, {g.groups.index(embed): 0.5}, mode="mask", show_progress=False)
+  assert shrunk.params["params"]["cls"].shape == (1, 1, 4)
+  np.testing.assert_allclose(ClassToken(width=4).apply(shrunk.params, x), model.apply(masked.params, x), atol=1e-5)
+  # copies of the channel axis itself repeat channels: not prunable, and the reason says so
+  repeated = ClassToken(repeat_channels=True)
+  g = jp.groups(repeated.apply, v, x[:1])
+  assert "params/embed" not in [grp.name for grp in g]
+  assert any("tile" in u.reason for u in g.unprunable if u.name == "params/embed")
+
+
 def test_unsupported_and_mixing_ops_make_channels_unprunable_with_a_reason():
   class Mixed(nn.Module):
     @nn.compact
