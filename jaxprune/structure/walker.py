@@ -160,11 +160,19 @@ class Walker:
 
 def subjaxpr(eqn):
   """``(jaxpr, consts)`` of an equation that calls a sub-jaxpr with its own inputs (``jit``,
-  ``custom_jvp``/``custom_vjp`` calls, ``remat``), else ``None``."""
+  ``custom_jvp``/``custom_vjp`` calls, ``remat``), else ``None``. A call's sub-jaxpr takes and
+  gives the equation's shapes; a loop's body (``scan`` over slices of its inputs) does not, and is
+  left to the rules."""
   for key in SUBJAXPR_KEYS:
     j = eqn.params.get(key)
-    if isinstance(j, jex.core.ClosedJaxpr) and len(j.jaxpr.invars) == len(eqn.invars):
+    if isinstance(j, jex.core.ClosedJaxpr) and _same_shapes(j.jaxpr, eqn):
       return j.jaxpr, j.consts
-    if isinstance(j, jex.core.Jaxpr) and len(j.invars) == len(eqn.invars) and not j.constvars:
+    if isinstance(j, jex.core.Jaxpr) and _same_shapes(j, eqn) and not j.constvars:
       return j, ()
   return None
+
+
+def _same_shapes(jaxpr, eqn) -> bool:
+  def shapes(variables):
+    return [shape_of(v) for v in variables]
+  return (shapes(jaxpr.invars) == shapes(eqn.invars)) and (shapes(jaxpr.outvars) == shapes(eqn.outvars))
