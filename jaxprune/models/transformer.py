@@ -6,8 +6,8 @@ key/value heads (grouped-query attention when fewer), the query/key and value di
 head and the MLP width. Attention is written with ``DenseGeneral`` layers named ``query``,
 ``key``, ``value`` and ``out`` (kernels ``(d, heads, head_dim)`` and ``(heads, head_dim, d)``),
 so whole heads, per-head dimensions and MLP channels are channel groups of
-:func:`jaxprune.groups`. Tokens enter through a one-hot ``Dense`` (``embed``), which keeps the
-residual stream a prunable group (a gather-based ``nn.Embed`` is not traced through).
+:func:`jaxprune.groups`. Tokens enter through a one-hot ``Dense`` (``embed``), the producer of the
+residual stream (an ``nn.Embed``'s table, read by a gather, is traced as the same producer).
 """
 from __future__ import annotations
 

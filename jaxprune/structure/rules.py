@@ -35,6 +35,8 @@ REDUCE = {"reduce_sum", "reduce_max", "reduce_min", "reduce_prod", "reduce_and",
            "reduce_xor", "argmax", "argmin"}
 CUMULATIVE = {"cumsum", "cumprod", "cummax", "cummin", "cumlogsumexp", "sort"}
 WINDOW = {"reduce_window_sum", "reduce_window_max", "reduce_window_min", "reduce_window"}
+RANDOM = {"random_seed", "random_bits", "random_wrap", "random_unwrap", "random_split", "random_fold_in",
+          "threefry2x32"}
 SUBJAXPR_KEYS = ("jaxpr", "call_jaxpr", "fun_jaxpr")
 
 
@@ -67,6 +69,80 @@ def tile(w, eqn, infos, out_shapes):
   axes = tuple(a if r == 1 else w.cls.axis(d) for a, r, d in zip(x.axes, reps, out_shapes[0]))
   amap = tuple(m if r == 1 else () for m, r in zip(x.prov[1], reps)) if x.prov else None
   return [AxisInfo(axes=axes, prov=(x.prov[0], amap) if x.prov else None, affine=x.affine)]
+
+
+def gather(w, eqn, infos, out_shapes):
+  """Lookups (an ``nn.Embed`` table read by tokens, a nearest-neighbour resize): an operand axis
+  taken whole and not indexed passes to its output axis with its channels; the axes it indexes
+  are opaque; the output's other axes are the indices'. A parameter table read at data indices
+  is a producer kernel along its passed axes, as ``one_hot(tokens) @ table`` would make it."""
+  (x, idx), shape = infos, out_shapes[0]
+  dn, sizes = eqn.params["dimension_numbers"], eqn.params["slice_sizes"]
+  in_shape = shape_of(eqn.invars[0])
+  dropped = set(dn.collapsed_slice_dims) | set(dn.operand_batching_dims)
+  indexed = dropped | set(dn.start_index_map)
+  axes, amap = [None] * len(shape), [()] * len(shape)
+  passed = [d for d in range(len(in_shape)) if d not in dropped]
+  for d, o in zip(passed, dn.offset_dims):
+    whole = d not in indexed and sizes[d] == in_shape[d]
+    axes[o] = x.axes[d] if whole else w.cls.axis(shape[o])
+    amap[o] = x.prov[1][d] if whole and x.prov else ()
+  batch = [o for o in range(len(shape)) if o not in dn.offset_dims]
+  for o, a, d in zip(batch, idx.axes[:-1], shape_of(eqn.invars[1])[:-1]):   # the last is the index vector
+    axes[o] = a if d == shape[o] else w.cls.axis(shape[o])
+  w.cls.mark([x.axes[d] for d in sorted(indexed)], "gather: rows are looked up along this axis")
+  if x.prov is not None and idx.data:   # the rows read are data: the table is a kernel, its output is not it
+    for d in passed:
+      if d not in indexed and sizes[d] == in_shape[d]:
+        w.role(x, d, "out")
+    return [AxisInfo(axes=tuple(axes))]
+  return [AxisInfo(axes=tuple(axes), prov=(x.prov[0], tuple(amap)) if x.prov else None)]
+
+
+def bitcast_convert_type(w, eqn, infos, out_shapes):
+  """Element-wise between types of one width (random bits made floats, as dropout does); a change
+  of width adds or drops a trailing axis: opaque."""
+  if shape_of(eqn.invars[0]) == out_shapes[0]:
+    return [w.elementwise("bitcast_convert_type", eqn, infos, out_shapes[0], any(i.data for i in infos),
+                          frozenset().union(*[i.deps for i in infos]))]
+  out = AxisInfo(axes=w.fresh(out_shapes[0]))
+  w.opaque(infos, [out], "bitcast_convert_type between types of different widths")
+  return [out]
+
+
+def random_values(w, eqn, infos, out_shapes):
+  """PRNG primitives (the bits of a dropout mask): their outputs are new arrays whose axes carry no
+  channel, so multiplying activations by one (``h * mask``) stays element-wise."""
+  return [AxisInfo(axes=w.fresh(s)) for s in out_shapes]
+
+
+def dynamic_slice(w, eqn, infos, out_shapes):
+  """A slice at traced offsets (a window of a cache): axes taken whole keep their index; the
+  sliced ones are opaque, since the rows kept are known only at run time."""
+  x, shape = infos[0], out_shapes[0]
+  in_shape = shape_of(eqn.invars[0])
+  whole = [d == e for d, e in zip(in_shape, shape)]
+  w.cls.mark([a for a, keep in zip(x.axes, whole) if not keep], "dynamic_slice: rows picked at run time")
+  return [AxisInfo(axes=tuple(a if keep else w.cls.axis(d) for a, keep, d in zip(x.axes, whole, shape)))]
+
+
+def dynamic_update_slice(w, eqn, infos, out_shapes):
+  """An update written at traced offsets: the output has the operand's axes; the update shares
+  those it covers whole, and the others are opaque."""
+  x, update = infos[0], infos[1]
+  for a, b, d, e in zip(x.axes, update.axes, shape_of(eqn.invars[0]), shape_of(eqn.invars[1])):
+    if d == e:
+      w.cls.unify(a, b, "dynamic_update_slice")
+    else:
+      w.cls.mark([a, b], "dynamic_update_slice: rows written at run time")
+  return [AxisInfo(axes=x.axes)]
+
+
+def top_k(w, eqn, infos, out_shapes):
+  """The ``k`` largest entries along the last axis (values and indices): that axis is opaque."""
+  (x,) = infos
+  w.cls.mark([x.axes[-1]], "top_k ranks entries along this axis")
+  return [AxisInfo(axes=x.axes[:-1] + (w.cls.axis(s[-1]),)) for s in out_shapes]
 
 
 def transpose(w, eqn, infos, out_shapes):
@@ -343,6 +419,11 @@ RULES: dict[str, Rule] = {
     "broadcast_in_dim": broadcast_in_dim,
     "transpose": transpose,
     "tile": tile,
+    "gather": gather,
+    "bitcast_convert_type": bitcast_convert_type,
+    "dynamic_slice": dynamic_slice,
+    "dynamic_update_slice": dynamic_update_slice,
+    "top_k": top_k,
     "squeeze": squeeze,
     "reshape": reshape,
     "concatenate": concatenate,
@@ -356,6 +437,7 @@ RULES: dict[str, Rule] = {
 RULES.update({name: reduce_axes for name in REDUCE})
 RULES.update({name: along_axis for name in CUMULATIVE})
 RULES.update({name: window for name in WINDOW})
+RULES.update({name: random_values for name in RANDOM})
 
 
 def register_rule(primitive: str, rule: Rule) -> None:

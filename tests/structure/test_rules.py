@@ -1,0 +1,119 @@
+"""Tracer rules for lookups, windows at traced offsets, random masks and loops: channels that an
+op leaves whole stay prunable (and removing them computes what masking them does); channels it
+reorders, picks or ranks are unprunable with the op named; a loop body never crashes the trace."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import flax.linen as nn
+
+import jaxprune as jp
+
+
+class Around(nn.Module):
+  """A conv of ``width`` channels, then ``op`` on its activations, then a Dense head."""
+  op: object
+  width: int = 6
+
+  @nn.compact
+  def __call__(self, x):
+    h = nn.relu(nn.Conv(self.width, (3, 3), name="a")(x))
+    h = self.op(h)
+    return nn.Dense(2, name="out")(h.reshape(h.shape[0], -1))
+
+
+def _dropout(h):
+  return h * jax.random.bernoulli(jax.random.key(3), 0.5, h.shape) / 0.5
+
+
+WHOLE = {   # ops that leave the channel axis (last) whole
+    "nearest resize (gather)": lambda h: jax.image.resize(h, h.shape[:1] + (16, 16) + h.shape[3:], "nearest"),
+    "rows picked by index (gather)": lambda h: h[:, jnp.array([0, 2, 5]), :, :],
+    "dynamic_slice": lambda h: jax.lax.dynamic_slice_in_dim(h, 1, 4, axis=1),
+    "dynamic_update_slice": lambda h: jax.lax.dynamic_update_slice_in_dim(h, h[:, :2] * 2, 3, axis=1),
+    "top_k over a spatial axis": lambda h: jnp.moveaxis(jax.lax.top_k(jnp.moveaxis(h, 3, 1), 4)[0], 1, 3),
+}
+ON_CHANNELS = {   # the same ops on the channel axis
+    "gather": lambda h: h[..., jnp.array([0, 2, 5, 1, 3, 4])],
+    "dynamic_slice": lambda h: jnp.concatenate([jax.lax.dynamic_slice_in_dim(h, 1, 3, axis=3)] * 2, -1),
+    "dynamic_update_slice": lambda h: jax.lax.dynamic_update_slice_in_dim(h, h[..., :2] * 2, 1, axis=3),
+    "top_k": lambda h: jnp.concatenate([jax.lax.top_k(h, 3)[0]] * 2, -1),
+}
+
+
+@pytest.mark.parametrize("name", list(WHOLE))
+def test_ops_that_keep_channels_whole_leave_them_prunable(name):
+  model = Around(WHOLE[name])
+  x = jax.random.normal(jax.random.key(1), (3, 8, 8, 3))
+  v = model.init(jax.random.key(0), x[:1])
+  g = jp.groups(model.apply, v, x[:1])
+  assert [grp.name for grp in g] == ["params/a"], g
+  shrunk = jp.prune_channels(v, g, 0.5, show_progress=False)
+  masked = jp.prune_channels(v, g, 0.5, mode="mask", show_progress=False)
+  np.testing.assert_allclose(Around(WHOLE[name], width=3).apply(shrunk.params, x), model.apply(masked.params, x),
+                             rtol=1e-5, atol=1e-5)
+
+
+def test_a_dropout_mask_from_random_bits_leaves_channels_prunable():
+  """The mask's bits are new arrays (random_bits, then bitcast_convert_type to floats); multiplying
+  the activations by it is element-wise. (No shrunk/masked comparison: the bits drawn depend on
+  the width.)"""
+  model = Around(_dropout)
+  x = jnp.zeros((2, 8, 8, 3))
+  g = jp.groups(model.apply, model.init(jax.random.key(0), x), x)
+  assert [grp.name for grp in g] == ["params/a"], g
+
+
+@pytest.mark.parametrize("name", list(ON_CHANNELS))
+def test_ops_that_pick_channels_make_them_unprunable_with_the_op_named(name):
+  model = Around(ON_CHANNELS[name])
+  x = jnp.zeros((1, 8, 8, 3))
+  g = jp.groups(model.apply, model.init(jax.random.key(0), x), x)
+  assert "params/a" not in [grp.name for grp in g]
+  reason = next(u.reason for u in g.unprunable if u.name == "params/a")
+  assert name in reason, reason
+
+
+class TokenModel(nn.Module):
+  """``nn.Embed`` (a gather of table rows), then a Dense over the embedding's channels."""
+  width: int = 8
+
+  @nn.compact
+  def __call__(self, tokens):
+    h = nn.Embed(12, self.width, name="embed")(tokens)
+    h = nn.relu(nn.Dense(6, name="mix")(h))
+    return nn.Dense(3, name="head")(h.mean(1))
+
+
+@pytest.mark.parametrize("prune", [jp.prune_channels, jp.intra_fusion])
+def test_an_embedding_table_is_the_producer_of_its_channels(prune):
+  model = TokenModel()
+  tokens = jax.random.randint(jax.random.key(1), (4, 5), 0, 12)
+  v = model.init(jax.random.key(0), tokens[:1])
+  g = jp.groups(model.apply, v, tokens[:1])
+  index = [grp.name for grp in g].index("params/embed")
+  group = g[index]
+  assert [(m.path, m.axis, m.kind) for m in group.producers] == [("params/embed/embedding", 1, "kernel")]
+  assert [(m.path, m.axis) for m in group.consumers] == [("params/mix/kernel", 0)]
+  shrunk = prune(v, g, {index: 0.5}, show_progress=False)
+  masked = prune(v, g, {index: 0.5}, mode="mask", show_progress=False)
+  assert shrunk.params["params"]["embed"]["embedding"].shape == (12, 4)
+  np.testing.assert_allclose(TokenModel(width=4).apply(shrunk.params, tokens), model.apply(masked.params, tokens),
+                             rtol=1e-5, atol=1e-6)
+  # scored as a kernel: the group mean of the table's columns and the consumer's rows (l1)
+  table, mix = (np.abs(np.asarray(v["params"][k][leaf])) for k, leaf in (("embed", "embedding"), ("mix", "kernel")))
+  expected = (table.sum(0) + mix.sum(1)) / 2
+  np.testing.assert_allclose(jp.magnitude_importance(v, group), expected / expected.mean(), rtol=1e-5)
+
+
+def test_a_scan_body_is_not_walked_as_a_call():
+  """``scan`` calls its body on slices of its inputs: walking it as a call of the whole arrays
+  raised IndexError. It is opaque, with its name as the reason."""
+  def rows(h):
+    _, ys = jax.lax.scan(lambda c, r: (c + r, c), jnp.zeros_like(h[:, 0]), jnp.moveaxis(h, 1, 0))
+    return jnp.moveaxis(ys, 0, 1)
+
+  model = Around(rows)
+  x = jnp.zeros((2, 8, 8, 3))
+  g = jp.groups(model.apply, model.init(jax.random.key(0), x), x)
+  assert "scan" in next(u.reason for u in g.unprunable if u.name == "params/a")
