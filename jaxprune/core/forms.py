@@ -118,6 +118,10 @@ def _resize_norm(m) -> None:
     m.num_features = arrays[0].shape[-1]
 
 
+def _resize_embed(m) -> None:
+  m.num_embeddings, m.features = m.embedding.get_value().shape
+
+
 def _resize_linear_general(m) -> None:
   shape = m.kernel.get_value().shape
   n_batch, n_in = len(m.batch_axis), len(m.axis)
@@ -141,16 +145,17 @@ def _default_rules() -> None:
   from flax import nnx
   for cls, rule in ((nnx.Linear, _resize_linear), (nnx.Conv, _resize_conv), (nnx.BatchNorm, _resize_norm),
                     (nnx.LayerNorm, _resize_norm), (nnx.RMSNorm, _resize_norm),
-                    (nnx.LinearGeneral, _resize_linear_general), (nnx.MultiHeadAttention, _resize_attention)):
+                    (nnx.LinearGeneral, _resize_linear_general), (nnx.MultiHeadAttention, _resize_attention),
+                    (nnx.Embed, _resize_embed)):
     RESIZE_RULES.setdefault(cls, rule)
 
 
 def resized_module(module: Any, params: Any, *, plans: Any = None) -> Any:
   """A copy of the ``nnx.Module`` holding ``params`` (e.g. a shrunk result's ``nnx.State``), with its
-  width attributes (``in_features``, ``out_features``, ``num_features``, a depthwise conv's
-  ``feature_group_count``, an attention layer's ``num_heads``, ``num_kv_heads``, ``head_dim``
-  and ``qkv_features``, a GroupNorm's ``num_groups`` and ``group_size``) set from the arrays, so
-  that the module describes what it computes.
+  width attributes (``in_features``, ``out_features``, ``num_features``, an embedding's
+  ``features``, a depthwise conv's ``feature_group_count``, an attention layer's ``num_heads``,
+  ``num_kv_heads``, ``head_dim`` and ``qkv_features``, a GroupNorm's ``num_groups`` and
+  ``group_size``) set from the arrays, so that the module describes what it computes.
 
   ``nnx.update(module, result.params)`` alone already runs (NNX layers read their arrays), but
   leaves the attributes at the dense widths. Layers without a rule (:data:`RESIZE_RULES`,

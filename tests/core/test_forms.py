@@ -80,6 +80,28 @@ def test_a_shrunk_group_norm_gets_its_group_count_from_the_plans(prune):
   np.testing.assert_allclose(small(x), nnx.merge(nnx.graphdef(module), masked.params)(x), rtol=1e-4, atol=1e-5)
 
 
+class TokenNet(nnx.Module):
+  def __init__(self, rngs):
+    self.embed = nnx.Embed(20, 8, rngs=rngs)
+    self.mix = nnx.Linear(8, 5, rngs=rngs)
+    self.fc = nnx.Linear(5, 3, rngs=rngs)
+
+  def __call__(self, tokens):
+    return self.fc(nnx.relu(self.mix(self.embed(tokens))).mean(1))
+
+
+def test_a_shrunk_embedding_describes_its_table():
+  module = TokenNet(nnx.Rngs(0))
+  tokens = jax.random.randint(jax.random.key(1), (4, 6), 0, 20)
+  groups = jp.groups(module, tokens[:1])
+  index = [g.name for g in groups].index("embed")
+  res = jp.prune_channels(module, groups, {index: 0.5}, show_progress=False)
+  small = jp.resized_module(module, res.params)
+  assert (small.embed.num_embeddings, small.embed.features, small.mix.in_features) == (20, 4, 4)
+  masked = jp.prune_channels(module, groups, {index: 0.5}, mode="mask", show_progress=False)
+  np.testing.assert_allclose(small(tokens), nnx.merge(nnx.graphdef(module), masked.params)(tokens), rtol=1e-5, atol=1e-6)
+
+
 def test_resized_module_rejects_a_non_module():
   with pytest.raises(TypeError, match="module"):
     jp.resized_module({"a": jnp.ones(2)}, {})
