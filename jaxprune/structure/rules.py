@@ -13,6 +13,7 @@ Extend the tables for your own primitives::
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Callable, Sequence
 
@@ -143,6 +144,48 @@ def top_k(w, eqn, infos, out_shapes):
   (x,) = infos
   w.cls.mark([x.axes[-1]], "top_k ranks entries along this axis")
   return [AxisInfo(axes=x.axes[:-1] + (w.cls.axis(s[-1]),)) for s in out_shapes]
+
+
+def scan(w, eqn, infos, out_shapes):
+  """``lax.scan`` (``nn.scan`` layer stacks, recurrent cells): the body is walked once on the
+  per-step slices of the scanned inputs, and each carry's axes are unified with the body's new
+  carry, so a channel is one group across every step (a stacked kernel ``(L, d, h)`` loses the
+  same channels in every layer). A carry depends on the inputs when any scan input does. Kernel
+  reads inside the body are not kept: i-SpaSP cannot capture one step's activation."""
+  p = eqn.params
+  consts, carry, xs = (infos[:p["num_consts"]], infos[p["num_consts"]:p["num_consts"] + p["num_carry"]],
+                       infos[p["num_consts"] + p["num_carry"]:])
+  data = any(i.data for i in infos)
+  carry = [dataclasses.replace(c, data=data, prov=None) for c in carry]
+  slices = [AxisInfo(axes=x.axes[1:], data=x.data, deps=x.deps,
+                     prov=(x.prov[0], x.prov[1][1:]) if x.prov else None) for x in xs]
+  reads = len(w.reads)
+  body = p["jaxpr"]
+  outs = w.run(body.jaxpr, [AxisInfo(axes=w.fresh(np.shape(c))) for c in body.consts],
+               list(consts) + carry + slices, w.address)
+  del w.reads[reads:]
+  for before, after in zip(carry, outs[:len(carry)]):
+    for a, b in zip(before.axes, after.axes):
+      w.cls.unify(a, b, "scan")
+  ys = [AxisInfo(axes=(w.cls.axis(p["length"]),) + y.axes, data=data) for y in outs[len(carry):]]
+  return carry + ys
+
+
+def cond(w, eqn, infos, out_shapes):
+  """``lax.cond``/``lax.switch``: every branch is walked on the operands and their outputs are
+  unified, since any of them may run. Kernel reads inside a branch are not kept (i-SpaSP needs an
+  activation every call computes)."""
+  reads, outs = len(w.reads), None
+  for branch in eqn.params["branches"]:
+    got = w.run(branch.jaxpr, [AxisInfo(axes=w.fresh(np.shape(c))) for c in branch.consts], list(infos[1:]),
+                w.address)
+    if outs is None:
+      outs = got
+    for first, other in zip(outs, got):
+      for a, b in zip(first.axes, other.axes):
+        w.cls.unify(a, b, "cond")
+  del w.reads[reads:]
+  return [AxisInfo(axes=o.axes) for o in outs]
 
 
 def transpose(w, eqn, infos, out_shapes):
@@ -424,6 +467,8 @@ RULES: dict[str, Rule] = {
     "dynamic_slice": dynamic_slice,
     "dynamic_update_slice": dynamic_update_slice,
     "top_k": top_k,
+    "scan": scan,
+    "cond": cond,
     "squeeze": squeeze,
     "reshape": reshape,
     "concatenate": concatenate,

@@ -50,8 +50,10 @@ def groups(apply_fn: Callable[..., Any], variables: Any, *example_args: Any, exc
   :class:`jax.ShapeDtypeStruct`). Index spaces are propagated through ``dot_general``,
   ``conv_general_dilated`` (grouped and depthwise), element-wise ops with broadcasting,
   reductions and pooling, reshape/flatten, transpose, tile (a class token over the batch),
-  concatenate/slice/split/pad and the sub-jaxprs that Flax and JAX create (``jit``,
-  ``custom_jvp``/``custom_vjp`` calls, ``remat``).
+  concatenate/slice/split/pad, lookups (``gather``: an ``nn.Embed`` table is a producer kernel),
+  ``scan`` (an ``nn.scan`` layer stack: a channel is one group across its layers), ``cond``
+  (every branch) and the sub-jaxprs that Flax and JAX create (``jit``, ``custom_jvp``/``custom_vjp``
+  calls, ``remat``).
   Channels that reach the model output or come from its input are not prunable; neither are
   those touched by an op this tracer does not understand (``unprunable`` says which and why).
   Identities such as ``stop_gradient`` (inside softmax) pass through, so attention gives whole-head

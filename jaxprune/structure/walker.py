@@ -3,7 +3,8 @@
 Each value gets an :class:`~jaxprune.structure.index_space.AxisInfo` (its axes' factors, whether
 it depends on the model's inputs, which parameter leaf it re-lays out, which kernel output it is
 an affine function of). Sub-jaxprs (``jit``, ``custom_jvp``/``custom_vjp`` calls, ``remat``) are
-walked inline; every other equation goes to its rule in :mod:`jaxprune.structure.rules`.
+walked inline; every other equation goes to its rule in :mod:`jaxprune.structure.rules` (the
+``scan`` rule walks its body on the per-step slices).
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Tracer rules for lookups, windows at traced offsets, random masks and loops: channels that an
 op leaves whole stay prunable (and removing them computes what masking them does); channels it
-reorders, picks or ranks are unprunable with the op named; a loop body never crashes the trace."""
+reorders, picks or ranks are unprunable with the op named; a scan's body is walked on its slices."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -32,12 +32,15 @@ WHOLE = {   # ops that leave the channel axis (last) whole
     "dynamic_slice": lambda h: jax.lax.dynamic_slice_in_dim(h, 1, 4, axis=1),
     "dynamic_update_slice": lambda h: jax.lax.dynamic_update_slice_in_dim(h, h[:, :2] * 2, 3, axis=1),
     "top_k over a spatial axis": lambda h: jnp.moveaxis(jax.lax.top_k(jnp.moveaxis(h, 3, 1), 4)[0], 1, 3),
+    "cond": lambda h: jax.lax.cond(h.sum() > 0, lambda a: a * 2, jnp.sin, h),
+    "switch": lambda h: jax.lax.switch(jnp.int32(h.sum() > 0), [lambda a: a * 2, jnp.sin, lambda a: a + 1], h),
 }
 ON_CHANNELS = {   # the same ops on the channel axis
     "gather": lambda h: h[..., jnp.array([0, 2, 5, 1, 3, 4])],
     "dynamic_slice": lambda h: jnp.concatenate([jax.lax.dynamic_slice_in_dim(h, 1, 3, axis=3)] * 2, -1),
     "dynamic_update_slice": lambda h: jax.lax.dynamic_update_slice_in_dim(h, h[..., :2] * 2, 1, axis=3),
     "top_k": lambda h: jnp.concatenate([jax.lax.top_k(h, 3)[0]] * 2, -1),
+    "cond": lambda h: jax.lax.cond(h.sum() > 0, lambda a: a * 2, lambda a: jnp.roll(a, 1, axis=-1), h),
 }
 
 
@@ -106,14 +109,63 @@ def test_an_embedding_table_is_the_producer_of_its_channels(prune):
   np.testing.assert_allclose(jp.magnitude_importance(v, group), expected / expected.mean(), rtol=1e-5)
 
 
-def test_a_scan_body_is_not_walked_as_a_call():
-  """``scan`` calls its body on slices of its inputs: walking it as a call of the whole arrays
-  raised IndexError. It is opaque, with its name as the reason."""
-  def rows(h):
-    _, ys = jax.lax.scan(lambda c, r: (c + r, c), jnp.zeros_like(h[:, 0]), jnp.moveaxis(h, 1, 0))
-    return jnp.moveaxis(ys, 0, 1)
+def _scan_rows(h, step=lambda c, r: c + r):
+  """A running sum over image rows by ``lax.scan`` (the carry is one row)."""
+  _, ys = jax.lax.scan(lambda c, r: (step(c, r), c), jnp.zeros_like(h[:, 0]), jnp.moveaxis(h, 1, 0))
+  return jnp.moveaxis(ys, 0, 1)
 
-  model = Around(rows)
-  x = jnp.zeros((2, 8, 8, 3))
-  g = jp.groups(model.apply, model.init(jax.random.key(0), x), x)
+
+class Block(nn.Module):
+  hidden: int
+
+  @nn.compact
+  def __call__(self, h, _):
+    return h + nn.Dense(h.shape[-1], name="down")(nn.relu(nn.Dense(self.hidden, name="up")(h))), None
+
+
+class Stack(nn.Module):
+  """Three residual MLP blocks stacked by ``nn.scan``: kernels ``(3, d, h)`` and ``(3, h, d)``."""
+  width: int = 8
+  hidden: int = 12
+
+  @nn.compact
+  def __call__(self, x):
+    h = nn.Dense(self.width, name="embed")(x)
+    blocks = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True}, length=3)
+    h, _ = blocks(self.hidden, name="blocks")(h, None)
+    return nn.Dense(2, name="head")(h)
+
+
+@pytest.mark.parametrize("prune", [jp.prune_channels, jp.intra_fusion])
+def test_a_scanned_layer_stack_loses_the_same_channels_in_every_layer(prune):
+  model = Stack()
+  x = jax.random.normal(jax.random.key(1), (5, 4))
+  v = model.init(jax.random.key(0), x[:1])
+  g = jp.groups(model.apply, v, x[:1])
+  members = {grp.size: {(m.path, m.axis, m.role) for m in grp.members} for grp in g}
+  assert members[12] == {("params/blocks/up/kernel", 2, "producer"), ("params/blocks/up/bias", 1, "producer"),
+                         ("params/blocks/down/kernel", 1, "consumer")}
+  assert {("params/embed/kernel", 1, "producer"), ("params/blocks/down/kernel", 2, "producer"),
+          ("params/blocks/up/kernel", 1, "consumer"), ("params/head/kernel", 0, "consumer")} <= members[8]
+  shrunk = prune(v, g, 0.5, show_progress=False)
+  masked = prune(v, g, 0.5, mode="mask", show_progress=False)
+  assert shrunk.params["params"]["blocks"]["up"]["kernel"].shape == (3, 4, 6)
+  np.testing.assert_allclose(Stack(4, 6).apply(shrunk.params, x), model.apply(masked.params, x), rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="no two-layer unit"):   # i-SpaSP cannot capture one step's activation
+    jp.ispasp(v, g, 0.5, apply_fn=model.apply, batch=x, show_progress=False)
+
+
+def test_a_scan_over_rows_keeps_channels_and_a_carry_that_moves_them_is_opaque():
+  model = Around(_scan_rows)
+  x = jax.random.normal(jax.random.key(1), (3, 8, 8, 3))
+  v = model.init(jax.random.key(0), x[:1])
+  g = jp.groups(model.apply, v, x[:1])
+  assert [grp.name for grp in g] == ["params/a"]
+  shrunk = jp.prune_channels(v, g, 0.5, show_progress=False)
+  masked = jp.prune_channels(v, g, 0.5, mode="mask", show_progress=False)
+  np.testing.assert_allclose(Around(_scan_rows, width=3).apply(shrunk.params, x), model.apply(masked.params, x),
+                             rtol=1e-5, atol=1e-5)
+  rolled = Around(lambda h: _scan_rows(h, lambda c, r: jnp.roll(c, 1, axis=-1) + r))
+  g = jp.groups(rolled.apply, v, x[:1])
+  assert "params/a" not in [grp.name for grp in g]
   assert "scan" in next(u.reason for u in g.unprunable if u.name == "params/a")
