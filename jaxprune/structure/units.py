@@ -301,6 +301,9 @@ def _reader(m, n: int, reads: dict, shapes: dict):
   r = sites[0]
   if dict(r.params).get("feature_group_count", 1) != 1:
     return f"{m.path} is a grouped convolution"
+  rows = shapes[m.path][m.axis]
+  if m.mapped and m.index.size != rows:   # an offset into a concatenation: the layer reads other channels too
+    return f"{m.path} reads these {n} channels among {rows} (a concatenation)"
   layout = _layout(m, n, _channel_axis(m, r), r.activation_ndim)
   if isinstance(layout, str):
     return f"read by {m.path} {layout}"

@@ -232,6 +232,31 @@ def test_units_of_resnet20_mlpnet_and_mobilenet(resnet20, mlpnet_variables):
   assert {m.kind for m in first.group.producers} >= {"kernel", "depthwise", "norm"}
 
 
+class SkipConcat(nn.Module):
+  """A U-Net step: the upsampled deep features joined with the skip features before one conv."""
+  @nn.compact
+  def __call__(self, x):
+    skip = nn.relu(nn.Conv(4, (3, 3), name="skip")(x))
+    deep = nn.relu(nn.Conv(6, (3, 3), strides=2, name="deep")(skip))
+    up = jax.image.resize(deep, deep.shape[:1] + skip.shape[1:3] + deep.shape[3:], "nearest")
+    joined = nn.relu(nn.Conv(5, (3, 3), name="join")(jnp.concatenate([up, skip], -1)))
+    return nn.Dense(2, name="head")(joined.mean((1, 2)))
+
+
+def test_a_group_read_among_other_channels_of_a_concatenation_has_no_unit():
+  """The joining conv reads the deep group's 6 channels among 10: its activation is not that
+  group's H (it raised a shape error). Such groups are skipped with the reason; others run."""
+  model = SkipConcat()
+  x = jax.random.normal(jax.random.key(1), (8, 8, 8, 3))
+  v = model.init(jax.random.key(0), x[:1])
+  groups = jp.groups(model.apply, v, x[:1])
+  res = jp.ispasp(v, groups, 0.5, apply_fn=model.apply, batch=x, show_progress=False)
+  names = [g.name for g in groups]
+  skipped = res.info["skipped"]
+  assert "reads these 6 channels among 10 (a concatenation)" in skipped[names.index("params/deep")]
+  assert names.index("params/deep") not in res.kept and names.index("params/join") in res.kept
+
+
 def test_a_residual_stream_unit_outputs_every_reading_layer(resnet20):
   v, model, x = resnet20
   stream = next(u for u in jp.two_layer_units(model.apply, v, x[:1]) if u.group_index == 0)
