@@ -22,7 +22,7 @@ import numpy as np
 from jaxprune.structure.index_space import AxisInfo, shape_of
 
 ELEMENTWISE = set("""
-neg sign floor ceil round is_finite exp exp2 log log1p expm1 tanh logistic sin cos tan asin acos atan
+neg sign floor ceil round is_finite complex exp exp2 log log1p expm1 tanh logistic sin cos tan asin acos atan
 sinh cosh asinh acosh atanh sqrt rsqrt cbrt abs not integer_pow erf erfc erf_inv lgamma digamma
 convert_element_type copy copy_p real imag conj square reduce_precision population_count clz
 add sub mul div rem pow max min atan2 nextafter and or xor eq ne lt le gt ge select_n clamp
@@ -36,8 +36,8 @@ REDUCE = {"reduce_sum", "reduce_max", "reduce_min", "reduce_prod", "reduce_and",
            "reduce_xor", "argmax", "argmin"}
 CUMULATIVE = {"cumsum", "cumprod", "cummax", "cummin", "cumlogsumexp", "sort"}
 WINDOW = {"reduce_window_sum", "reduce_window_max", "reduce_window_min", "reduce_window"}
-RANDOM = {"random_seed", "random_bits", "random_wrap", "random_unwrap", "random_split", "random_fold_in",
-          "threefry2x32"}
+NEW_ARRAYS = {"iota", "random_seed", "random_bits", "random_wrap", "random_unwrap", "random_split", "random_fold_in",
+              "threefry2x32"}
 SUBJAXPR_KEYS = ("jaxpr", "call_jaxpr", "fun_jaxpr")
 
 
@@ -81,7 +81,9 @@ def gather(w, eqn, infos, out_shapes):
   dn, sizes = eqn.params["dimension_numbers"], eqn.params["slice_sizes"]
   in_shape = shape_of(eqn.invars[0])
   dropped = set(dn.collapsed_slice_dims) | set(dn.operand_batching_dims)
-  indexed = dropped | set(dn.start_index_map)
+  indexed = set(dn.collapsed_slice_dims) | set(dn.start_index_map)
+  for od, i in zip(dn.operand_batching_dims, dn.start_indices_batching_dims):   # take_along_axis: entry for entry
+    w.cls.unify(x.axes[od], idx.axes[i], "gather")
   axes, amap = [None] * len(shape), [()] * len(shape)
   passed = [d for d in range(len(in_shape)) if d not in dropped]
   for d, o in zip(passed, dn.offset_dims):
@@ -91,7 +93,7 @@ def gather(w, eqn, infos, out_shapes):
   batch = [o for o in range(len(shape)) if o not in dn.offset_dims]
   for o, a, d in zip(batch, idx.axes[:-1], shape_of(eqn.invars[1])[:-1]):   # the last is the index vector
     axes[o] = a if d == shape[o] else w.cls.axis(shape[o])
-  w.cls.mark([x.axes[d] for d in sorted(indexed)], "gather: rows are looked up along this axis")
+  w.cls.mark([x.axes[d] for d in sorted(indexed - set(dn.operand_batching_dims))], "gather: rows are looked up along this axis")
   if x.prov is not None and idx.data:   # the rows read are data: the table is a kernel, its output is not it
     for d in passed:
       if d not in indexed and sizes[d] == in_shape[d]:
@@ -111,9 +113,10 @@ def bitcast_convert_type(w, eqn, infos, out_shapes):
   return [out]
 
 
-def random_values(w, eqn, infos, out_shapes):
-  """PRNG primitives (the bits of a dropout mask): their outputs are new arrays whose axes carry no
-  channel, so multiplying activations by one (``h * mask``) stays element-wise."""
+def new_arrays(w, eqn, infos, out_shapes):
+  """``iota`` and the PRNG primitives (the bits of a dropout mask): their outputs are new arrays
+  whose axes carry no channel, so multiplying activations by one (``h * mask``) stays
+  element-wise."""
   return [AxisInfo(axes=w.fresh(s)) for s in out_shapes]
 
 
@@ -124,7 +127,10 @@ def dynamic_slice(w, eqn, infos, out_shapes):
   in_shape = shape_of(eqn.invars[0])
   whole = [d == e for d, e in zip(in_shape, shape)]
   w.cls.mark([a for a, keep in zip(x.axes, whole) if not keep], "dynamic_slice: rows picked at run time")
-  return [AxisInfo(axes=tuple(a if keep else w.cls.axis(d) for a, keep, d in zip(x.axes, whole, shape)))]
+  axes = tuple(a if keep else w.cls.axis(d) for a, keep, d in zip(x.axes, whole, shape))
+  # one layer of a stacked kernel (a fori_loop over layers) is still that kernel along its whole axes
+  prov = (x.prov[0], tuple(m if keep else () for m, keep in zip(x.prov[1], whole))) if x.prov else None
+  return [AxisInfo(axes=axes, prov=prov)]
 
 
 def dynamic_update_slice(w, eqn, infos, out_shapes):
@@ -186,6 +192,14 @@ def cond(w, eqn, infos, out_shapes):
         w.cls.unify(a, b, "cond")
   del w.reads[reads:]
   return [AxisInfo(axes=o.axes) for o in outs]
+
+
+def fft(w, eqn, infos, out_shapes):
+  """``fft`` over the last ``len(fft_lengths)`` axes (spatial axes of a Fourier layer): those are
+  opaque, the axes before them keep their index."""
+  (x,), k = infos, len(eqn.params["fft_lengths"])
+  w.cls.mark(list(x.axes[-k:]), "fft mixes entries along this axis")
+  return [AxisInfo(axes=x.axes[:-k] + w.fresh(out_shapes[0][-k:]))]
 
 
 def transpose(w, eqn, infos, out_shapes):
@@ -469,6 +483,7 @@ RULES: dict[str, Rule] = {
     "top_k": top_k,
     "scan": scan,
     "cond": cond,
+    "fft": fft,
     "squeeze": squeeze,
     "reshape": reshape,
     "concatenate": concatenate,
@@ -482,7 +497,7 @@ RULES: dict[str, Rule] = {
 RULES.update({name: reduce_axes for name in REDUCE})
 RULES.update({name: along_axis for name in CUMULATIVE})
 RULES.update({name: window for name in WINDOW})
-RULES.update({name: random_values for name in RANDOM})
+RULES.update({name: new_arrays for name in NEW_ARRAYS})
 
 
 def register_rule(primitive: str, rule: Rule) -> None:

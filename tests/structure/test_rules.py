@@ -33,6 +33,9 @@ WHOLE = {   # ops that leave the channel axis (last) whole
     "dynamic_update_slice": lambda h: jax.lax.dynamic_update_slice_in_dim(h, h[:, :2] * 2, 3, axis=1),
     "top_k over a spatial axis": lambda h: jnp.moveaxis(jax.lax.top_k(jnp.moveaxis(h, 3, 1), 4)[0], 1, 3),
     "cond": lambda h: jax.lax.cond(h.sum() > 0, lambda a: a * 2, jnp.sin, h),
+    "take_along_axis (gather with batching axes, iota)":
+        lambda h: jnp.take_along_axis(h, jnp.argsort(h, axis=1), axis=1),
+    "spectral filter (fft)": lambda h: jnp.fft.irfft2(jnp.fft.rfft2(h, axes=(1, 2)) * 0.5, s=(8, 8), axes=(1, 2)),
     "switch": lambda h: jax.lax.switch(jnp.int32(h.sum() > 0), [lambda a: a * 2, jnp.sin, lambda a: a + 1], h),
 }
 ON_CHANNELS = {   # the same ops on the channel axis
@@ -41,6 +44,7 @@ ON_CHANNELS = {   # the same ops on the channel axis
     "dynamic_update_slice": lambda h: jax.lax.dynamic_update_slice_in_dim(h, h[..., :2] * 2, 1, axis=3),
     "top_k": lambda h: jnp.concatenate([jax.lax.top_k(h, 3)[0]] * 2, -1),
     "cond": lambda h: jax.lax.cond(h.sum() > 0, lambda a: a * 2, lambda a: jnp.roll(a, 1, axis=-1), h),
+    "fft": lambda h: jnp.fft.fft(h, axis=-1).real,
 }
 
 
@@ -169,3 +173,24 @@ def test_a_scan_over_rows_keeps_channels_and_a_carry_that_moves_them_is_opaque()
   g = jp.groups(rolled.apply, v, x[:1])
   assert "params/a" not in [grp.name for grp in g]
   assert "scan" in next(u.reason for u in g.unprunable if u.name == "params/a")
+
+
+def _looped(params, x):
+  """Residual MLP layers applied by ``fori_loop`` over stacked kernels (a scan body that slices
+  layer ``i`` with ``dynamic_slice``)."""
+  h = x @ params["embed"]
+  h = jax.lax.fori_loop(0, 3, lambda i, h: h + jax.nn.relu(h @ params["up"][i]) @ params["down"][i], h)
+  return h @ params["head"]
+
+
+def test_a_fori_loop_over_stacked_kernels_prunes_every_layer_alike():
+  keys = jax.random.split(jax.random.key(0), 4)
+  shapes = {"embed": (4, 8), "up": (3, 8, 12), "down": (3, 12, 8), "head": (8, 2)}
+  params = {name: 0.3 * jax.random.normal(k, shape) for k, (name, shape) in zip(keys, shapes.items())}
+  x = jax.random.normal(jax.random.key(1), (5, 4))
+  g = jp.groups(_looped, params, x[:1])
+  assert {(m.path, m.axis, m.role) for m in g[1].members} == {("up", 2, "producer"), ("down", 1, "consumer")}
+  shrunk = jp.prune_channels(params, g, 0.5, show_progress=False)
+  masked = jp.prune_channels(params, g, 0.5, mode="mask", show_progress=False)
+  assert shrunk.params["up"].shape == (3, 4, 6)
+  np.testing.assert_allclose(_looped(shrunk.params, x), _looped(masked.params, x), rtol=1e-5, atol=1e-5)
