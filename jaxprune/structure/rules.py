@@ -86,18 +86,17 @@ def gather(w, eqn, infos, out_shapes):
     w.cls.unify(x.axes[od], idx.axes[i], "gather")
   axes, amap = [None] * len(shape), [()] * len(shape)
   passed = [d for d in range(len(in_shape)) if d not in dropped]
+  whole = {d for d in passed if d not in indexed and sizes[d] == in_shape[d]}
   for d, o in zip(passed, dn.offset_dims):
-    whole = d not in indexed and sizes[d] == in_shape[d]
-    axes[o] = x.axes[d] if whole else w.cls.axis(shape[o])
-    amap[o] = x.prov[1][d] if whole and x.prov else ()
+    axes[o] = x.axes[d] if d in whole else w.cls.axis(shape[o])
+    amap[o] = x.prov[1][d] if d in whole and x.prov else ()
   batch = [o for o in range(len(shape)) if o not in dn.offset_dims]
   for o, a, d in zip(batch, idx.axes[:-1], shape_of(eqn.invars[1])[:-1]):   # the last is the index vector
     axes[o] = a if d == shape[o] else w.cls.axis(shape[o])
-  w.cls.mark([x.axes[d] for d in sorted(indexed - set(dn.operand_batching_dims))], "gather: rows are looked up along this axis")
+  w.cls.mark([x.axes[d] for d in sorted(indexed)], "gather: rows are looked up along this axis")
   if x.prov is not None and idx.data:   # the rows read are data: the table is a kernel, its output is not it
-    for d in passed:
-      if d not in indexed and sizes[d] == in_shape[d]:
-        w.role(x, d, "out")
+    for d in sorted(whole):
+      w.role(x, d, "out")
     return [AxisInfo(axes=tuple(axes))]
   return [AxisInfo(axes=tuple(axes), prov=(x.prov[0], tuple(amap)) if x.prov else None)]
 
