@@ -194,3 +194,28 @@ def test_a_fori_loop_over_stacked_kernels_prunes_every_layer_alike():
   masked = jp.prune_channels(params, g, 0.5, mode="mask", show_progress=False)
   assert shrunk.params["up"].shape == (3, 4, 6)
   np.testing.assert_allclose(_looped(shrunk.params, x), _looped(masked.params, x), rtol=1e-5, atol=1e-5)
+
+
+class Recurrent(nn.Module):
+  """An LSTM over a sequence (``nn.RNN``: a scan whose carry is the cell and hidden state)."""
+  hidden: int = 8
+
+  @nn.compact
+  def __call__(self, x):
+    h = nn.RNN(nn.LSTMCell(self.hidden), name="rnn")(x)
+    return nn.Dense(3, name="head")(h[:, -1])
+
+
+def test_an_lstm_hidden_state_is_one_group_of_its_gates_and_recurrent_kernels():
+  model = Recurrent()
+  x = jax.random.normal(jax.random.key(1), (4, 6, 5))
+  v = model.init(jax.random.key(0), x[:1])
+  g = jp.groups(model.apply, v, x[:1])
+  assert len(g.groups) == 1
+  roles = {(m.path.split("/")[-2], m.axis, m.role) for m in g[0].members if m.kind == "kernel"}
+  gates = ("i", "f", "g", "o")
+  assert roles == ({(f"i{k}", 1, "producer") for k in gates} | {(f"h{k}", 1, "producer") for k in gates}
+                   | {(f"h{k}", 0, "consumer") for k in gates} | {("head", 0, "consumer")})
+  shrunk = jp.prune_channels(v, g, 0.5, show_progress=False)
+  masked = jp.prune_channels(v, g, 0.5, mode="mask", show_progress=False)
+  np.testing.assert_allclose(Recurrent(4).apply(shrunk.params, x), model.apply(masked.params, x), rtol=1e-5, atol=1e-6)
