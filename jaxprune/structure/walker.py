@@ -17,6 +17,9 @@ from jaxprune.structure.index_space import AxisInfo, IndexSpaces, shape_of
 from jaxprune.structure.rules import AFFINE, ELEMENTWISE, IDENTITY, LAYOUT, RULES, SUBJAXPR_KEYS
 
 
+LOOPS = {"scan", "while"}
+
+
 class Walker:
   """Walks a jaxpr and records index classes, kernel roles and per-channel affine chains."""
 
@@ -161,9 +164,11 @@ class Walker:
 
 def subjaxpr(eqn):
   """``(jaxpr, consts)`` of an equation that calls a sub-jaxpr with its own inputs (``jit``,
-  ``custom_jvp``/``custom_vjp`` calls, ``remat``), else ``None``. A call's sub-jaxpr takes and
-  gives the equation's shapes; a loop's body (``scan`` over slices of its inputs) does not, and is
-  left to the rules."""
+  ``custom_jvp``/``custom_vjp`` calls, ``remat``), else ``None``. A loop's body runs many times
+  (a ``fori_loop`` body even has the loop's own shapes), so loops are left to the rules; a call's
+  sub-jaxpr takes and gives the equation's shapes."""
+  if eqn.primitive.name in LOOPS:
+    return None
   for key in SUBJAXPR_KEYS:
     j = eqn.params.get(key)
     if isinstance(j, jex.core.ClosedJaxpr) and _same_shapes(j.jaxpr, eqn):
