@@ -189,7 +189,7 @@ def test_intra_fusion_bad_input():
 
 @pytest.mark.parametrize("p", [1, 2, 3])
 def test_host_pairing_cost_equals_the_compiled_one(p):
-  """Host trees use SciPy's cdist on the kept columns; device trees the jitted (n, n) cost. Both
+  """Host trees use the tiled kernel on the kept columns; device trees the jitted (n, n) cost. Both
   equal the l_p distances of the l2-normalised rows written out in numpy (a zero row stays zero)."""
   from jaxprune.methods._intrafusion import _pairing_cost_host, all_pairs_cost
   x = np.random.default_rng(p).normal(size=(9, 13)).astype(np.float32)
@@ -198,14 +198,34 @@ def test_host_pairing_cost_equals_the_compiled_one(p):
   xn = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-30)
   ref = (np.abs(xn[:, None, :] - xn[None, keep, :]) ** p).sum(-1) ** (1.0 / p)
   np.testing.assert_allclose(_pairing_cost_host(x, keep, float(p)), ref, rtol=1e-5, atol=1e-6)
-  for workers in (2, 4, 20):   # row blocks in threads: the same numbers, bit for bit
-    np.testing.assert_array_equal(_pairing_cost_host(x, keep, float(p), workers),
-                                  _pairing_cost_host(x, keep, float(p), 1))
   np.testing.assert_allclose(np.asarray(all_pairs_cost(jnp.asarray(x), float(p), 4))[:, keep], ref, rtol=1e-5,
                              atol=1e-6)
   host = pairing_cost(jnp.asarray(x), keep, p)                  # a CPU jax array: the host path, same kind out
   assert isinstance(host, jax.Array) and host.dtype == jnp.float32
   np.testing.assert_allclose(np.asarray(host), ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("p", [1, 3])
+def test_tiled_lp_distances_cross_tiles_and_compile_once(p):
+  """Shapes that span several row and feature tiles, with padding on every side, give the float64
+  distances to float32 rounding; a zero row stays zero; new shapes compile nothing."""
+  from jaxprune.methods._intrafusion import _TILE_FEATURES, _TILE_ROWS, _lp_distances_host, _lp_tile
+  rng = np.random.default_rng(p)
+  u = rng.normal(size=(_TILE_ROWS + 3, 2 * _TILE_FEATURES + 5)).astype(np.float32)
+  v = rng.normal(size=(7, u.shape[1])).astype(np.float32)
+  v[2] = u[_TILE_ROWS + 1] = 0.0
+  ref = (np.abs(u[:, None, :].astype(np.float64) - v[None]) ** p).sum(-1) ** (1.0 / p)
+  got = _lp_distances_host(u, v, float(p))
+  assert got.shape == (u.shape[0], 7) and got.dtype == np.float32
+  np.testing.assert_allclose(got, ref, rtol=5e-6)
+  compiled = _lp_tile._cache_size()
+  for shape in [(3, 9), (40, 700), (_TILE_ROWS, _TILE_FEATURES)]:
+    w = rng.normal(size=shape).astype(np.float32)
+    np.testing.assert_allclose(_lp_distances_host(w, w[:2], float(p)),
+                               (np.abs(w[:, None].astype(np.float64) - w[None, :2]) ** p).sum(-1) ** (1 / p),
+                               rtol=5e-6, atol=1e-6)
+  assert _lp_tile._cache_size() == compiled
+  assert _lp_distances_host(u[:0], v, float(p)).shape == (0, 7)
 
 
 def test_euclidean_pairing_cost_keeps_near_rows_apart():
