@@ -370,12 +370,14 @@ def _outer_mask(shape: tuple, flags: dict) -> np.ndarray:
 
 def _fold_arrays(xp, kernel, bias, gamma, beta, mean, var, eps: float, include_eps: bool, axis: int):
   """The folded kernel ``W * s`` (``s`` along ``axis``) and shift ``(b - mu) * s + beta`` of one norm;
-  absent ``bias``/``gamma``/``beta`` are 0/1/0. ``xp`` is numpy (host trees) or ``jax.numpy``."""
+  absent ``bias``/``gamma``/``beta`` are 0/1/0. ``xp`` is numpy (host trees) or ``jax.numpy``. The
+  shift has the dtype of the leaf it goes to (the bias, else ``beta``), not the statistics' (a
+  bfloat16 model keeps float32 statistics)."""
   s = (1.0 if gamma is None else gamma) / xp.sqrt(var + eps if include_eps else var)
   shape = [1] * kernel.ndim
   shape[axis] = -1
   shift = ((0.0 if bias is None else bias) - mean) * s + (0.0 if beta is None else beta)
-  return kernel * s.reshape(shape).astype(kernel.dtype), shift.astype(mean.dtype)
+  return kernel * s.reshape(shape).astype(kernel.dtype), shift.astype((beta if bias is None else bias).dtype)
 
 
 _fold_jit = jax.jit(functools.partial(_fold_arrays, jnp), static_argnums=(7, 8))

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import flax.linen as nn
 import jaxprune as jp
 from jaxprune import models
 
@@ -25,7 +26,7 @@ def randomized(variables, seed=1):
       x = 0.3 * jax.random.normal(k, x.shape)
     elif name == "scale":
       x = jax.random.uniform(k, x.shape, minval=0.5, maxval=1.5)
-    out.append(x)
+    out.append(x.astype(leaves[len(out)][1].dtype))
   return jax.tree_util.tree_unflatten(tree, out)
 
 
@@ -161,6 +162,31 @@ def test_fold_matches_the_formula():
     for (path, a), (_, b) in zip(jp.trees.leaves_with_paths(host), jp.trees.leaves_with_paths(traced)):
       assert a.dtype == b.dtype, path
       np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7, err_msg=path)
+
+
+def test_fold_keeps_every_leaf_dtype_of_a_bfloat16_model():
+  """bfloat16 parameters with float32 statistics (flax's default): the folded bias stays bfloat16,
+  host and traced alike, and still folds the statistics (to bfloat16 rounding)."""
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      x = nn.Conv(8, (3, 3), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)(x)
+      x = nn.BatchNorm(use_running_average=True, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)(x)
+      return nn.Dense(3, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)(nn.relu(x).mean((1, 2)))
+
+  net = Net()
+  v = randomized(net.init(jax.random.key(0), jnp.zeros((1, 6, 6, 3))))
+  g = jp.groups(net.apply, v, jnp.zeros((1, 6, 6, 3)))
+  assert v["batch_stats"]["BatchNorm_0"]["mean"].dtype == jnp.float32
+  for folded in (jp.fold_batchnorm(v, g), jax.jit(lambda t: jp.fold_batchnorm(t, g))(v)):
+    for (path, a), (_, b) in zip(jp.trees.leaves_with_paths(v), jp.trees.leaves_with_paths(folded)):
+      assert a.dtype == b.dtype, path
+    stats, p = v["batch_stats"]["BatchNorm_0"], v["params"]
+    s = np.asarray(p["BatchNorm_0"]["scale"], np.float64) / np.sqrt(np.asarray(stats["var"], np.float64) + 1e-5)
+    ref = (np.asarray(p["Conv_0"]["bias"], np.float64) - stats["mean"]) * s + np.asarray(p["BatchNorm_0"]["bias"], np.float64)
+    np.testing.assert_allclose(np.asarray(folded["params"]["Conv_0"]["bias"], np.float64), ref, rtol=1e-2, atol=1e-2)
+  res = jp.intra_fusion(v, g, 0.5, show_progress=False)
+  assert {str(leaf.dtype) for leaf in jax.tree_util.tree_leaves(res.params["params"])} == {"bfloat16"}
 
 
 def test_sparsity_zero_changes_nothing(model_case):
