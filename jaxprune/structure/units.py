@@ -8,7 +8,10 @@ BasicBlock after ``bn2``, before the skip addition.
 
 :func:`two_layer_units` derives units from any model (pure JAX, linen, NNX) and its channel
 groups: every prunable group read by exactly one layer (MLP hidden layers, a BasicBlock's
-``conv1`` channels, a MobileNet block's depthwise channels read by its pointwise conv, VGG convs).
+``conv1`` channels, a MobileNet block's depthwise channels read by its pointwise conv, VGG convs),
+by several (a residual stream: the unit's output is every reading layer's), or among the other
+channels of a concatenation (U-Nets, DenseNets: the output is the reading layer's share from the
+group's channels, :class:`ShareOutput`).
 ``H`` is the activation operand of the equation that reads the layer's kernel, captured by
 evaluating the jaxpr (:func:`capture_at`). :func:`make_unit` builds one by hand, for layers that
 tracing does not see.
@@ -243,6 +246,51 @@ class LayerParams:
     return out
 
 
+class ConcatShare(NamedTuple):
+  """Where a group's channels sit among the other channels of a concatenation that one layer
+  reads: ``positions`` on the activation's last axis (and the kernel's input axis)."""
+  positions: tuple
+
+  def arrange(self, h: jax.Array) -> jax.Array:
+    """``H: (N, ..., C)``: the group's own channels of the joined activation."""
+    return jnp.take(h, jnp.asarray(self.positions, jnp.int32), axis=-1)
+
+
+@dataclasses.dataclass(frozen=True)
+class ShareOutput:
+  """``output_fn`` of a group read among the other channels of a concatenation: the reading
+  equation on the group's channels and their kernel rows only, times the norm's ``scale /
+  sqrt(var + eps)`` (``params["scale"]``, when a norm follows).
+
+  The layer's output is this share plus the other channels' share and the bias. Those add the
+  same to the dense and to the pruned output, and an inference-mode norm is affine, so the
+  residual ``U - U_hat`` (what i-SpaSP reduces) is the residual of the share. Pruning with this
+  unit is pruning the whole layer; its ``relative_error`` is relative to the share.
+  """
+  layer: KernelOutput
+
+  def __call__(self, params: Any, hidden: jax.Array) -> jax.Array:
+    out = self.layer({"kernel": params["kernel"]}, hidden)
+    return out * params["scale"] if "scale" in params else out
+
+
+@dataclasses.dataclass(frozen=True)
+class ShareParams:
+  """``params_fn`` of :class:`ShareOutput`: the kernel's rows at ``positions`` along ``axis`` and
+  the norm's scale (inference mode)."""
+  kernel: str
+  axis: int
+  positions: tuple
+  norm: Optional[NormLink] = None
+
+  def __call__(self, variables: Any) -> dict:
+    out = {"kernel": jnp.take(get_leaf(variables, self.kernel), jnp.asarray(self.positions, jnp.int32), axis=self.axis)}
+    if self.norm is not None:
+      n = norm_arrays(variables, self.norm)
+      out["scale"] = n.scale * jax.lax.rsqrt(n.var + n.eps)
+    return out
+
+
 def derive_units(apply_fn: Callable, variables: Any, example: Any, groups: Optional[ChannelGroups] = None,
                  **apply_kwargs) -> tuple[tuple[Unit, ...], dict]:
   """The two-layer units of any model (pure JAX, linen, NNX), and why other groups have none.
@@ -252,7 +300,9 @@ def derive_units(apply_fn: Callable, variables: Any, example: Any, groups: Optio
   reads that kernel in one
   ``dot_general``/``conv_general_dilated`` (not grouped) whose activation has the channels last.
   ``H`` is that equation's activation operand (captured from the jaxpr); the output is the
-  equation itself, followed by the group's ``NormLink`` (BatchNorm right after it).
+  equation itself, followed by the group's ``NormLink`` (BatchNorm right after it). A group that a
+  layer reads among the other channels of a concatenation (a U-Net's skip and upsampled features)
+  gets :class:`ShareOutput`: that layer's output from the group's channels alone.
 
   Returns:
     ``(units, skipped)``: units in group order (output to input), and ``{group index: reason}``
@@ -277,18 +327,28 @@ def derive_units(apply_fn: Callable, variables: Any, example: Any, groups: Optio
       skipped[i] = why
       continue
     if len(found) > 1:
-      if any(lay is not None and (lay.axis != r.activation_ndim - 1 or not lay.inner) for _, r, lay in found):
+      if any(isinstance(lay, ChannelLayout) and (lay.axis != r.activation_ndim - 1 or not lay.inner)
+             for _, r, lay in found):
         skipped[i] = "read by several layers, not all on the activation's last axis"
         continue
       units.append(_several_readers(apply_fn, variables, example, kwargs, g, i, found, norms))
       continue
     m, r, layout = found[0]
+    output_fn, params_fn, norm = _reading_layer(m, r, layout, norms)
     units.append(Unit(group=g, hidden_fn=CapturedInput(apply_fn, r.address, r.operand, kwargs, layout),
-                      output_fn=KernelOutput(r.primitive, r.params, r.operand, r.kernel_dtype, layout),
-                      params_fn=LayerParams(m.path, r.bias if r.operand == 1 else None), norm=norms.get(m.path),
-                      name=_layer_name(m.path),
+                      output_fn=output_fn, params_fn=params_fn, norm=norm, name=_layer_name(m.path),
                       group_index=i, capture=(r.address, r.operand), affine=True))
   return tuple(units), skipped
+
+
+def _reading_layer(m, r, layout, norms: dict) -> tuple:
+  """``(output_fn, params_fn, norm)`` of the layer whose kernel ``m`` reads a group: the whole
+  equation with its bias and norm, or, for a share of a concatenation, :class:`ShareOutput`."""
+  kernel_output = KernelOutput(r.primitive, r.params, r.operand, r.kernel_dtype,
+                               None if isinstance(layout, ConcatShare) else layout)
+  if isinstance(layout, ConcatShare):
+    return ShareOutput(kernel_output), ShareParams(m.path, m.axis, layout.positions, norms.get(m.path)), None
+  return kernel_output, LayerParams(m.path, r.bias if r.operand == 1 else None), norms.get(m.path)
 
 
 def _reader(m, n: int, reads: dict, shapes: dict):
@@ -303,7 +363,9 @@ def _reader(m, n: int, reads: dict, shapes: dict):
     return f"{m.path} is a grouped convolution"
   rows = shapes[m.path][m.axis]
   if m.mapped and m.index.size != rows:   # an offset into a concatenation: the layer reads other channels too
-    return f"{m.path} reads these {n} channels among {rows} (a concatenation)"
+    if m.index.shape[1] != 1 or _channel_axis(m, r) != r.activation_ndim - 1:
+      return f"{m.path} reads these {n} channels among {rows} (a concatenation) not on the activation's last axis"
+    return m, r, ConcatShare(tuple(int(p) for p in m.index[:, 0]))
   layout = _layout(m, n, _channel_axis(m, r), r.activation_ndim)
   if isinstance(layout, str):
     return f"read by {m.path} {layout}"
@@ -337,17 +399,20 @@ class CapturedInputs:
   operands: tuple
   channels: int
   apply_kwargs: tuple = ()
+  shares: tuple = ()   # per address: a ConcatShare, or None where the layer reads only the group
 
   def __call__(self, variables: Any, x: jax.Array) -> jax.Array:
     got = capture_at(self.apply_fn, variables, x, list(self.addresses), list(self.operands), **dict(self.apply_kwargs))
-    return jnp.concatenate([got[a].reshape(x.shape[0], -1, self.channels) for a in self.addresses], axis=1)
+    shares = self.shares or (None,) * len(self.addresses)
+    return jnp.concatenate([(got[a] if s is None else s.arrange(got[a])).reshape(x.shape[0], -1, self.channels)
+                            for a, s in zip(self.addresses, shares)], axis=1)
 
 
 @dataclasses.dataclass(frozen=True)
 class ReadersOutput:
   """``output_fn`` of a group read by several layers: every reading layer (its equation, bias and
   inference-mode norm) on its slice of ``H``, outputs flattened and concatenated: ``(N, sum Q_r)``."""
-  layers: tuple         # (KernelOutput, activation shape without the example axis) per reader
+  layers: tuple         # (KernelOutput or ShareOutput, its H shape without the example axis) per reader
 
   def __call__(self, params: tuple, hidden: jax.Array) -> jax.Array:
     outs, start = [], 0
@@ -363,7 +428,7 @@ class ReadersOutput:
 @dataclasses.dataclass(frozen=True)
 class ReadersParams:
   """``params_fn`` of :class:`ReadersOutput`: per reader its layer's kernel/bias and norm arrays."""
-  layers: tuple         # (LayerParams, NormLink or None) per reader
+  layers: tuple         # (LayerParams or ShareParams, NormLink or None) per reader
 
   def __call__(self, variables: Any) -> tuple:
     out = []
@@ -380,12 +445,14 @@ def _several_readers(apply_fn, variables, example, kwargs, g, i, found, norms) -
   group read both by a layer and, through a flatten, by another)."""
   addresses = tuple(r.address for _, r, _ in found)
   operands = tuple(r.operand for _, r, _ in found)
+  shares = tuple(lay if isinstance(lay, ConcatShare) else None for _, _, lay in found)
   shapes = jax.eval_shape(lambda v, xx: capture_at(apply_fn, v, xx, list(addresses), list(operands), **dict(kwargs)),
                           variables, example)
-  layers = tuple((KernelOutput(r.primitive, r.params, r.operand, r.kernel_dtype),
-                  tuple(shapes[r.address].shape[1:])) for _, r, _ in found)
-  params = tuple((LayerParams(m.path, r.bias if r.operand == 1 else None), norms.get(m.path)) for m, r, _ in found)
-  return Unit(group=g, hidden_fn=CapturedInputs(apply_fn, addresses, operands, g.size, kwargs),
+  readers = [_reading_layer(m, r, lay if isinstance(lay, ConcatShare) else None, norms) for m, r, lay in found]
+  layers = tuple((output_fn, tuple(shapes[r.address].shape[1:-1]) + (g.size if s else shapes[r.address].shape[-1],))
+                 for (output_fn, _, _), (_, r, _), s in zip(readers, found, shares))
+  params = tuple((params_fn, norm) for _, params_fn, norm in readers)
+  return Unit(group=g, hidden_fn=CapturedInputs(apply_fn, addresses, operands, g.size, kwargs, shares),
               output_fn=ReadersOutput(layers), params_fn=ReadersParams(params), norm=None,
               name=" + ".join(_layer_name(m.path) for m, _, _ in found), group_index=i, capture=None, affine=True)
 

@@ -233,28 +233,95 @@ def test_units_of_resnet20_mlpnet_and_mobilenet(resnet20, mlpnet_variables):
 
 
 class SkipConcat(nn.Module):
-  """A U-Net step: the upsampled deep features joined with the skip features before one conv."""
+  """A U-Net step: the upsampled deep features joined with the skip features before one conv
+  (and a BatchNorm after it)."""
   @nn.compact
   def __call__(self, x):
     skip = nn.relu(nn.Conv(4, (3, 3), name="skip")(x))
     deep = nn.relu(nn.Conv(6, (3, 3), strides=2, name="deep")(skip))
     up = jax.image.resize(deep, deep.shape[:1] + skip.shape[1:3] + deep.shape[3:], "nearest")
-    joined = nn.relu(nn.Conv(5, (3, 3), name="join")(jnp.concatenate([up, skip], -1)))
-    return nn.Dense(2, name="head")(joined.mean((1, 2)))
+    joined = nn.BatchNorm(use_running_average=True, name="bn")(nn.Conv(5, (3, 3), name="join")(jnp.concatenate([up, skip], -1)))
+    return nn.Dense(2, name="head")(nn.relu(joined).mean((1, 2)))
 
 
-def test_a_group_read_among_other_channels_of_a_concatenation_has_no_unit():
-  """The joining conv reads the deep group's 6 channels among 10: its activation is not that
-  group's H (it raised a shape error). Such groups are skipped with the reason; others run."""
+def _skip_concat():
   model = SkipConcat()
   x = jax.random.normal(jax.random.key(1), (8, 8, 8, 3))
   v = model.init(jax.random.key(0), x[:1])
+  stats = {"mean": 0.2 * jax.random.normal(jax.random.key(2), (5,)), "var": jax.random.uniform(jax.random.key(3), (5,), minval=0.5, maxval=2)}
+  v = {"params": v["params"], "batch_stats": {"bn": stats}}
+  v["params"]["bn"] = {"scale": jax.random.uniform(jax.random.key(4), (5,), minval=0.5, maxval=1.5), "bias": jnp.ones(5)}
+  return model, v, x
+
+
+def _join_pre_activation(v, up, skip):
+  """The joining conv (no norm) on the two parts, written out with flax's Conv."""
+  return nn.Conv(5, (3, 3)).apply({"params": v["params"]["join"]}, jnp.concatenate([up, skip], -1))
+
+
+def test_a_group_read_among_other_channels_of_a_concatenation_is_a_unit_of_its_share():
+  """The joining conv reads the deep group's 6 channels among 10, and the skip group's 4 (the
+  skip group is also read by the deep conv). Each unit's output, pruned minus dense, equals the
+  joining layer's (after its BatchNorm) with those channels zeroed, minus the dense layer's:
+  the other channels, the bias and the norm's shift cancel."""
+  model, v, x = _skip_concat()
   groups = jp.groups(model.apply, v, x[:1])
-  res = jp.ispasp(v, groups, 0.5, apply_fn=model.apply, batch=x, show_progress=False)
-  names = [g.name for g in groups]
-  skipped = res.info["skipped"]
-  assert "reads these 6 channels among 10 (a concatenation)" in skipped[names.index("params/deep")]
-  assert names.index("params/deep") not in res.kept and names.index("params/join") in res.kept
+  units = {u.group.name: u for u in jp.two_layer_units(model.apply, v, x[:1], groups)}
+  _, state = model.apply(v, x, capture_intermediates=True, mutable=["intermediates"])
+  inter = state["intermediates"]
+  skip = jax.nn.relu(inter["skip"]["__call__"][0])
+  deep = jax.nn.relu(inter["deep"]["__call__"][0])
+  up = jax.image.resize(deep, deep.shape[:1] + skip.shape[1:3] + deep.shape[3:], "nearest")
+  bn = v["params"]["bn"]["scale"] / jnp.sqrt(v["batch_stats"]["bn"]["var"] + 1e-5)
+  dense = _join_pre_activation(v, up, skip)
+
+  unit = units["params/deep"]
+  hidden = unit.hidden_fn(v, x)
+  np.testing.assert_allclose(hidden, up, rtol=1e-6)
+  mask = jnp.array([1, 0, 1, 1, 0, 0], bool)
+  ref = (_join_pre_activation(v, up * mask, skip) - dense) * bn
+  np.testing.assert_allclose(unit.output(v, hidden, mask) - unit.output(v, hidden), ref, rtol=1e-4, atol=1e-5)
+
+  unit = units["params/skip"]   # read by the joining conv (a share) and the deep conv (all of it)
+  hidden = unit.hidden_fn(v, x)
+  assert hidden.shape == (8, 64 + 64, 4)
+  mask = jnp.array([0, 1, 1, 0], bool)
+  out = unit.output(v, hidden, mask) - unit.output(v, hidden)
+  ref_join = (_join_pre_activation(v, up, skip * mask) - dense) * bn
+  ref_deep = (nn.Conv(6, (3, 3), strides=2).apply({"params": v["params"]["deep"]}, skip * mask)
+              - inter["deep"]["__call__"][0])
+  np.testing.assert_allclose(out[:, :64 * 5], ref_join.reshape(8, -1), rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(out[:, 64 * 5:], ref_deep.reshape(8, -1), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("order", ["sequential", "parallel"])
+def test_ispasp_prunes_a_concatenation_share_as_a_unit_given_by_hand(order):
+  """The derived unit of the deep group keeps the channels that the same unit written by hand
+  (its hidden activations and the joining conv's kernel rows, through make_unit) keeps."""
+  model, v, x = _skip_concat()
+  groups = jp.groups(model.apply, v, x[:1])
+  i = [g.name for g in groups].index("params/deep")
+  res = jp.ispasp(v, groups, {i: 0.5}, apply_fn=model.apply, batch=x, order=order, show_progress=False)
+  assert res.info["skipped"] == {} and res.kept[i].size == 3
+
+  def hidden_fn(variables, xx):
+    _, state = model.apply(variables, xx, capture_intermediates=True, mutable=["intermediates"])
+    deep = jax.nn.relu(state["intermediates"]["deep"]["__call__"][0])
+    return jax.image.resize(deep, deep.shape[:1] + (8, 8) + deep.shape[3:], "nearest")
+
+  def output_fn(p, h):   # the joining conv's share and its BatchNorm's scale (the rest cancels)
+    z = jax.lax.conv_general_dilated(h, p["kernel"], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return z * p["scale"]
+
+  def params_fn(variables):
+    bn = variables["params"]["bn"]["scale"] / jnp.sqrt(variables["batch_stats"]["bn"]["var"] + 1e-5)
+    return {"kernel": variables["params"]["join"]["kernel"][:, :, :6], "scale": bn}
+
+  by_hand = jp.make_unit(groups[i], hidden_fn, output_fn, affine=True, name="deep by hand", params_fn=params_fn)
+  ref = jp.ispasp(v, [by_hand], 0.5, batch=x, show_progress=False)
+  np.testing.assert_array_equal(res.kept[i], ref.kept["deep by hand"])
+  shrunk = jp.ispasp(v, groups, 0.5, apply_fn=model.apply, batch=x, order=order, show_progress=False)
+  assert shrunk.info["skipped"] == {} and shrunk.params["params"]["join"]["kernel"].shape == (3, 3, 3 + 2, 3)
 
 
 def test_a_residual_stream_unit_outputs_every_reading_layer(resnet20):
