@@ -265,7 +265,9 @@ class ShareOutput:
   The layer's output is this share plus the other channels' share and the bias. Those add the
   same to the dense and to the pruned output, and an inference-mode norm is affine, so the
   residual ``U - U_hat`` (what i-SpaSP reduces) is the residual of the share. Pruning with this
-  unit is pruning the whole layer; its ``relative_error`` is relative to the share.
+  unit is pruning the whole layer; its ``relative_error`` is relative to the share. The norm
+  enters in inference mode also with ``bn_mode="train"``: batch statistics belong to the whole
+  layer's output, which the share is not (the official code has no such units).
   """
   layer: KernelOutput
 
