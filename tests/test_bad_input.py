@@ -88,6 +88,9 @@ def test_nan_weights_labels_out_of_range_and_bad_batch_sizes_are_errors():
     jp.lr(params, (x, y + 1), 10, apply_fn=apply_fn, show_progress=False)   # 1-indexed labels
   with pytest.raises(ValueError, match="batch holds NaN"):
     jp.lr(params, (x.at[0, 0].set(jnp.nan), y), 10, apply_fn=apply_fn, signals="matrix_free", show_progress=False)
+  for method in (jp.lr, jp.ewr):   # inputs without labels, under the default loss
+    with pytest.raises(TypeError, match=r"batch: the default loss needs batch = \(x, y\).*array of shape \(16, 6\)"):
+      method(params, x, 10, apply_fn=apply_fn, show_progress=False)
   with pytest.raises(ValueError, match=r"y must lie in \[0, 3\)"):
     jp.evaluate(apply_fn, params, x, y + 10)
   for size in (-4, 0):

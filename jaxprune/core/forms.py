@@ -70,6 +70,15 @@ def user_loss(model: Model, loss_fn: Optional[Callable]) -> Callable[[Any, Any],
   return classification_loss(model.apply_fn)
 
 
+def labelled_batch(batch: Any) -> tuple:
+  """``(x, y)`` of the default loss's batch, or a ``TypeError`` that says what came instead."""
+  if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+    got = f"an array of shape {np.shape(batch)}" if hasattr(batch, "shape") else type(batch).__name__
+    raise TypeError(f"batch: the default loss needs batch = (x, y) with integer labels y, got {got}; "
+                    "for other batches pass loss_fn(params, batch) -> scalar")
+  return tuple(batch)
+
+
 def classification_loss(apply_fn: Callable, **apply_kwargs) -> Callable[[Any, Any], Any]:
   """``loss_fn(params, (x, y)) -> mean softmax cross-entropy`` of ``apply_fn(params, x, **kw)``.
 
@@ -77,9 +86,7 @@ def classification_loss(apply_fn: Callable, **apply_kwargs) -> Callable[[Any, An
   Call BatchNorm models in inference mode (``train=False``, the reference models' default).
   """
   def loss_fn(params, batch):
-    if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
-      raise TypeError("batch: the default loss needs batch = (x, y) with integer labels y")
-    x, y = batch
+    x, y = labelled_batch(batch)
     logits = apply_fn(params, x, **apply_kwargs)
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
   return loss_fn

@@ -53,7 +53,7 @@ from jaxprune import ot
 from jaxprune.methods import _backsolve
 from jaxprune.core.budget import check_k
 from jaxprune.core.checks import check_choice, check_finite, check_labels, check_positive_int
-from jaxprune.core.forms import as_model, user_loss
+from jaxprune.core.forms import as_model, labelled_batch, user_loss
 from jaxprune.core.options import Options, resolve
 from jaxprune.core.masks import apply_masks, masks_from_flat, topk_mask, where_kept
 from jaxprune.core.progress import progress
@@ -473,7 +473,7 @@ def _run(params, batch, k, loss_fn, apply_fn, key, w_ref, prunable, opts: EWROpt
   check_finite(tree, "params")
   check_finite(batch, "batch")
   if loss_fn is None:   # the default loss: integer labels within the model's classes
-    x, y = batch
+    x, y = labelled_batch(batch)
     check_labels(y, jax.eval_shape(model.apply_fn, tree, x[:1]).shape[-1], "batch labels")
   p = spec.size
   k = check_k(k, p)
