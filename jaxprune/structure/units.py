@@ -473,9 +473,11 @@ def _layout(member, n: int, axis: int, ndim: int):
 
 
 def _layer_name(kernel_path: str) -> str:
-  """``"params/layer1_0/conv2/kernel"`` -> ``"layer1_0/conv2"`` (linen); NNX paths lose the leaf name only."""
-  parts = kernel_path.split("/")[:-1]
-  return "/".join(parts[1:] if parts and parts[0] == "params" else parts)
+  """``"params/layer1_0/conv2/kernel"`` -> ``"layer1_0/conv2"`` (linen); NNX paths lose the leaf name only;
+  a kernel at the top of its tree (``"w2"``, ``"params/w"``) keeps its own name."""
+  parts = kernel_path.split("/")
+  parts = parts[1:] if len(parts) > 1 and parts[0] == "params" else parts
+  return "/".join(parts[:-1]) or parts[-1]
 
 
 def two_layer_units(apply_fn: Callable, variables: Any, example: Any, groups: Optional[ChannelGroups] = None,

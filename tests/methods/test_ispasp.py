@@ -570,3 +570,14 @@ def test_mlpnet_as_a_pure_function_and_as_an_nnx_module(mlpnet_variables, mnist_
     rand = jp.prune_channels(params, None, 0.5, apply_fn=apply_fn, batch=x, importance="random",
                              key=jax.random.key(0), show_progress=False)
     assert acc(run, res.params) > acc(run, rand.params) + 0.05, form
+
+
+def test_units_of_kernels_at_the_top_of_a_pure_jax_tree_are_named_by_them():
+  """A pure-JAX model over {"w1", "b1", "w2"}: the unit reading the hidden group is named by its
+  kernel, "w2" (the leaf name stripped left it nameless)."""
+  params = {"w1": jax.random.normal(jax.random.key(0), (4, 8)), "b1": jnp.zeros(8),
+            "w2": jax.random.normal(jax.random.key(1), (8, 3))}
+  apply_fn = lambda p, x: jax.nn.relu(x @ p["w1"] + p["b1"]) @ p["w2"]   # noqa: E731
+  x = jax.random.normal(jax.random.key(2), (16, 4))
+  res = jp.ispasp(params, None, 0.5, apply_fn=apply_fn, batch=x, show_progress=False)
+  assert res.info["units"][0]["name"] == "w2" and res.params["w2"].shape == (4, 3)
