@@ -1,4 +1,5 @@
 """Issue 16's measured silent cases: each is now a clear error naming the argument, or a correct finite result."""
+import sys
 import warnings
 
 import jax
@@ -114,3 +115,19 @@ def test_recovery_budgets_gradual_data_and_dead_channels():
   dead = {"fc1": {"kernel": jnp.zeros((6, 8))}, "fc2": {"kernel": jnp.zeros((8, 3))}}   # every channel dead
   res = jp.intra_fusion(dead, None, 0.5, apply_fn=apply_fn, batch=x, solver="entropic", show_progress=False)
   assert all(bool(jnp.isfinite(a).all()) for a in jax.tree_util.tree_leaves(res.params))
+
+
+def test_a_model_that_fails_on_the_example_says_which_call_and_shapes():
+  """Inputs without the example axis, or with other features: the model's own error gets a note
+  naming the traced call and the shapes given (Python 3.11+ notes; on 3.10 the error alone)."""
+  params, apply_fn, x = _mlp()
+  groups = jp.groups(apply_fn, params, x[:1])
+  calls = {"jaxprune.groups": lambda: jp.groups(apply_fn, params, x[:1, :4]),
+           "read hidden activations": lambda: jp.ispasp(params, groups, 0.5, apply_fn=apply_fn, batch=x[:, :4],
+                                                        show_progress=False)}
+  for what, call in calls.items():
+    with pytest.raises(TypeError) as info:   # jnp's matmul shape error
+      call()
+    if sys.version_info >= (3, 11):
+      note = next(n for n in info.value.__notes__ if n.startswith("jaxprune:"))
+      assert what in note and ("(1, 4)" in note or "(16, 4)" in note), note

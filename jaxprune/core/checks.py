@@ -92,3 +92,13 @@ def check_labels(y: Any, n_classes: int, name: str = "labels") -> None:
   if y.size and (y.min() < 0 or y.max() >= n_classes):
     raise ValueError(f"{name} must lie in [0, {n_classes}) for {n_classes} logits, got range "
                      f"[{int(y.min())}, {int(y.max())}]")
+
+
+def traced_call_note(error: BaseException, what: str, inputs: Any) -> None:
+  """Adds to ``error`` (raised while tracing the user's model) which call failed and the shapes it
+  was given, the usual cause being inputs without the example axis or with other features.
+  Python 3.11+ (``add_note``); on 3.10 the error is unchanged."""
+  if hasattr(error, "add_note"):
+    shapes = [tuple(np.shape(x)) for x in jax.tree_util.tree_leaves(inputs)]
+    error.add_note(f"jaxprune: raised while tracing {what} with input shapes {shapes}; do they match what the "
+                   "model expects, leading example axis included?")

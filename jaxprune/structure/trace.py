@@ -21,6 +21,7 @@ from typing import Any, Callable, Sequence
 import jax
 import numpy as np
 
+from jaxprune.core.checks import traced_call_note
 from jaxprune.core.forms import as_model, is_module
 from jaxprune.core.trees import leaves_with_paths
 from jaxprune.structure.channel_groups import (CONSUMER, PRODUCER, ChannelGroups, Group, KernelRead, Member,
@@ -102,7 +103,11 @@ def groups(apply_fn: Callable[..., Any], variables: Any, *example_args: Any, exc
     args, kwargs = jax.tree_util.tree_unflatten(in_tree, full)
     return apply_fn(v, *args, **kwargs)
 
-  closed = jax.make_jaxpr(fun)(variables, dynamic)
+  try:
+    closed = jax.make_jaxpr(fun)(variables, dynamic)
+  except Exception as error:
+    traced_call_note(error, "apply_fn(variables, *example_args) for jaxprune.groups", dynamic)
+    raise
   jaxpr = closed.jaxpr
   n = len(leaves)
   if len(jaxpr.invars) < n:

@@ -27,6 +27,7 @@ import numpy as np
 
 from jaxprune.structure.channel_groups import ChannelGroups, Group, NormLink
 from jaxprune.structure.interpret import evaluate
+from jaxprune.core.checks import traced_call_note
 from jaxprune.core.trees import get_leaf, leaves_with_paths
 
 
@@ -142,7 +143,11 @@ def capture_at(apply_fn: Callable, variables: Any, x: Any, addresses: Sequence[t
   same for pure JAX functions, linen and NNX (jit- and vmap-safe: it only binds primitives).
   """
   wanted = {tuple(a): 1 - int(o) for a, o in zip(addresses, operands)}   # the activation operand
-  closed = jax.make_jaxpr(lambda v, xx: apply_fn(v, xx, **apply_kwargs))(variables, x)
+  try:
+    closed = jax.make_jaxpr(lambda v, xx: apply_fn(v, xx, **apply_kwargs))(variables, x)
+  except Exception as error:
+    traced_call_note(error, "apply_fn(variables, batch) to read hidden activations", x)
+    raise
   args = jax.tree_util.tree_leaves((variables, x))
   out: dict = {}
 
