@@ -122,7 +122,9 @@ def test_a_model_that_fails_on_the_example_says_which_call_and_shapes():
   naming the traced call and the shapes given (Python 3.11+ notes; on 3.10 the error alone)."""
   params, apply_fn, x = _mlp()
   groups = jp.groups(apply_fn, params, x[:1])
+  y = jnp.arange(16) % 3
   calls = {"jaxprune.groups": lambda: jp.groups(apply_fn, params, x[:1, :4]),
+           "for the default loss": lambda: jp.lr(params, (x[:, :4], y), 10, apply_fn=apply_fn, show_progress=False),
            "read hidden activations": lambda: jp.ispasp(params, groups, 0.5, apply_fn=apply_fn, batch=x[:, :4],
                                                         show_progress=False)}
   for what, call in calls.items():

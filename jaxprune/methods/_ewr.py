@@ -52,7 +52,7 @@ import numpy as np
 from jaxprune import ot
 from jaxprune.methods import _backsolve
 from jaxprune.core.budget import check_k
-from jaxprune.core.checks import check_choice, check_finite, check_labels, check_positive_int
+from jaxprune.core.checks import check_choice, check_finite, check_labels, check_positive_int, traced_call_note
 from jaxprune.core.forms import as_model, labelled_batch, user_loss
 from jaxprune.core.options import Options, resolve
 from jaxprune.core.masks import apply_masks, masks_from_flat, topk_mask, where_kept
@@ -474,7 +474,12 @@ def _run(params, batch, k, loss_fn, apply_fn, key, w_ref, prunable, opts: EWROpt
   check_finite(batch, "batch")
   if loss_fn is None:   # the default loss: integer labels within the model's classes
     x, y = labelled_batch(batch)
-    check_labels(y, jax.eval_shape(model.apply_fn, tree, x[:1]).shape[-1], "batch labels")
+    try:
+      logits = jax.eval_shape(model.apply_fn, tree, x[:1])
+    except Exception as error:
+      traced_call_note(error, "apply_fn(params, x) for the default loss", x[:1])
+      raise
+    check_labels(y, logits.shape[-1], "batch labels")
   p = spec.size
   k = check_k(k, p)
   if opts.noise is not None and key is None:
