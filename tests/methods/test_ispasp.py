@@ -240,7 +240,8 @@ class SkipConcat(nn.Module):
     skip = nn.relu(nn.Conv(4, (3, 3), name="skip")(x))
     deep = nn.relu(nn.Conv(6, (3, 3), strides=2, name="deep")(skip))
     up = jax.image.resize(deep, deep.shape[:1] + skip.shape[1:3] + deep.shape[3:], "nearest")
-    joined = nn.BatchNorm(use_running_average=True, name="bn")(nn.Conv(5, (3, 3), name="join")(jnp.concatenate([up, skip], -1)))
+    joined = nn.Conv(5, (3, 3), name="join")(jnp.concatenate([up, skip], -1))
+    joined = nn.BatchNorm(use_running_average=True, name="bn")(joined)
     return nn.Dense(2, name="head")(nn.relu(joined).mean((1, 2)))
 
 
@@ -248,9 +249,11 @@ def _skip_concat():
   model = SkipConcat()
   x = jax.random.normal(jax.random.key(1), (8, 8, 8, 3))
   v = model.init(jax.random.key(0), x[:1])
-  stats = {"mean": 0.2 * jax.random.normal(jax.random.key(2), (5,)), "var": jax.random.uniform(jax.random.key(3), (5,), minval=0.5, maxval=2)}
+  stats = {"mean": 0.2 * jax.random.normal(jax.random.key(2), (5,)),
+           "var": jax.random.uniform(jax.random.key(3), (5,), minval=0.5, maxval=2)}
   v = {"params": v["params"], "batch_stats": {"bn": stats}}
-  v["params"]["bn"] = {"scale": jax.random.uniform(jax.random.key(4), (5,), minval=0.5, maxval=1.5), "bias": jnp.ones(5)}
+  v["params"]["bn"] = {"scale": jax.random.uniform(jax.random.key(4), (5,), minval=0.5, maxval=1.5),
+                       "bias": jnp.ones(5)}
   return model, v, x
 
 

@@ -183,7 +183,8 @@ def test_fold_keeps_every_leaf_dtype_of_a_bfloat16_model():
       assert a.dtype == b.dtype, path
     stats, p = v["batch_stats"]["BatchNorm_0"], v["params"]
     s = np.asarray(p["BatchNorm_0"]["scale"], np.float64) / np.sqrt(np.asarray(stats["var"], np.float64) + 1e-5)
-    ref = (np.asarray(p["Conv_0"]["bias"], np.float64) - stats["mean"]) * s + np.asarray(p["BatchNorm_0"]["bias"], np.float64)
+    ref = ((np.asarray(p["Conv_0"]["bias"], np.float64) - stats["mean"]) * s
+           + np.asarray(p["BatchNorm_0"]["bias"], np.float64))
     np.testing.assert_allclose(np.asarray(folded["params"]["Conv_0"]["bias"], np.float64), ref, rtol=1e-2, atol=1e-2)
   res = jp.intra_fusion(v, g, 0.5, show_progress=False)
   assert {str(leaf.dtype) for leaf in jax.tree_util.tree_leaves(res.params["params"])} == {"bfloat16"}
