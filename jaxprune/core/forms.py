@@ -14,6 +14,8 @@ from __future__ import annotations
 import sys
 from typing import Any, Callable, NamedTuple, Optional
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -68,6 +70,40 @@ def user_loss(model: Model, loss_fn: Optional[Callable]) -> Callable[[Any, Any],
     raise TypeError("loss_fn: give loss_fn(params, batch) -> scalar, or apply_fn(params, x) -> logits "
                     "(then the loss is softmax cross-entropy on integer labels, batch = (x, y))")
   return classification_loss(model.apply_fn)
+
+
+def split_trainable(tree: Any, like: Any = None) -> tuple[Any, Any]:
+  """``(trainable, frozen)``: ``tree`` twice, each with ``None`` where the other holds a leaf.
+  ``like``: the tree whose leaves decide (default ``tree``), to split its masks the same way.
+
+  Trainable are an NNX state's ``nnx.Param`` variables, a linen ``variables`` dict's ``"params"``
+  collection, and otherwise every floating-point leaf. The rest (batch statistics, random-number
+  state, integer leaves) a fine-tuning step must neither differentiate (``jax.grad`` refuses
+  integers) nor update (an optimiser's weight decay would shrink running statistics).
+  """
+  like = tree if like is None else like
+  nnx = sys.modules.get("flax.nnx")
+  if nnx is not None and isinstance(like, nnx.State):
+    flags = jax.tree.map(lambda v: isinstance(v, nnx.Param), like, is_leaf=lambda x: isinstance(x, nnx.Variable))
+  else:
+    flags = _path_flags(like, hasattr(like, "keys") and "params" in like.keys())
+  return (jax.tree.map(lambda f, x: x if f else None, flags, tree),
+          jax.tree.map(lambda f, x: None if f else x, flags, tree))
+
+
+def _path_flags(tree: Any, linen: bool) -> Any:
+  """Per leaf: trainable (a linen tree's ``"params"`` collection, else floating-point leaves)."""
+  from jaxprune.core.trees import map_with_paths
+  if linen:
+    return map_with_paths(lambda p, _: p.split("/", 1)[0] == "params", tree)
+  return map_with_paths(lambda _, x: bool(jnp.issubdtype(x.dtype, jnp.inexact)), tree)   # key dtypes: False
+
+
+def join_trainable(trainable: Any, frozen: Any) -> Any:
+  """The inverse of :func:`split_trainable`."""
+  nnx = sys.modules.get("flax.nnx")
+  is_var = (lambda x: x is None or (nnx is not None and isinstance(x, nnx.Variable)))   # noqa: E731
+  return jax.tree.map(lambda t, z: z if t is None else t, trainable, frozen, is_leaf=is_var)
 
 
 def labelled_batch(batch: Any) -> tuple:

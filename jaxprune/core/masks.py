@@ -96,9 +96,10 @@ def mask_leaves(masks: PyTree) -> list[tuple[str, Any]]:
 
 
 def check_masks(params: PyTree, masks: PyTree, name: str = "masks") -> None:
-  """Raises ``ValueError`` unless ``masks`` mirrors ``params`` (same paths, same shapes, bool)."""
+  """Raises ``ValueError`` unless ``masks`` mirrors ``params`` (same paths, same shapes, bool).
+  A ``None`` in ``params`` (a tree split into its trainable part) takes a ``None`` mask."""
   mask_items = mask_leaves(masks)
-  param_items = leaves_with_paths(params)
+  param_items = mask_leaves(params)
   mp = [p for p, _ in mask_items]
   pp = [p for p, _ in param_items]
   if mp != pp:
@@ -106,6 +107,8 @@ def check_masks(params: PyTree, masks: PyTree, name: str = "masks") -> None:
     extra = sorted(set(mp) - set(pp))[:5]
     raise ValueError(f"{name} do not match params: missing paths {missing}, unexpected paths {extra}")
   for (path, m), (_, leaf) in zip(mask_items, param_items):
+    if leaf is None and m is not None:
+      raise ValueError(f"{name} at {path!r} masks a leaf that params leaves out (None)")
     if m is None:
       continue
     if np.shape(m) != np.shape(leaf):

@@ -18,7 +18,7 @@ import optax
 
 from jaxprune.core.budget import check_sparsity, n_pruned_from_sparsity
 from jaxprune.core.checks import check_finite, check_key, check_positive_int
-from jaxprune.core.forms import as_model, user_loss
+from jaxprune.core.forms import as_model, join_trainable, split_trainable, user_loss
 from jaxprune.core.progress import progress
 from jaxprune.core.schedules import sparsity_schedule
 from jaxprune.core.trees import PrunableSpec, PyTree, count_prunable, leaves_with_paths, map_with_paths
@@ -58,6 +58,9 @@ def gradual_prune(params: PyTree, data: Dataset, *, pruner: Union[str, Pruner],
   training examples, calls ``pruner(params, (x, y), k_t, key=..., loss_fn=..., w_ref=dense)``
   once, then trains ``finetune_epochs`` epochs of ``optimizer`` wrapped in
   :func:`keep_pruned_at_zero`. The reference weights ``w_ref`` stay the dense input ``params``.
+  Only the trainable leaves are differentiated and updated (an NNX state's ``nnx.Param``, a linen
+  tree's ``"params"``, other trees' floating-point leaves): batch statistics and random-number
+  state stay as they are, whatever the optimiser's weight decay.
 
   Args:
     params: the model's tree (or an ``nnx.Module``; the result is then its ``nnx.State``).
@@ -95,13 +98,14 @@ def gradual_prune(params: PyTree, data: Dataset, *, pruner: Union[str, Pruner],
   p = count_prunable(params, prunable)
   sparsities = sparsity_schedule(target_sparsity, stages, schedule, include_initial=include_initial)
   tx = keep_pruned_at_zero(optimizer)
-  grad_fn = jax.jit(jax.value_and_grad(loss_fn))
+  grad_fn = jax.value_and_grad(lambda trained, frozen, batch: loss_fn(join_trainable(trained, frozen), batch))
 
   @jax.jit
-  def train_step(params, state, batch):
-    loss, grads = grad_fn(params, batch)
-    updates, state = tx.update(grads, state, params)
-    return optax.apply_updates(params, updates), state, loss
+  def train_step(params, state, batch):   # only the trainable leaves: no batch statistics, no RNG state
+    trained, frozen = split_trainable(params)
+    loss, grads = grad_fn(trained, frozen, batch)
+    updates, state = tx.update(grads, state, trained)
+    return join_trainable(optax.apply_updates(trained, updates), frozen), state, loss
 
   dense, current, masks, state, history = params, params, None, None, []
   evaluate_fn = evaluate_fn or (lambda _: {})
@@ -110,7 +114,7 @@ def gradual_prune(params: PyTree, data: Dataset, *, pruner: Union[str, Pruner],
     signature = _signature(params, key, pruner, target_sparsity, stages, schedule, include_initial, n_examples,
                            batch_size, finetune_epochs)
     store = _Checkpoints(checkpoint_dir, signature)
-    resumed = store.load(current, optimizer.init(current), key)
+    resumed = store.load(current, optimizer.init(split_trainable(current)[0]), key)
     if resumed is not None:
       current, state, key, history = resumed
       masks = state.masks
@@ -128,9 +132,9 @@ def gradual_prune(params: PyTree, data: Dataset, *, pruner: Union[str, Pruner],
     prune_seconds = time.perf_counter() - t0
     after_prune = evaluate_fn(current)
     if state is None:
-      state = tx.init(current)          # the optimiser (and its momentum) lives across stages
+      state = tx.init(split_trainable(current)[0])   # the optimiser (and its momentum) lives across stages
     if masks is not None:
-      state = set_masks(state, masks)
+      state = set_masks(state, split_trainable(masks, like=current)[0])
     t0 = time.perf_counter()
     seed = int(jax.random.randint(k_shuffle, (), 0, 2**31 - 1))
     for epoch in range(finetune_epochs):
@@ -140,13 +144,14 @@ def gradual_prune(params: PyTree, data: Dataset, *, pruner: Union[str, Pruner],
     history.append(Stage(t + 1, s, k_t, after_prune, evaluate_fn(current), prune_seconds, time.perf_counter() - t0))
     if store is not None:
       store.save(current, state, key, history)
-  return GradualResult(current, state.masks, history)
+  frozen = jax.tree.map(lambda _: None, split_trainable(current)[1])   # no mask on batch statistics, RNG state
+  return GradualResult(current, join_trainable(state.masks, frozen), history)
 
 
 def _signature(params, key, pruner, *settings) -> str:
   """What a checkpoint must match to be resumed: the settings, the tree's layout and the key."""
   import hashlib
-  layout = [(p, tuple(np.shape(x)), str(np.asarray(x).dtype)) for p, x in leaves_with_paths(params)]
+  layout = [(p, tuple(np.shape(x)), str(x.dtype)) for p, x in leaves_with_paths(params)]
   name = pruner if isinstance(pruner, str) else getattr(pruner, "__qualname__", type(pruner).__name__)
   text = repr((layout, name, settings, np.asarray(_key_data(key)).tolist()))
   return hashlib.sha256(text.encode()).hexdigest()
@@ -175,7 +180,7 @@ class _Checkpoints:
     self.arrays, self.meta = self.folder / "gradual_state.npz", self.folder / "gradual_state.json"
 
   def save(self, params, state, key, history) -> None:
-    arrays = {f"params_{i}": np.asarray(x) for i, x in enumerate(jax.tree_util.tree_leaves(params))}
+    arrays = {f"params_{i}": np.asarray(_key_data(x)) for i, x in enumerate(jax.tree_util.tree_leaves(params))}
     arrays.update({f"inner_{i}": np.asarray(x) for i, x in enumerate(jax.tree_util.tree_leaves(state.inner_state))})
     arrays.update({f"mask:{p}": np.asarray(m) for p, m in leaves_with_paths(state.masks)})
     arrays["key"] = np.asarray(_key_data(key))
@@ -200,12 +205,20 @@ class _Checkpoints:
     params = _restore(params, "params", saved)
     inner = _restore(inner_template, "inner", saved)
     masks = map_with_paths(lambda p, x: jnp.asarray(saved[f"mask:{p}"]) if f"mask:{p}" in saved else None, params)
+    masks = split_trainable(masks, like=params)[0]   # the optimiser's masks cover the trainable leaves
     data = saved["key"]
     key = jax.random.wrap_key_data(data) if _is_typed_key(key) else jnp.asarray(data)
     return params, MaskedState(masks, inner), key, [Stage(**s) for s in meta["history"]]
 
 
 def _restore(template, prefix: str, saved: dict):
+  """``template``'s tree with the saved leaves (random keys, such as an NNX module's, from their data)."""
   leaves, treedef = jax.tree_util.tree_flatten(template)
-  return jax.tree_util.tree_unflatten(treedef, [jnp.asarray(saved[f"{prefix}_{i}"], dtype=np.asarray(t).dtype)
-                                                for i, t in enumerate(leaves)])
+
+  def leaf(i, t):
+    data = saved[f"{prefix}_{i}"]
+    if _is_typed_key(t):
+      return jax.random.wrap_key_data(jnp.asarray(data), impl=jax.random.key_impl(t))
+    return jnp.asarray(data, dtype=t.dtype)
+
+  return jax.tree_util.tree_unflatten(treedef, [leaf(i, t) for i, t in enumerate(leaves)])

@@ -117,3 +117,68 @@ def test_an_interrupted_gradual_run_resumes_to_the_uninterrupted_result(mlpnet_v
   np.testing.assert_array_equal(jax.tree_util.tree_leaves(again.params)[0], jax.tree_util.tree_leaves(whole.params)[0])
   with pytest.raises(ValueError, match="other arguments"):
     loops.gradual_prune(mlpnet_variables, train, checkpoint_dir=tmp_path, **dict(kw, target_sparsity=0.8))
+
+
+def _key_free(tree):
+  """Leaves as numpy, random keys as their data."""
+  return [np.asarray(jax.random.key_data(x) if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else x)
+          for x in jax.tree_util.tree_leaves(tree)]
+
+
+def test_gradual_fine_tunes_only_trainable_leaves_of_nnx_and_linen_models(tmp_path):
+  """An NNX CNN with BatchNorm and Dropout (its state holds an integer RNG count and a key, which
+  jax.grad refuses: the driver raised TypeError) and a linen one with batch_stats under adamw's
+  weight decay: fine-tuning changes the parameters only, masks mirror the whole tree, and an
+  interrupted NNX run with checkpoints resumes to the uninterrupted result."""
+  from flax import nnx
+  import flax.linen as nn
+
+  class CNN(nnx.Module):
+    def __init__(self, rngs):
+      self.conv, self.bn = nnx.Conv(1, 4, (3, 3), rngs=rngs), nnx.BatchNorm(4, rngs=rngs)
+      self.drop, self.fc = nnx.Dropout(0.2, rngs=rngs), nnx.Linear(4, 3, rngs=rngs)
+
+    def __call__(self, x):
+      return self.fc(self.drop(nnx.relu(self.bn(self.conv(x))).mean((1, 2))))
+
+  rng = np.random.default_rng(0)
+  train = Dataset(rng.normal(size=(96, 6, 6, 1)).astype(np.float32), (np.arange(96) % 3).astype(np.int32))
+  module = CNN(nnx.Rngs(0))
+  module.eval()
+  dense = nnx.state(module)
+  kw = dict(pruner="magnitude", loss_fn=None, target_sparsity=0.5, stages=3, n_examples=32, batch_size=32,
+            key=jax.random.key(1), optimizer=optax.adamw(1e-2, weight_decay=0.5), show_progress=False)
+  whole = loops.gradual_prune(module, train, **kw)
+  jp.check_masks(whole.params, whole.masks)
+  assert jp.count_kept(whole.masks) == jp.count_prunable(dense) - jp.count_prunable(dense) // 2
+  for name in ("mean", "var"):
+    np.testing.assert_array_equal(whole.params["bn"][name][...], dense["bn"][name][...])
+  np.testing.assert_array_equal(whole.params["drop"]["rngs"]["count"][...], dense["drop"]["rngs"]["count"][...])
+  assert not np.array_equal(whole.params["bn"]["scale"][...], dense["bn"]["scale"][...])   # a parameter: trained
+
+  calls = []
+
+  def stop_in_stage_3(params):
+    calls.append(1)
+    if len(calls) == 5:
+      raise _Interrupted
+    return {}
+
+  with pytest.raises(_Interrupted):
+    loops.gradual_prune(module, train, checkpoint_dir=tmp_path, evaluate_fn=stop_in_stage_3, **kw)
+  resumed = loops.gradual_prune(module, train, checkpoint_dir=tmp_path, **kw)
+  for a, b in zip(_key_free(resumed.params), _key_free(whole.params)):
+    np.testing.assert_array_equal(a, b)
+
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dense(3)(nn.relu(nn.BatchNorm(use_running_average=True)(nn.Conv(4, (3, 3))(x))).mean((1, 2)))
+
+  net = Net()
+  v = net.init(jax.random.key(0), train.x[:1])
+  v = {"params": v["params"], "batch_stats": jax.tree.map(lambda a: a + 0.5, v["batch_stats"])}
+  res = loops.gradual_prune(v, train, **dict(kw, loss_fn=None), apply_fn=net.apply)
+  jp.check_masks(res.params, res.masks)
+  for a, b in zip(jax.tree_util.tree_leaves(res.params["batch_stats"]), jax.tree_util.tree_leaves(v["batch_stats"])):
+    np.testing.assert_array_equal(a, b)   # adamw's weight decay would have shrunk them
