@@ -133,3 +133,30 @@ def test_a_model_that_fails_on_the_example_says_which_call_and_shapes():
     if sys.version_info >= (3, 11):
       note = next(n for n in info.value.__notes__ if n.startswith("jaxprune:"))
       assert what in note and ("(1, 4)" in note or "(16, 4)" in note), note
+
+
+def test_an_nnx_module_given_as_apply_fn_with_a_state_is_an_error_that_says_what_to_pass():
+  """``reestimate_batchnorm(module, result.params, x)`` called ``module(state, x)``: a TypeError from
+  the module's ``__call__``. Every method that takes ``apply_fn`` now says to pass the module as params."""
+  from flax import nnx
+
+  class Net(nnx.Module):
+    def __init__(self, rngs):
+      self.fc, self.bn, self.out = nnx.Linear(4, 6, rngs=rngs), nnx.BatchNorm(6, rngs=rngs), nnx.Linear(6, 2, rngs=rngs)
+
+    def __call__(self, x):
+      return self.out(nnx.relu(self.bn(self.fc(x))))
+
+  module = Net(nnx.Rngs(0))
+  module.eval()
+  x = jax.random.normal(jax.random.key(0), (8, 4))
+  y = jnp.arange(8) % 2
+  state = nnx.state(module)
+  calls = [lambda: jp.reestimate_batchnorm(module, state, x), lambda: jp.groups(module, state, x[:1]),
+           lambda: jp.lr(state, (x, y), 10, apply_fn=module, show_progress=False),
+           lambda: jp.ispasp(state, None, 0.5, apply_fn=module, batch=x, show_progress=False)]
+  for call in calls:
+    with pytest.raises(TypeError, match="apply_fn: an nnx.Module is not called with a state; pass the module"):
+      call()
+  assert jp.reestimate_batchnorm(None, module, x)["bn"]["mean"][...].shape == (6,)   # the right call
+

@@ -35,6 +35,16 @@ class Model(NamedTuple):
   is_module: bool = False
 
 
+MODULE_AS_APPLY_FN = ("apply_fn: an nnx.Module is not called with a state; pass the module itself as params "
+                      "(after nnx.update(module, state), or jp.resized_module for a shrunk state) with apply_fn=None")
+
+
+def is_state(obj: Any) -> bool:
+  """Whether ``obj`` is an ``nnx.State`` (without importing ``flax.nnx``, as :func:`is_module`)."""
+  nnx = sys.modules.get("flax.nnx")
+  return nnx is not None and isinstance(obj, nnx.State)
+
+
 def is_module(obj: Any) -> bool:
   """Whether ``obj`` is an ``nnx.Module``. Nothing can be one before ``flax.nnx`` is imported, and
   importing it costs a linen user's first call about 0.15 s, so it is not imported here."""
@@ -46,6 +56,8 @@ def as_model(params: Any, apply_fn: Optional[Callable] = None) -> Model:
   """Normalises the ``params`` argument of every method (see the module docstring)."""
   if apply_fn is not None and not callable(apply_fn):
     raise TypeError(f"apply_fn must be callable (e.g. model.apply), got {type(apply_fn).__name__}")
+  if is_module(apply_fn) and not is_module(params):   # it would be called as module(state, x)
+    raise TypeError(MODULE_AS_APPLY_FN)
   if is_module(params):
     from flax import nnx
     if apply_fn is not None:

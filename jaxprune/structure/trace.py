@@ -22,7 +22,7 @@ import jax
 import numpy as np
 
 from jaxprune.core.checks import traced_call_note
-from jaxprune.core.forms import as_model, is_module
+from jaxprune.core.forms import MODULE_AS_APPLY_FN, as_model, is_module, is_state
 from jaxprune.core.trees import leaves_with_paths
 from jaxprune.structure.channel_groups import (CONSUMER, PRODUCER, ChannelGroups, Group, KernelRead, Member,
                                               NormLink)
@@ -81,6 +81,8 @@ def groups(apply_fn: Callable[..., Any], variables: Any, *example_args: Any, exc
     :class:`ChannelGroups`: prunable groups ordered output to input (group 0 nearest the output),
     the unprunable ones with reasons, and the norm layers that follow a kernel.
   """
+  if is_module(apply_fn) and is_state(variables):   # groups(module, state, x) would call module(state, x)
+    raise TypeError(MODULE_AS_APPLY_FN)
   if is_module(apply_fn):   # groups(module, x): the module came first, so there is no apply function
     apply_fn, variables, example_args = None, apply_fn, (variables,) + example_args
   if apply_fn is None and is_module(variables):   # an nnx.Module: its own apply function, paths into its state
