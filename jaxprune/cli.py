@@ -293,7 +293,10 @@ def main(argv=None) -> int:
       calibration = data.load("mnist", "train", data_dir=args.data_dir, source="local", limit=args.n_examples)
     except FileNotFoundError as err:
       sys.exit(f"jaxprune: error: --data-dir: {err}")
-    model, variables = mlpnet(), load_mlpnet(args.checkpoint)
+    try:
+      model, variables = mlpnet(), load_mlpnet(args.checkpoint)
+    except (FileNotFoundError, ValueError) as err:
+      sys.exit(f"jaxprune: error: --checkpoint: {err}")
     title = "MLPNet on MNIST (one-shot)"
   batch = (calibration.x, calibration.y)
   rows = sweep(model, variables, test, args.sparsities, unstructured, batch=batch, seed=args.seed,

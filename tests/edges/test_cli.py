@@ -90,3 +90,13 @@ def test_persistent_compilation_cache_is_written_and_can_be_turned_off(tmp_path)
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert any(cache.iterdir())                      # compiled programs were cached for the next run
   assert cli.parse_args(["--compilation-cache", "none"]).compilation_cache == "none"
+
+
+def test_a_missing_data_folder_or_checkpoint_is_a_one_line_error_naming_its_flag(tmp_path, data_dir):
+  """Before the checkpoint case was a FileNotFoundError traceback."""
+  for argv, flag in [(["--data-dir", str(tmp_path / "none"), "--checkpoint", "x.npz"], "--data-dir"),
+                     (["--data-dir", str(data_dir), "--checkpoint", str(tmp_path / "none.npz")], "--checkpoint")]:
+    with pytest.raises(SystemExit) as exit_info:
+      cli.main(["--dataset", "mnist", *argv, "--out", str(tmp_path)])
+    message = str(exit_info.value.code)
+    assert message.startswith(f"jaxprune: error: {flag}: ") and len(message.splitlines()) == 1, message
