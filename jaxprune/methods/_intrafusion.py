@@ -455,8 +455,8 @@ class IntraFusionOptions(Options):
                                  (self.transport, TRANSPORTS, "transport"),
                                  (self.mode, MODES, "mode"), (self.rounding, CHANNEL_ROUNDINGS, "rounding")):
       check_choice(value, allowed, name)
-    if isinstance(self.p, bool) or not (isinstance(self.p, (int, float)) and self.p >= 1):
-      raise ValueError(f"p must be a number >= 1, got {self.p!r}")
+    if isinstance(self.p, bool) or not (isinstance(self.p, (int, float)) and 1 <= self.p < float("inf")):
+      raise ValueError(f"p must be a finite number >= 1, got {self.p!r}")
     if self.solver == "entropic" and not (isinstance(self.eps, (int, float)) and 0 < self.eps < float("inf")):
       raise ValueError(f"eps must be a positive float for solver='entropic', got {self.eps!r}")
 

@@ -177,7 +177,8 @@ def test_intra_fusion_bad_input():
   g = jp.groups(model.apply, v, jnp.zeros((1, 4)))
   for kw, match in ((dict(solver="sinkhorn"), "solver"), (dict(semantics="mean"), "semantics"),
                     (dict(marginals="softmax"), "marginals"), (dict(order="random"), "order"),
-                    (dict(p=0.5), "p must be"), (dict(solver="entropic", eps=0.0), "eps"),
+                    (dict(p=0.5), "p must be"), (dict(p=float("inf")), "p must be a finite number"),
+                    (dict(solver="entropic", eps=0.0), "eps"),
                     (dict(mode="cut"), "mode"), (dict(transport="kept"), "transport")):
     with pytest.raises(ValueError, match=match):
       jp.intra_fusion(v, g, 0.5, show_progress=False, **kw)
