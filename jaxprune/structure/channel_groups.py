@@ -60,6 +60,13 @@ class Member:
     return f"{self.path}[{self.axis}] ({self.kind}{extra})"
 
 
+def module_path(leaf_path: str) -> str:
+  """The module that holds a leaf: ``"params/fc1/kernel"`` -> ``"params/fc1"``. A leaf at the top
+  of its tree or of linen's ``params`` (``"w1"``, ``"params/w"``) is its own module."""
+  parent, _, _ = leaf_path.rpartition("/")
+  return leaf_path if parent in ("", "params") else parent
+
+
 @dataclasses.dataclass(frozen=True)
 class Group:
   """Slices that share one channel index of size ``size``.
@@ -95,13 +102,12 @@ class Group:
     """The first producer kernel's module path, e.g. ``"params/layer1_0/conv1"``."""
     for m in self.producers:
       if m.kind in ("kernel", "depthwise"):
-        return m.path.rsplit("/", 1)[0]
+        return module_path(m.path)
     return self.producers[0].path if self.producers else "<empty>"
 
   def modules(self, role: Optional[str] = None, kinds: Sequence[str] = ("kernel", "depthwise")) -> tuple[str, ...]:
     """Module paths of the kernels, optionally of one role."""
-    return tuple(m.path.rsplit("/", 1)[0] for m in self.members
-                 if m.kind in kinds and (role is None or m.role == role))
+    return tuple(module_path(m.path) for m in self.members if m.kind in kinds and (role is None or m.role == role))
 
   def __str__(self) -> str:
     head = (f"Group(n={self.size}" + ("" if self.prunable else f", unprunable: {self.reason}")

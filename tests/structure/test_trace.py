@@ -347,3 +347,20 @@ def test_transposed_conv_kernels_keep_their_roles():
   v = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8, 8, 3)))
   g = jp.groups(model.apply, v, jax.ShapeDtypeStruct((1, 8, 8, 3), jnp.float32))
   assert table_of(g) == [(5, ["params/up"], ["params/head"]), (6, ["params/enc"], ["params/up"])]
+
+
+def test_a_group_is_named_by_its_producer_module_or_by_a_top_level_kernel_itself():
+  """A linen ``self.param`` at the top of the model is ``params/w``: the group was named
+  ``"params"`` (the collection). Module kernels keep their module's path; pure dicts their key."""
+  class Top(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      w = self.param("w", nn.initializers.lecun_normal(), (x.shape[-1], 8))
+      return nn.Dense(3, name="head")(jax.nn.relu(nn.Dense(6, name="fc")(jax.nn.relu(x @ w))))
+
+  v = Top().init(jax.random.key(0), jnp.zeros((1, 4)))
+  names = [g.name for g in jp.groups(Top().apply, v, jnp.zeros((1, 4)))]
+  assert names == ["params/fc", "params/w"]
+  params = {"w1": jnp.ones((4, 8)), "w2": jnp.ones((8, 3))}
+  g = jp.groups(lambda p, x: jax.nn.relu(x @ p["w1"]) @ p["w2"], params, jnp.ones((1, 4)))
+  assert [grp.name for grp in g] == ["w1"] and g[0].modules() == ("w1", "w2")
