@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxprune.structure.channel_groups import ChannelGroups, Group, NormLink
+from jaxprune.structure.channel_groups import ChannelGroups, Group, NormLink, module_path
 from jaxprune.structure.interpret import evaluate
 from jaxprune.core.checks import traced_call_note
 from jaxprune.core.trees import get_leaf, leaves_with_paths
@@ -478,11 +478,10 @@ def _layout(member, n: int, axis: int, ndim: int):
 
 
 def _layer_name(kernel_path: str) -> str:
-  """``"params/layer1_0/conv2/kernel"`` -> ``"layer1_0/conv2"`` (linen); NNX paths lose the leaf name only;
-  a kernel at the top of its tree (``"w2"``, ``"params/w"``) keeps its own name."""
-  parts = kernel_path.split("/")
-  parts = parts[1:] if len(parts) > 1 and parts[0] == "params" else parts
-  return "/".join(parts[:-1]) or parts[-1]
+  """:func:`module_path` without linen's ``"params/"``: ``"params/layer1_0/conv2/kernel"`` ->
+  ``"layer1_0/conv2"``, ``"params/w"`` -> ``"w"``; NNX paths lose the leaf name only."""
+  path = module_path(kernel_path)
+  return path[len("params/"):] if path.startswith("params/") else path
 
 
 def two_layer_units(apply_fn: Callable, variables: Any, example: Any, groups: Optional[ChannelGroups] = None,
