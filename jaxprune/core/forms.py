@@ -94,8 +94,8 @@ def split_trainable(tree: Any, like: Any = None) -> tuple[Any, Any]:
   integers) nor update (an optimiser's weight decay would shrink running statistics).
   """
   like = tree if like is None else like
-  nnx = sys.modules.get("flax.nnx")
-  if nnx is not None and isinstance(like, nnx.State):
+  if is_state(like):
+    from flax import nnx
     flags = jax.tree.map(lambda v: isinstance(v, nnx.Param), like, is_leaf=lambda x: isinstance(x, nnx.Variable))
   else:
     flags = _path_flags(like, hasattr(like, "keys") and "params" in like.keys())
