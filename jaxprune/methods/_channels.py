@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import numbers
 import time
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
@@ -19,8 +20,8 @@ from jaxprune.methods._repair import RepairOptions, check_repair_request, repair
 from jaxprune.structure.channel_groups import ChannelGroups, Group, check_groups_fit
 from jaxprune.structure.importance import (MagnitudeScores, magnitude_importance, random_importance, taylor_grads,
                                           taylor_importance)
-from jaxprune.structure.surgery import (MODES, channel_masks, fold_batchnorm, kept_flags, shrink_channels,
-                                       write_channels)
+from jaxprune.structure.surgery import (MODES, batchnorm_scales, channel_masks, fold_batchnorm, kept_flags,
+                                       shrink_channels, write_channels)
 
 IMPORTANCES = ("l1", "l2", "taylor", "random")
 Importance = Union[str, Callable[[Any, Group], Any]]
@@ -129,12 +130,14 @@ def importance_fn(importance: Importance, *, key: Optional[jax.Array] = None, gr
                    f"got {importance!r}")
 
 
-def _magnitude_scorer(importance: Any, variables: Any, groups: Sequence[Group]) -> Optional[MagnitudeScores]:
+def _magnitude_scorer(importance: Any, variables: Any, groups: Sequence[Group],
+                      scales: Optional[dict] = None) -> Optional[MagnitudeScores]:
   """:class:`MagnitudeScores` for ``"l1"``/``"l2"`` on concrete arrays (same scores without
-  zeroing the tree group by group), else ``None``: score the written tree."""
-  if importance not in ("l1", "l2") or not MagnitudeScores.applies(variables, groups):
+  zeroing the tree group by group; with ``scales``, without folding it), else ``None``: score
+  the written tree."""
+  if importance not in ("l1", "l2") or not MagnitudeScores.applies(variables, groups, scales):
     return None
-  return MagnitudeScores(variables, groups, 1 if importance == "l1" else 2)
+  return MagnitudeScores(variables, groups, 1 if importance == "l1" else 2, scales)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -221,10 +224,12 @@ def prune_channels(params: Any, groups: Optional[Union[ChannelGroups, Sequence[G
   score = importance_fn(opts.importance, key=key, grads=grads, loss_fn=loss_fn, batches=batches,
                         show_progress=show_progress)
   original = variables = model.tree
-  if opts.fold_bn and norms:
-    variables = fold_batchnorm(variables, norms, include_eps=opts.include_eps)
+  fold = functools.partial(fold_batchnorm, norms=norms, include_eps=opts.include_eps) if opts.fold_bn and norms else None
+  scales = batchnorm_scales(variables, norms, include_eps=opts.include_eps) if fold else None
+  scorer = _magnitude_scorer(opts.importance, variables, [group_list[i] for i in budgets], scales)
+  if fold and (scorer is None or opts.mode == "mask"):   # shrink folds the shrunk tree at the end
+    variables = fold(variables)
   kept, plans, per_group = {}, [], {}
-  scorer = _magnitude_scorer(opts.importance, variables, [group_list[i] for i in budgets])
   for i in progress(list(budgets), desc="groups", disable=not show_progress):
     s, m = budgets[i]
     g = group_list[i]
@@ -245,6 +250,8 @@ def prune_channels(params: Any, groups: Optional[Union[ChannelGroups, Sequence[G
       variables = write_channels(variables, g, keep)
   if opts.mode == "shrink":
     variables = shrink_channels(variables, plans)
+    if fold and scorer is not None:   # folding commutes with cutting channels; a quarter of the writes
+      variables = fold(variables)
   info = make_info("prune_channels", opts, started, fold_bn=bool(opts.fold_bn and norms), groups=per_group, plans=tuple(plans))
   result = ChannelResult(variables, masks, info, kept)
   return repair_if_asked(result, model, repair, repair_options, groups, started, show_progress)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 import operator
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -94,18 +94,23 @@ class MagnitudeScores:
     variables: the tree the groups refer to.
     groups: every group that may be scored or removed from.
     p: 1 (l1) or 2 (l2).
+    scales: ``{kernel path: (axis, s)}`` to score each such kernel as if multiplied by ``s``
+      along ``axis`` (:func:`jaxprune.structure.surgery.batchnorm_scales`: the folded tree's
+      scores without writing it): its reduction is multiplied by ``|s|^p``.
   """
 
-  def __init__(self, variables: Any, groups: Sequence[Group], p: float = 1):
+  def __init__(self, variables: Any, groups: Sequence[Group], p: float = 1, scales: Optional[Mapping] = None):
     leaves = dict(leaves_with_paths(variables))
     scored = {m.path for g in groups for m in g.kernels}
+    scales = {path: v for path, v in (scales or {}).items() if path in scored}
     self.p = 1 if p == 1 else float(p)
-    self.axes = _channel_axes(groups, scored)
-    self.reduced = {path: _reduce_to(leaves[path], self.axes[path], self.p) for path in scored}
+    self.axes = _channel_axes(groups, scored, scales)
+    self.reduced = {path: _scaled(_reduce_to(leaves[path], self.axes[path], self.p), self.axes[path],
+                                  scales.get(path), self.p) for path in scored}
     self.factors: dict = {}   # {(path, axis): (length,) 0/1 factors of the channels removed so far}
 
   @staticmethod
-  def applies(variables: Any, groups: Sequence[Group]) -> bool:
+  def applies(variables: Any, groups: Sequence[Group], scales: Optional[Mapping] = None) -> bool:
     """Whether the reductions pay: kernels in host memory, or concrete device arrays whose
     reductions hold at most a quarter of their entries (conv kernels; a Dense kernel pruned on
     both axes would come to the host whole, where writing the tree on the device moves nothing)."""
@@ -115,7 +120,7 @@ class MagnitudeScores:
       return True
     if any(not isinstance(k, (np.ndarray, jax.Array)) or isinstance(k, jax.core.Tracer) for k in kernels.values()):
       return False
-    axes = _channel_axes(groups, set(kernels))
+    axes = _channel_axes(groups, set(kernels), {p: v for p, v in (scales or {}).items() if p in kernels})
     reduced = sum(int(np.prod([np.shape(k)[a] for a in axes[path]])) for path, k in kernels.items())
     return 4 * reduced <= sum(int(np.size(k)) for k in kernels.values())
 
@@ -143,14 +148,28 @@ class MagnitudeScores:
     return r.sum(axis=tuple(i for i, a in enumerate(axes) if a != m.axis))
 
 
-def _channel_axes(groups: Sequence[Group], paths: set) -> dict:
-  """``{path: sorted axes}``: every axis of the leaves at ``paths`` that some group zeroes or scores."""
+def _channel_axes(groups: Sequence[Group], paths: set, scales: Optional[Mapping] = None) -> dict:
+  """``{path: sorted axes}``: every axis of the leaves at ``paths`` that some group zeroes or
+  scores, or that ``scales`` scales."""
   axes: dict = {path: set() for path in paths}
   for g in groups:
     for m in g.members:
       if m.path in axes and m.kind != "stat":
         axes[m.path].add(m.axis)
+  for path, (axis, _) in (scales or {}).items():
+    axes[path].add(axis)
   return {path: tuple(sorted(a)) for path, a in axes.items()}
+
+
+def _scaled(r: np.ndarray, axes: tuple, scale: Optional[tuple], p: float) -> np.ndarray:
+  """``r`` times ``|s|^p`` along the axis ``scale = (axis, s)`` names (``r`` unchanged if ``None``)."""
+  if scale is None:
+    return r
+  axis, s = scale
+  shape = [1] * r.ndim
+  shape[axes.index(axis)] = -1
+  s = np.abs(np.asarray(s, np.float32))
+  return r * (s if p == 1 else s ** p).reshape(shape)
 
 
 def _reduce_to(leaf: Any, axes: tuple, p: float) -> np.ndarray:

@@ -389,6 +389,37 @@ def _full_like(host: bool, like: Any, value: float) -> jax.Array:
   return jnp.full_like(like, value)
 
 
+def _norm_links(norms: Union[ChannelGroups, Sequence[NormLink]]) -> tuple:
+  return norms.norms if isinstance(norms, ChannelGroups) else tuple(norms)
+
+
+def _link_eps(link: NormLink, eps: Optional[float]) -> float:
+  """The epsilon to fold ``link`` with; errors for a norm that cannot be folded."""
+  e = eps if eps is not None else link.eps
+  if e is None:
+    raise ValueError(f"eps: the epsilon of the norm after {link.kernel} was not found in the trace; pass eps=")
+  if not (link.kernel_bias or link.offset):
+    raise ValueError(f"norms: cannot fold the norm after {link.kernel}: neither it nor the kernel has a bias")
+  return e
+
+
+def batchnorm_scales(variables: Any, norms: Union[ChannelGroups, Sequence[NormLink]], *, include_eps: bool = True,
+                     eps: Optional[float] = None) -> dict:
+  """``{kernel path: (axis, s)}``: the factor ``s: (channels,)`` float32 that
+  :func:`fold_batchnorm` multiplies each kernel by along ``axis``, without writing the kernels
+  (same checks and errors). Magnitude scores of the folded tree follow from it:
+  ``sum |W s|^p = |s|^p sum |W|^p`` per output channel, up to float32 rounding."""
+  leaves = dict(leaves_with_paths(variables))
+  scales = {}
+  for link in _norm_links(norms):
+    e = _link_eps(link, eps)
+    gamma = 1.0 if link.scale is None else np.asarray(leaves[link.scale])
+    var = np.asarray(leaves[link.var])
+    s = gamma / np.sqrt(var + e if include_eps else var)
+    scales[link.kernel] = (link.axis, np.asarray(s, np.float32))
+  return scales
+
+
 def fold_batchnorm(variables: Any, norms: Union[ChannelGroups, Sequence[NormLink]], *, include_eps: bool = True,
                    eps: Optional[float] = None) -> Any:
   """Folds each BatchNorm into the kernel before it and turns the norm into an identity.
@@ -412,15 +443,10 @@ def fold_batchnorm(variables: Any, norms: Union[ChannelGroups, Sequence[NormLink
   Returns:
     the tree with folded kernels and identity norms (same shapes).
   """
-  links = norms.norms if isinstance(norms, ChannelGroups) else tuple(norms)
   leaves = dict(leaves_with_paths(variables))
   new = {}
-  for link in links:
-    e = eps if eps is not None else link.eps
-    if e is None:
-      raise ValueError(f"eps: the epsilon of the norm after {link.kernel} was not found in the trace; pass eps=")
-    if not (link.kernel_bias or link.offset):
-      raise ValueError(f"norms: cannot fold the norm after {link.kernel}: neither it nor the kernel has a bias")
+  for link in _norm_links(norms):
+    e = _link_eps(link, eps)
     paths = (link.kernel, link.kernel_bias, link.scale, link.offset, link.mean, link.var)
     arrays = [new.get(p, leaves[p]) if p else None for p in paths]
     host = on_host(*arrays)

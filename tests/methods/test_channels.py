@@ -76,7 +76,8 @@ def test_default_l1_l2_without_writing_the_tree_match_scoring_the_written_tree(r
   """The default path reduces each kernel once and zeroes removed channels in the reductions;
   scoring the tree written group by group must keep the same channels and give the same tree."""
   v, groups = resnet20_checkpoint
-  for importance, mode, official in (("l1", "shrink", False), ("l2", "mask", False), ("l1", "mask", True)):
+  for importance, mode, official in (("l1", "shrink", False), ("l2", "mask", False), ("l1", "mask", True),
+                                     ("l1", "shrink", True), ("l2", "shrink", True)):
     got = jp.prune_channels(v, groups, 0.5, importance=importance, mode=mode, official=official, show_progress=False)
     _assert_same_result(got, _scored_on_written_tree(v, groups, 0.5, importance, mode, official))
 
