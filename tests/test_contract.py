@@ -152,6 +152,25 @@ def test_structured_contract(method, form, official, batch):
   _check_info(result, method, options_cls, official)
 
 
+@pytest.mark.parametrize("method", sorted(STRUCTURED))
+def test_structured_methods_under_jit_name_the_traced_argument(method, batch):
+  """Channels are chosen from concrete scores on the host: under jax.jit the call fails at once
+  with a TypeError that names the traced argument (before, a TracerArrayConversionError from deep
+  inside). The same call outside jit works (the contract test above)."""
+  params, apply_fn, _ = _form("linen")
+  fn, _ = STRUCTURED[method]
+  groups = jp.groups(apply_fn, params, batch[0][:1])
+  call = lambda p, x: fn(p, groups, CHANNEL_SPARSITY, apply_fn=apply_fn, batch=x, mode="mask",
+                         show_progress=False).params
+  with pytest.raises(TypeError, match=f"^params: jaxprune.{method} got traced arrays"):
+    jax.jit(call)(params, batch[0])
+  with pytest.raises(TypeError, match=f"^batch: jaxprune.{method} got traced arrays"):
+    jax.jit(lambda x: call(params, x))(batch[0])
+  dense = fn(params, groups, CHANNEL_SPARSITY, apply_fn=apply_fn, batch=batch[0], show_progress=False)
+  with pytest.raises(TypeError, match="^x: jaxprune.repair got traced arrays"):
+    jax.jit(lambda x: jp.repair(apply_fn, params, dense, x, show_progress=False).params)(batch[0])
+
+
 def test_structured_methods_keep_the_same_counts(batch):
   # The same sparsity means the same widths for every structured method (linen MLP).
   params, apply_fn, _ = _form("linen")

@@ -62,6 +62,18 @@ def check_budget(k: Any, size: int, name: str = "k") -> None:
     raise ValueError(f"{name}={int(k)} is outside [0, {size}] (the number of entries)")
 
 
+def check_concrete(call: str, **trees: Any) -> None:
+  """Raises ``TypeError`` naming the first of ``trees`` that holds traced arrays: the structured
+  methods pick channels from concrete scores on the host (and shrink mode returns shapes that
+  depend on them), so they cannot run under ``jax.jit``, ``vmap`` or ``grad``; their array work
+  is jitted inside."""
+  for name, tree in trees.items():
+    if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(tree)):
+      raise TypeError(f"{name}: jaxprune.{call} got traced arrays (it was called inside jax.jit, vmap or grad). "
+                      f"It chooses channels from concrete scores on the host and compiles its own array work, "
+                      f"so call it outside the transformation")
+
+
 def check_finite(tree: Any, name: str) -> None:
   """Raises ``ValueError`` naming the first leaf of ``tree`` that holds NaN or inf (traced leaves,
   under a user's ``jit``, cannot be read and are skipped)."""

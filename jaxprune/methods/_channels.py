@@ -11,7 +11,7 @@ import jax
 import numpy as np
 
 from jaxprune.core.budget import CHANNEL_ROUNDINGS, check_round_to, n_kept_channels
-from jaxprune.core.checks import check_choice
+from jaxprune.core.checks import check_choice, check_concrete
 from jaxprune.core.forms import Model, as_model, user_loss
 from jaxprune.core.options import Options, resolve
 from jaxprune.core.progress import progress
@@ -215,6 +215,7 @@ def prune_channels(params: Any, groups: Optional[Union[ChannelGroups, Sequence[G
   started = time.perf_counter()
   opts = resolve(ChannelOptions, options, official, overrides)
   model = as_model(params, apply_fn)
+  check_concrete("prune_channels", params=model.tree, batch=batch, grads=grads, repair=repair)
   check_repair_request(repair, repair_options, model.apply_fn)
   groups = resolve_groups(model, groups, batch)
   group_list, norms = _as_groups(groups)

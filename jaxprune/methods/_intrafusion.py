@@ -38,7 +38,7 @@ import numpy as np
 from jaxprune import ot
 from jaxprune.structure.channel_groups import ChannelGroups, Group
 from jaxprune.core.budget import CHANNEL_ROUNDINGS, check_round_to
-from jaxprune.core.checks import check_choice
+from jaxprune.core.checks import check_choice, check_concrete
 from jaxprune.core.forms import as_model, user_loss
 from jaxprune.core.options import Options, resolve
 from jaxprune.core.results import ChannelResult, make_info
@@ -491,6 +491,7 @@ def intra_fusion(params: Any, groups: Optional[Union[ChannelGroups, Sequence[Gro
   started = time.perf_counter()
   opts = resolve(IntraFusionOptions, options, official, overrides)
   model = as_model(params, apply_fn)
+  check_concrete("intra_fusion", params=model.tree, batch=batch, repair=repair)
   check_repair_request(repair, repair_options, model.apply_fn)
   groups = resolve_groups(model, groups, batch)
   variables = model.tree

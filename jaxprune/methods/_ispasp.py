@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxprune.core.budget import CHANNEL_ROUNDINGS, check_round_to, n_kept_channels
-from jaxprune.core.checks import check_choice, check_positive_int
+from jaxprune.core.checks import check_choice, check_concrete, check_positive_int
 from jaxprune.core.forms import as_model
 from jaxprune.core.options import Options, resolve
 from jaxprune.core.results import ChannelResult, make_info
@@ -282,6 +282,7 @@ def ispasp(params: Any, groups: Optional[Union[ChannelGroups, Sequence[Unit]]], 
   opts = resolve(ISpaSPOptions, options, official, overrides)
   options, proxy, order, chunk_size, mode = opts.recovery(), opts.proxy, opts.order, opts.chunk_size, opts.mode
   model = as_model(params, apply_fn)
+  check_concrete("ispasp", params=model.tree, batch=batch, repair=repair)
   check_repair_request(repair, repair_options, model.apply_fn)
   variables = model.tree
   x = model_inputs(batch)

@@ -30,13 +30,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxprune.core.checks import check_choice
+from jaxprune.core.checks import check_choice, check_concrete
 from jaxprune.core.forms import as_model
 from jaxprune.core.options import Options, resolve
 from jaxprune.core.progress import progress
@@ -573,6 +573,7 @@ def repair(apply_fn: Optional[Callable], dense_params: Any, result: Any, x: Any,
   started = time.perf_counter()
   opts = resolve(RepairOptions, options, False, overrides)
   model = as_model(dense_params, apply_fn)
+  check_concrete("repair", dense_params=model.tree, result=result, x=x)
   if model.apply_fn is None:
     raise TypeError("apply_fn: repair runs the model; pass apply_fn=model.apply (or an nnx.Module as dense_params)")
   x = _inputs(x)
