@@ -4,13 +4,24 @@ from __future__ import annotations
 import math
 import numbers
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxprune.core.checks import as_real
 from jaxprune.core.trees import PrunableSpec, PyTree, count_prunable
 
 
 def check_k(k, p: int, name: str = "k") -> int:
-  """Validates a kept-weight budget ``0 < k <= p``; returns it as a Python int."""
+  """Validates a kept-weight budget ``0 < k <= p``; returns it as a Python int (a concrete 0-d
+  integer array counts as one; a traced ``k`` cannot size the masks)."""
+  if isinstance(k, jax.core.Tracer):
+    raise TypeError(f"{name} must be a concrete int: under jax.jit, make it static (functools.partial or "
+                    f"static_argnames), since it fixes how many weights the masks keep")
+  if isinstance(k, (np.ndarray, jax.Array)) and np.ndim(k) == 0 and jnp.issubdtype(k.dtype, jnp.integer):
+    k = int(k)
   if isinstance(k, bool) or not isinstance(k, numbers.Integral):
-    hint = " (use jaxprune.k_from_sparsity(params, sparsity) to convert a sparsity)" if isinstance(k, numbers.Real) else ""
+    hint = " (use jaxprune.k_from_sparsity(params, sparsity) to convert a sparsity)" if as_real(k) is not None else ""
     raise TypeError(f"{name} must be an int (number of weights kept), got {type(k).__name__} {k!r}{hint}")
   k = int(k)
   if k <= 0:
@@ -21,11 +32,20 @@ def check_k(k, p: int, name: str = "k") -> int:
 
 
 def check_sparsity(sparsity, name: str = "sparsity") -> float:
-  if isinstance(sparsity, bool) or not isinstance(sparsity, numbers.Real):
+  s = as_real(sparsity)
+  if s is None:
     raise TypeError(f"{name} must be a float in [0, 1), got {type(sparsity).__name__} {sparsity!r}")
-  s = float(sparsity)
   if not 0.0 <= s < 1.0:
     raise ValueError(f"{name} must be in [0, 1), got {s}")
+  return s
+
+
+def check_channel_sparsity(value, what: str) -> float:
+  """A structured method's sparsity of one group or unit, in ``[0, 1)``, as a float (real numbers
+  and concrete 0-d arrays); ``ValueError`` naming ``what`` otherwise."""
+  s = as_real(value)
+  if s is None or not 0.0 <= s < 1.0:
+    raise ValueError(f"{what} must be a float in [0, 1), got {value!r}")
   return s
 
 

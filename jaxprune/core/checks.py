@@ -4,7 +4,7 @@ from __future__ import annotations
 import numbers
 import os
 import sys
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -46,6 +46,19 @@ def check_positive_int(value: Any, name: str) -> int:
   if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
     raise ValueError(f"{name} must be a positive int, got {value!r}")
   return int(value)
+
+
+def as_real(value: Any) -> Optional[float]:
+  """``float(value)`` for a real number or a concrete 0-d real array (numpy or jax, e.g.
+  ``jnp.float32(0.5)``); ``None`` for anything else (bools, strings, tracers, arrays with an axis)."""
+  if isinstance(value, (bool, np.bool_)) or isinstance(value, jax.core.Tracer):
+    return None
+  if isinstance(value, numbers.Real):
+    return float(value)
+  if isinstance(value, (np.ndarray, jax.Array)) and np.ndim(value) == 0 and (
+      jnp.issubdtype(value.dtype, jnp.floating) or jnp.issubdtype(value.dtype, jnp.integer)):   # bfloat16 too
+    return float(value)
+  return None
 
 
 def check_budget(k: Any, size: int, name: str = "k") -> None:

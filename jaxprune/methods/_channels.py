@@ -10,7 +10,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 import jax
 import numpy as np
 
-from jaxprune.core.budget import CHANNEL_ROUNDINGS, check_round_to, n_kept_channels
+from jaxprune.core.budget import CHANNEL_ROUNDINGS, check_channel_sparsity, check_round_to, n_kept_channels
 from jaxprune.core.checks import check_choice, check_concrete
 from jaxprune.core.forms import Model, as_model, user_loss
 from jaxprune.core.options import Options, resolve
@@ -56,15 +56,14 @@ def plan_budgets(groups: Sequence[Group], sparsity: Union[float, Mapping[int, fl
   for i, s in chosen.items():
     if isinstance(i, bool) or not isinstance(i, numbers.Integral) or not 0 <= i < len(groups):
       raise IndexError(f"sparsity: group {i!r} does not exist ({len(groups)} groups)")
-    if isinstance(s, bool) or not isinstance(s, numbers.Real) or not 0.0 <= float(s) < 1.0:
-      raise ValueError(f"sparsity for group {i} must be a float in [0, 1), got {s!r}")
+    s = check_channel_sparsity(s, f"sparsity for group {i}")
     g = groups[i]
     if not g.prunable:
       raise ValueError(f"sparsity: group {i} ({g.name}) is not prunable: {g.reason}")
-    m = n_kept_channels(g.size, float(s), rounding, round_to)
+    m = n_kept_channels(g.size, s, rounding, round_to)
     if m < 1:
       raise ValueError(f"sparsity {s} keeps no channel of group {i} (n={g.size})")
-    out[int(i)] = (float(s), m)
+    out[int(i)] = (s, m)
   return dict(sorted(out.items()))
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import numbers
 import time
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
@@ -20,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxprune.core.budget import CHANNEL_ROUNDINGS, check_round_to, n_kept_channels
+from jaxprune.core.budget import CHANNEL_ROUNDINGS, check_channel_sparsity, check_round_to, n_kept_channels
 from jaxprune.core.checks import check_choice, check_concrete, check_positive_int
 from jaxprune.core.forms import as_model
 from jaxprune.core.options import Options, resolve
@@ -133,13 +132,12 @@ def plan_units(units: Sequence[Unit], sparsity: Sparsity, rounding: str = "floor
     chosen = {i: sparsity for i in range(len(units))}
   out = {}
   for i, r in chosen.items():
-    if isinstance(r, bool) or not isinstance(r, numbers.Real) or not 0.0 <= float(r) < 1.0:
-      raise ValueError(f"sparsity of unit {labels[i]!r} must be a float in [0, 1), got {r!r}")
-    m = n_kept_channels(units[i].size, float(r), rounding, round_to)
+    r = check_channel_sparsity(r, f"sparsity of unit {labels[i]!r}")
+    m = n_kept_channels(units[i].size, r, rounding, round_to)
     if m < 1:
       raise ValueError(f"sparsity {r} keeps no channel of unit {labels[i]!r} ({units[i].name}, "
                        f"{units[i].size} channels)")
-    out[int(i)] = (float(r), m)
+    out[int(i)] = (r, m)
   return dict(sorted(out.items()))
 
 

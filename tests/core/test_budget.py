@@ -1,3 +1,4 @@
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -35,10 +36,15 @@ def test_sparsity_from_k_inverts(s):
 
 @pytest.mark.parametrize("bad, err, match", [
     (1.0, ValueError, r"\[0, 1\)"), (-0.1, ValueError, r"\[0, 1\)"), ("0.5", TypeError, "float"),
-    (True, TypeError, "float")])
+    (True, TypeError, "float"), (np.ones(2) / 2, TypeError, "float"), (np.asarray(1.0), ValueError, r"\[0, 1\)")])
 def test_bad_sparsity(bad, err, match):
   with pytest.raises(err, match=match):
     jp.k_from_sparsity(PARAMS, bad)
+
+
+def test_sparsity_given_as_a_0d_array():
+  assert jp.k_from_sparsity(PARAMS, np.asarray(0.9)) == jp.k_from_sparsity(PARAMS, 0.9)
+  assert jp.k_from_sparsity(PARAMS, jnp.asarray(0.5)) == jp.k_from_sparsity(PARAMS, 0.5)
 
 
 def test_sparsity_that_keeps_nothing():

@@ -86,7 +86,8 @@ def test_works_on_full_linen_variables_and_nnx_state():
 @pytest.mark.parametrize("k, err, match", [
     (0, ValueError, "k must be > 0"), (-1, ValueError, "k must be > 0"), (70, ValueError, "exceeds"),
     (5.0, TypeError, "k_from_sparsity"), (0.5, TypeError, "must be an int"), (True, TypeError, "must be an int"),
-    (np.int64(5), None, None)])
+    (np.int64(5), None, None), (jnp.asarray(5), None, None), (np.asarray(5), None, None),
+    (jnp.asarray([5]), TypeError, "must be an int"), (jnp.asarray(5.0), TypeError, "k_from_sparsity")])
 def test_bad_budgets(k, err, match):
   params = linen_variables()["params"]   # p = 69
   for fn in (lambda: jp.magnitude(params, k), lambda: jp.random(params, k, key=jax.random.key(0))):
@@ -95,6 +96,12 @@ def test_bad_budgets(k, err, match):
     else:
       with pytest.raises(err, match=match):
         fn()
+
+
+def test_traced_budget_says_to_make_it_static():
+  params = linen_variables()["params"]
+  with pytest.raises(TypeError, match="k must be a concrete int: under jax.jit, make it static"):
+    jax.jit(lambda p, k: jp.magnitude(p, k).masks)(params, 5)
 
 
 def test_other_bad_input():

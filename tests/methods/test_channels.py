@@ -177,9 +177,13 @@ def test_prune_channels_bad_input():
   model = models.MLP(widths=(10,), num_classes=3)
   v = model.init(jax.random.key(0), jnp.zeros((1, 4)))
   g = jp.groups(model.apply, v, jnp.zeros((1, 4)))
-  for bad in (1.0, -0.1, True, "0.5"):
+  for bad in (1.0, -0.1, True, "0.5", jnp.ones(2) / 2, jnp.asarray(True), float("nan")):
     with pytest.raises(ValueError, match="sparsity"):
       jp.prune_channels(v, g, bad, show_progress=False)
+  # a concrete 0-d array is a number (jnp.float32(0.5) was rejected before)
+  for same in (jnp.float32(0.5), np.asarray(0.5), {0: jnp.asarray(0.5, jnp.bfloat16)}):
+    np.testing.assert_array_equal(jp.prune_channels(v, g, same, show_progress=False).kept[0],
+                                  jp.prune_channels(v, g, 0.5, show_progress=False).kept[0])
   with pytest.raises(ValueError, match="keeps no channel"):
     jp.prune_channels(v, g, 0.95, rounding="truncate", show_progress=False)   # int(10 * 0.05) = 0
   assert jp.prune_channels(v, g, 0.95, show_progress=False).kept[0].size == 1   # prunes floor(9.5) = 9
