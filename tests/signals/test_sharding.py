@@ -74,6 +74,9 @@ STRUCTURED = textwrap.dedent("""
     from jaxprune.structure.importance import MagnitudeScores
     cnn = resnet20()
     vc = cnn.init(jax.random.key(1), jnp.zeros((1, 32, 32, 3)))
+    stats = np.random.default_rng(2)   # statistics away from (0, 1), so that official=True's fold is not trivial
+    vc = {"params": vc["params"], "batch_stats": jax.tree_util.tree_map(
+        lambda a: jnp.asarray(stats.uniform(0.5, 1.5, a.shape), jnp.float32), vc["batch_stats"])}
     vcs = jax.device_put(vc, NamedSharding(mesh, P()))
     cgroups = jp.groups(cnn.apply, vc, jnp.zeros((1, 32, 32, 3)))
     # a Dense kernel pruned on both axes would come to the host whole: such trees are written instead
@@ -86,9 +89,10 @@ STRUCTURED = textwrap.dedent("""
     assert MagnitudeScores.applies(vd, dgroups) and not MagnitudeScores.applies(vds, dgroups)
     mixed = jax.tree_util.tree_map_with_path(lambda q, a: np.asarray(a) if "conv1" in jax.tree_util.keystr(q) else a, vcs)
     assert MagnitudeScores.applies(mixed, list(cgroups))   # numpy and device kernels together
-    for mode, (gs, host, sharded) in (("shrink", (cgroups, vc, vcs)), ("mask", (cgroups, vc, vcs)),
-                                      ("shrink", (dgroups, vd, vds))):
-        one, eight = (jp.prune_channels(t, gs, 0.5, mode=mode, show_progress=False) for t in (host, sharded))
+    for mode, official, (gs, host, sharded) in (("shrink", False, (cgroups, vc, vcs)), ("mask", False, (cgroups, vc, vcs)),
+                                                ("shrink", True, (cgroups, vc, vcs)), ("shrink", False, (dgroups, vd, vds))):
+        one, eight = (jp.prune_channels(t, gs, 0.5, mode=mode, official=official, show_progress=False)
+                      for t in (host, sharded))
         assert {g: list(k) for g, k in one.kept.items()} == {g: list(k) for g, k in eight.kept.items()}, mode
         for a, b in zip(jax.tree_util.tree_leaves(one.params), jax.tree_util.tree_leaves(eight.params)):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7, err_msg=mode)
