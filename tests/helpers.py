@@ -1,4 +1,7 @@
-"""Small models shared by the tests: a linen MLP with BatchNorm and its NNX twin."""
+"""Small models shared by the tests (a linen MLP with BatchNorm and its NNX twin), and a counter
+of the XLA programs a call compiles."""
+import logging
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -44,3 +47,24 @@ def classification_problem(n=37, seed=0):
   model = LinenNet()
   v = model.init(jax.random.key(seed), x[:2])
   return model, v, (x, y), signals.classification_loss(model.apply)
+
+
+
+def compilations(fn) -> tuple:
+  """``(fn(), names)``: ``names`` are the XLA programs ``fn()`` compiled (the ``Compiling ...``
+  records of ``jax.log_compiles``), its result's leaves waited for."""
+  seen = []
+
+  class Record(logging.Handler):
+    def emit(self, record):
+      if record.getMessage().startswith("Compiling"):
+        seen.append(record.getMessage().split(" with ")[0])
+  handler, logger = Record(), logging.getLogger("jax")
+  logger.addHandler(handler)
+  try:
+    with jax.log_compiles():
+      result = fn()
+      jax.block_until_ready(jax.tree_util.tree_leaves(getattr(result, "params", result)))
+  finally:
+    logger.removeHandler(handler)
+  return result, seen

@@ -2,8 +2,8 @@
 
 Forms: a pure-JAX function over a params dict, a Flax linen module's ``variables``, and a Flax
 NNX module (passed as ``params``; its own apply function). For every method: the exact budget,
-the same kind of tree out, no input mutated, the same bits twice, ``official=True`` accepted and
-recorded, and the common ``info`` core.
+the same kind of tree out, no input mutated, the same bits twice (the second call compiling
+nothing), ``official=True`` accepted and recorded, and the common ``info`` core.
 """
 import dataclasses
 
@@ -15,6 +15,7 @@ import pytest
 from flax import nnx
 
 import jaxprune as jp
+from helpers import compilations
 
 WIDTHS = (8, 40, 20, 3)
 
@@ -100,7 +101,8 @@ def _run_twice(call, params):
   first = call()
   for x, y in zip(before, _leaves(params)):   # no input mutated
     np.testing.assert_array_equal(x, y)
-  second = call()
+  second, compiled = compilations(call)
+  assert compiled == [], f"the same call again compiled {compiled}"   # every program cached
   _assert_same(first.params, second.params)   # the same bits twice
   _assert_same(first.masks, second.masks)
   return first

@@ -63,9 +63,70 @@ def as_model(params: Any, apply_fn: Optional[Callable] = None) -> Model:
     if apply_fn is not None:
       raise ValueError("apply_fn: an nnx.Module is its own apply function; leave apply_fn=None")
     graphdef, state = nnx.split(params)
-    view = lambda s: nnx.merge(graphdef, s)   # noqa: E731
-    return Model(state, lambda s, *a, **kw: view(s)(*a, **kw), view, True)
-  return Model(params, apply_fn, lambda tree: tree, False)
+    return Model(state, ModuleCall(graphdef), ModuleView(graphdef), True)
+  return Model(params, apply_fn, _same_tree, False)
+
+
+def _same_tree(tree: Any) -> Any:
+  return tree
+
+
+class _ByKey:
+  """Equal and hashed by ``_key()``, so that the callables built for a model in one call equal
+  those built for it in the next: jitted functions that take them as static arguments (or in a
+  pytree's metadata) then hit their caches instead of compiling again on every call. A key that
+  cannot be hashed (an unhashable ``apply_fn`` or keyword value) falls back to identity."""
+
+  def _key(self) -> tuple:
+    raise NotImplementedError
+
+  def _hashable_key(self) -> Any:
+    key = (type(self),) + self._key()
+    try:
+      hash(key)
+    except TypeError:
+      return id(self)
+    return key
+
+  def __eq__(self, other: Any) -> bool:
+    return type(other) is type(self) and self._hashable_key() == other._hashable_key()
+
+  def __hash__(self) -> int:
+    return hash(self._hashable_key())
+
+
+class ModuleView(_ByKey):
+  """``state -> nnx.merge(graphdef, state)``: the module a user's ``loss_fn`` receives."""
+
+  def __init__(self, graphdef: Any):
+    self.graphdef = graphdef
+
+  def _key(self) -> tuple:
+    return (self.graphdef,)
+
+  def __call__(self, state: Any) -> Any:
+    from flax import nnx
+    return nnx.merge(self.graphdef, state)
+
+
+class ModuleCall(ModuleView):
+  """``(state, *inputs) -> module(*inputs)``: an NNX module as an apply function over its state."""
+
+  def __call__(self, state: Any, *args, **kwargs) -> Any:
+    return super().__call__(state)(*args, **kwargs)
+
+
+class ViewedLoss(_ByKey):
+  """``(tree, batch) -> loss_fn(view(tree), batch)``: the user's loss over the method's tree."""
+
+  def __init__(self, loss_fn: Callable, view: Callable):
+    self.loss_fn, self.view = loss_fn, view
+
+  def _key(self) -> tuple:
+    return (self.loss_fn, self.view)
+
+  def __call__(self, tree: Any, batch: Any) -> Any:
+    return self.loss_fn(self.view(tree), batch)
 
 
 def user_loss(model: Model, loss_fn: Optional[Callable]) -> Callable[[Any, Any], Any]:
@@ -77,7 +138,7 @@ def user_loss(model: Model, loss_fn: Optional[Callable]) -> Callable[[Any, Any],
   if loss_fn is not None:
     if not callable(loss_fn):
       raise TypeError(f"loss_fn must be callable loss_fn(params, batch) -> scalar, got {type(loss_fn).__name__}")
-    return loss_fn if not model.is_module else (lambda tree, batch: loss_fn(model.view(tree), batch))
+    return loss_fn if not model.is_module else ViewedLoss(loss_fn, model.view)
   if model.apply_fn is None:
     raise TypeError("loss_fn: give loss_fn(params, batch) -> scalar, or apply_fn(params, x) -> logits "
                     "(then the loss is softmax cross-entropy on integer labels, batch = (x, y))")
@@ -133,11 +194,23 @@ def classification_loss(apply_fn: Callable, **apply_kwargs) -> Callable[[Any, An
   ``params`` is whatever ``apply_fn`` takes (a linen ``variables`` dict for ``model.apply``).
   Call BatchNorm models in inference mode (``train=False``, the reference models' default).
   """
-  def loss_fn(params, batch):
+  return ClassificationLoss(apply_fn, apply_kwargs)
+
+
+class ClassificationLoss(_ByKey):
+  """The loss :func:`classification_loss` returns; two built from the same ``apply_fn`` and
+  keywords are equal (one compilation serves every call that builds it again)."""
+
+  def __init__(self, apply_fn: Callable, apply_kwargs: dict):
+    self.apply_fn, self.apply_kwargs = apply_fn, dict(apply_kwargs)
+
+  def _key(self) -> tuple:
+    return (self.apply_fn, tuple(sorted(self.apply_kwargs.items())))
+
+  def __call__(self, params: Any, batch: Any) -> Any:
     x, y = labelled_batch(batch)
-    logits = apply_fn(params, x, **apply_kwargs)
+    logits = self.apply_fn(params, x, **self.apply_kwargs)
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-  return loss_fn
 
 
 # --- NNX modules with shrunk arrays ------------------------------------------------------------

@@ -10,6 +10,7 @@ import numpy as np
 import optax
 
 from jaxprune.core.checks import check_labels, check_positive_int
+from jaxprune.core.forms import as_model
 from jaxprune.core.progress import progress
 
 
@@ -36,11 +37,17 @@ def evaluate(apply_fn: Callable[[Any, jax.Array], jax.Array], variables: Any, x:
   ``functools.partial``) as it is a static argument of the jitted step.
 
   Args:
+    apply_fn, variables: the model as every method takes it; an ``nnx.Module`` is its own apply
+      function: ``evaluate(None, module, x, y)``.
     x: ``(N, ...)`` inputs; y: ``(N,)`` integer labels.
 
   Returns:
     :class:`Evaluation` ``(accuracy, loss, n)``.
   """
+  model = as_model(variables, apply_fn)
+  if model.apply_fn is None:
+    raise TypeError("apply_fn: evaluate runs the model; pass apply_fn=model.apply (or an nnx.Module as variables)")
+  apply_fn, variables = model.apply_fn, model.tree
   x, y = np.asarray(x), np.asarray(y)
   if x.shape[0] != y.shape[0] or x.shape[0] == 0:
     raise ValueError(f"x and y must hold the same positive number of examples, got {x.shape[0]} and {y.shape[0]}")

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import jaxprune as jp
+from helpers import compilations
 from jaxprune import models
 
 CIFAR = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
@@ -225,25 +226,6 @@ def test_round_to_keeps_multiples_of_eight_in_every_structured_method():
     jp.prune_channels(v, groups, 0.3, round_to=0)
 
 
-def _compilations(fn) -> list:
-  """The XLA compilations ``fn()`` triggers (the ``Compiling ...`` records of ``jax.log_compiles``)."""
-  import logging
-  seen = []
-
-  class Record(logging.Handler):
-    def emit(self, record):
-      if record.getMessage().startswith("Compiling"):
-        seen.append(record.getMessage().split(" with ")[0])
-  handler, logger = Record(), logging.getLogger("jax")
-  logger.addHandler(handler)
-  try:
-    with jax.log_compiles():
-      jax.block_until_ready(jax.tree_util.tree_leaves(fn().params))
-  finally:
-    logger.removeHandler(handler)
-  return seen
-
-
 def test_structured_calls_on_host_trees_compile_nothing():
   """A tree in host memory is scored, folded, mapped, cut and masked in numpy: a first call at
   shapes no other test uses compiles no program (each eager jnp op used to compile once per
@@ -260,10 +242,10 @@ def test_structured_calls_on_host_trees_compile_nothing():
   model, x = OddNet(), jnp.ones((1, 9, 9, 3))
   v = model.init(jax.random.key(3), x)
   g = jp.groups(model.apply, v, x)
-  assert _compilations(lambda: jp.prune_channels(v, g, 0.5, show_progress=False)) == []
-  assert _compilations(lambda: jp.intra_fusion(v, g, 0.4, show_progress=False)) == []
-  assert _compilations(lambda: jp.prune_channels(v, g, 0.3, mode="mask", show_progress=False)) == []
+  assert compilations(lambda: jp.prune_channels(v, g, 0.5, show_progress=False))[1] == []
+  assert compilations(lambda: jp.intra_fusion(v, g, 0.4, show_progress=False))[1] == []
+  assert compilations(lambda: jp.prune_channels(v, g, 0.3, mode="mask", show_progress=False))[1] == []
   # repair runs the model: its passes compile, once each, whatever the number of layers corrected
   xs = jax.random.normal(jax.random.key(4), (24, 9, 9, 3))
-  names = _compilations(lambda: jp.prune_channels(v, g, 0.5, repair=xs, apply_fn=model.apply, show_progress=False))
+  names = compilations(lambda: jp.prune_channels(v, g, 0.5, repair=xs, apply_fn=model.apply, show_progress=False))[1]
   assert len(names) == len(set(names)) and len(names) <= 6, names
