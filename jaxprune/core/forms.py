@@ -11,6 +11,7 @@ Accepted as ``params``:
 """
 from __future__ import annotations
 
+import inspect
 import sys
 from typing import Any, Callable, NamedTuple, Optional
 
@@ -81,7 +82,7 @@ class _ByKey:
     raise NotImplementedError
 
   def _hashable_key(self) -> Any:
-    key = (type(self),) + self._key()
+    key = (type(self),) + tuple(_method_key(part) for part in self._key())
     try:
       hash(key)
     except TypeError:
@@ -93,6 +94,12 @@ class _ByKey:
 
   def __hash__(self) -> int:
     return hash(self._hashable_key())
+
+
+def _method_key(fn: Any) -> Any:
+  """A bound method as ``(function, instance)``: ``model.apply`` of two equal linen modules (equal
+  by their fields) are then equal, where Python compares bound methods' instances by identity."""
+  return (fn.__func__, fn.__self__) if inspect.ismethod(fn) else fn
 
 
 class ModuleView(_ByKey):

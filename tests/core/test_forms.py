@@ -121,3 +121,43 @@ def test_a_linen_call_does_not_import_nnx():
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-2000:]
   assert out.stdout.strip().splitlines()[-1] == "False"
+
+
+def test_the_default_loss_of_equal_models_is_one_function():
+  """Jitted programs take the loss as a static argument: the default loss built again for the
+  same model (or an equal linen module, or an NNX module's graph) must be equal to the last one,
+  or every call compiles again. A model with other fields, or an unhashable apply function, gives
+  another loss."""
+  import flax.linen as nn
+  from helpers import compilations
+  from jaxprune.core.forms import as_model, classification_loss
+
+  class Net(nn.Module):
+    width: int = 6
+
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dense(3)(nn.relu(nn.Dense(self.width)(x)))
+
+  assert classification_loss(Net().apply) == classification_loss(Net().apply)
+  assert hash(classification_loss(Net().apply)) == hash(classification_loss(Net().apply))
+  assert classification_loss(Net(width=7).apply) != classification_loss(Net().apply)
+  assert classification_loss(Net().apply, train=False) != classification_loss(Net().apply)
+
+  class Unhashable:
+    __hash__ = None
+
+    def __call__(self, p, x):
+      return x
+
+  f = Unhashable()
+  assert classification_loss(f) != classification_loss(f) and hash(classification_loss(f)) is not None
+  module = ConvNet(nnx.Rngs(0))
+  assert as_model(module).apply_fn == as_model(module).apply_fn and as_model(module).view == as_model(module).view
+
+  x = jax.random.normal(jax.random.key(0), (16, 4))
+  batch = (x, jnp.arange(16) % 3)
+  v = Net().init(jax.random.key(1), x[:1])
+  jp.lr(v, batch, 20, apply_fn=Net().apply, official=True, show_progress=False)
+  _, compiled = compilations(lambda: jp.lr(v, batch, 20, apply_fn=Net().apply, official=True, show_progress=False))
+  assert compiled == []
