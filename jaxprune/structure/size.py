@@ -19,7 +19,7 @@ from typing import Any, Callable, NamedTuple, Optional, Union
 import jax
 import numpy as np
 
-from jaxprune.core.checks import check_positive_int
+from jaxprune.core.checks import check_positive_int, traced_call_note
 from jaxprune.core.forms import as_model
 
 
@@ -63,6 +63,7 @@ def measure_size(apply_fn: Optional[Callable], params: Any, *inputs: Any, name: 
     raise ValueError("apply_fn: needed to run the model (or pass an nnx.Module as params)")
   leaves = [np.asarray(x) for x in jax.tree.leaves(model.tree) if hasattr(x, "shape")]
   batch = int(np.shape(jax.tree.leaves(inputs)[0])[0]) if jax.tree.leaves(inputs) else 1
+  _check_batch_axis(model, inputs, batch, name)
   fn = jax.jit(model.apply_fn)
   compiled = fn.lower(model.tree, *inputs).compile()
   cost = compiled.cost_analysis()
@@ -76,6 +77,20 @@ def measure_size(apply_fn: Optional[Callable], params: Any, *inputs: Any, name: 
     times.append(time.perf_counter() - t0)
   return ModelSize(name, int(sum(x.size for x in leaves)), int(sum(np.count_nonzero(x) for x in leaves)),
                    flops / batch, 1e3 * statistics.median(times), batch)
+
+
+def _check_batch_axis(model, inputs: tuple, batch: int, name: str) -> None:
+  """FLOPs are divided by the inputs' leading axis, so the model's output must keep it: an input
+  without the batch axis (one example, ``x[0]``) would give FLOPs per feature, silently."""
+  try:
+    out = jax.eval_shape(model.apply_fn, model.tree, *inputs)
+  except Exception as error:
+    traced_call_note(error, f"apply_fn(params, *inputs) of {name!r} for jaxprune.size_report", inputs)
+    raise
+  shape = tuple(jax.tree.leaves(out)[0].shape) if jax.tree.leaves(out) else ()
+  if not shape or shape[0] != batch:
+    raise ValueError(f"inputs: FLOPs are per example of the leading (batch) axis, of size {batch}, but model "
+                     f"{name!r} returned shape {shape}; give the inputs a batch axis (x[:1] for one example)")
 
 
 def size_report(models: dict, *inputs: Any, repeats: int = 20) -> SizeReport:

@@ -47,3 +47,9 @@ def test_nnx_module_and_bad_input():
     jp.measure_size(None, module, jnp.ones((5, 4)), repeats=0)
   with pytest.raises(ValueError, match="apply_fn"):
     jp.measure_size(None, {"w": jnp.ones(3)}, jnp.ones((5, 4)))
+  # one example without its batch axis: the output has no batch axis to divide the FLOPs by
+  with pytest.raises(ValueError, match=r"inputs: FLOPs are per example .* of size 4, .* returned shape \(2,\)"):
+    jp.measure_size(None, module, jnp.ones(4))
+  with pytest.raises(TypeError) as failed:   # wrong features: the model's own error, with a note naming the call
+    jp.size_report({"small": module}, jnp.ones((5, 3)))
+  assert any("jaxprune.size_report" in note for note in getattr(failed.value, "__notes__", ["jaxprune.size_report"]))
