@@ -92,8 +92,10 @@ class _ByKey:
   def __eq__(self, other: Any) -> bool:
     return type(other) is type(self) and self._hashable_key() == other._hashable_key()
 
-  def __hash__(self) -> int:
-    return hash(self._hashable_key())
+  def __hash__(self) -> int:   # computed once: jit hashes its static arguments on every call
+    if "_hash" not in self.__dict__:
+      self._hash = hash(self._hashable_key())
+    return self._hash
 
 
 def _method_key(fn: Any) -> Any:
