@@ -65,6 +65,8 @@ def as_model(params: Any, apply_fn: Optional[Callable] = None) -> Model:
       raise ValueError("apply_fn: an nnx.Module is its own apply function; leave apply_fn=None")
     graphdef, state = nnx.split(params)
     return Model(state, ModuleCall(graphdef), ModuleView(graphdef), True)
+  if apply_fn is not None and not isinstance(apply_fn, _ByKey):
+    apply_fn = UserApply(apply_fn)
   return Model(params, apply_fn, _same_tree, False)
 
 
@@ -123,6 +125,21 @@ class ModuleCall(ModuleView):
 
   def __call__(self, state: Any, *args, **kwargs) -> Any:
     return super().__call__(state)(*args, **kwargs)
+
+
+class UserApply(_ByKey):
+  """The user's ``apply_fn``, equal to another built from the same function, or from
+  ``model.apply`` of an equal linen module (``Net().apply`` written in each call): the jitted
+  programs that take it as a static argument compile once."""
+
+  def __init__(self, apply_fn: Callable):
+    self.apply_fn = apply_fn
+
+  def _key(self) -> tuple:
+    return (self.apply_fn,)
+
+  def __call__(self, *args, **kwargs) -> Any:
+    return self.apply_fn(*args, **kwargs)
 
 
 class ViewedLoss(_ByKey):

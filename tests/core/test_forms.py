@@ -161,3 +161,27 @@ def test_the_default_loss_of_equal_models_is_one_function():
   jp.lr(v, batch, 20, apply_fn=Net().apply, official=True, show_progress=False)
   _, compiled = compilations(lambda: jp.lr(v, batch, 20, apply_fn=Net().apply, official=True, show_progress=False))
   assert compiled == []
+
+
+def test_an_equal_linen_module_reuses_the_compiled_programs():
+  """``apply_fn=Net().apply`` written in each call is a new bound method of a new (equal) module;
+  the methods key their programs on the model, so the second call compiles nothing (repair's
+  passes and i-SpaSP's per-unit programs compiled again on every call before)."""
+  import flax.linen as nn
+  from helpers import compilations
+
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      x = nn.relu(nn.BatchNorm(use_running_average=True)(nn.Conv(6, (3, 3))(x)))
+      return nn.Dense(3)(nn.relu(nn.Conv(5, (3, 3))(x)).mean((1, 2)))
+
+  x = jax.random.normal(jax.random.key(0), (12, 6, 6, 3))
+  v = Net().init(jax.random.key(1), x[:1])
+  g = jp.groups(Net().apply, v, x[:1])
+  calls = (lambda: jp.prune_channels(v, g, 0.5, apply_fn=Net().apply, repair=x, show_progress=False),
+           lambda: jp.ispasp(v, g, 0.5, apply_fn=Net().apply, batch=x, show_progress=False),
+           lambda: jp.evaluate(Net().apply, v, x, jnp.arange(12) % 3))
+  for call in calls:
+    call()
+    assert compilations(call)[1] == []
