@@ -1,4 +1,5 @@
 """Surgery (shrink vs mask, fusion maps), BatchNorm folding and default channel pruning."""
+import dataclasses
 import functools
 
 import jax
@@ -162,6 +163,27 @@ def test_fold_matches_the_formula():
     for (path, a), (_, b) in zip(jp.trees.leaves_with_paths(host), jp.trees.leaves_with_paths(traced)):
       assert a.dtype == b.dtype, path
       np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7, err_msg=path)
+
+
+def test_batchnorm_scales_are_the_factors_the_fold_applies():
+  """Default pruning's official preset scores the folded tree from these factors without writing
+  it: each must be exactly what fold_batchnorm multiplies its kernel by, along the right axis."""
+  from jaxprune.structure.surgery import batchnorm_scales
+  model = models.vgg11_bn()
+  v = jax.tree.map(np.asarray, randomized(model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))))
+  g = jp.groups(model.apply, v, jnp.zeros((1, 32, 32, 3)))
+  for include_eps in (True, False):
+    scales = batchnorm_scales(v, g, include_eps=include_eps)
+    folded = jp.fold_batchnorm(v, g, include_eps=include_eps)
+    assert set(scales) == {link.kernel for link in g.norms}
+    for path, (axis, s) in scales.items():
+      w = np.asarray(jp.trees.get_leaf(v, path))
+      shape = [1] * w.ndim
+      shape[axis] = -1
+      np.testing.assert_array_equal(np.asarray(jp.trees.get_leaf(folded, path)), w * s.reshape(shape))
+  no_eps = [dataclasses.replace(link, eps=None) for link in g.norms]
+  with pytest.raises(ValueError, match="eps: the epsilon"):
+    batchnorm_scales(v, no_eps)
 
 
 def test_fold_keeps_every_leaf_dtype_of_a_bfloat16_model():
