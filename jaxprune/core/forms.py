@@ -70,6 +70,14 @@ def as_model(params: Any, apply_fn: Optional[Callable] = None) -> Model:
   return Model(params, apply_fn, _same_tree, False)
 
 
+def require_apply_fn(model: Model, what: str, slot: str = "params") -> Callable:
+  """``model.apply_fn``, or a ``TypeError`` naming ``apply_fn`` for a call that runs the model
+  (``what``) and got none; ``slot`` is the argument an NNX module goes in."""
+  if model.apply_fn is None:
+    raise TypeError(f"apply_fn: {what} runs the model; pass apply_fn=model.apply (or an nnx.Module as {slot})")
+  return model.apply_fn
+
+
 def _same_tree(tree: Any) -> Any:
   return tree
 

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxprune.core.checks import check_choice, check_concrete
-from jaxprune.core.forms import as_model
+from jaxprune.core.forms import as_model, require_apply_fn
 from jaxprune.core.options import Options, resolve
 from jaxprune.core.progress import progress
 from jaxprune.core.results import ChannelResult, make_info
@@ -574,8 +574,7 @@ def repair(apply_fn: Optional[Callable], dense_params: Any, result: Any, x: Any,
   opts = resolve(RepairOptions, options, False, overrides)
   model = as_model(dense_params, apply_fn)
   check_concrete("repair", dense_params=model.tree, result=result, x=x)
-  if model.apply_fn is None:
-    raise TypeError("apply_fn: repair runs the model; pass apply_fn=model.apply (or an nnx.Module as dense_params)")
+  require_apply_fn(model, "repair", "dense_params")
   x = _inputs(x)
   tree, plans, base = _plans_of(result, plans)
   full, shrunk = expand_channels(model.tree, tree, plans)
@@ -642,8 +641,7 @@ def reestimate_batchnorm(apply_fn: Optional[Callable], params: Any, x: Any, *, g
   """
   result = params if isinstance(params, ChannelResult) else None
   model = as_model(params.params if result is not None else params, apply_fn)
-  if model.apply_fn is None:
-    raise TypeError("apply_fn: re-estimation runs the model; pass apply_fn=model.apply (or an nnx.Module)")
+  require_apply_fn(model, "re-estimation", "params")
   RepairOptions(chunk_size=chunk_size, max_passes=max_passes).check()
   x = _inputs(x)
   shapes = {p: np.shape(v) for p, v in leaves_with_paths(model.tree)}

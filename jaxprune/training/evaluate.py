@@ -10,7 +10,7 @@ import numpy as np
 import optax
 
 from jaxprune.core.checks import check_labels, check_positive_int
-from jaxprune.core.forms import as_model
+from jaxprune.core.forms import as_model, require_apply_fn
 from jaxprune.core.progress import progress
 
 
@@ -33,8 +33,8 @@ def evaluate(apply_fn: Callable[[Any, jax.Array], jax.Array], variables: Any, x:
   """Accuracy and mean loss of ``apply_fn(variables, x_batch) -> logits`` on ``(x, y)``.
 
   The last batch is padded to ``batch_size`` (with zero weight) so that one compiled
-  function serves every batch. ``apply_fn`` must be hashable (a plain function or a
-  ``functools.partial``) as it is a static argument of the jitted step.
+  function serves every batch. The model is a static argument of that step: the same (or an
+  equal) model reuses it.
 
   Args:
     apply_fn, variables: the model as every method takes it; an ``nnx.Module`` is its own apply
@@ -45,9 +45,7 @@ def evaluate(apply_fn: Callable[[Any, jax.Array], jax.Array], variables: Any, x:
     :class:`Evaluation` ``(accuracy, loss, n)``.
   """
   model = as_model(variables, apply_fn)
-  if model.apply_fn is None:
-    raise TypeError("apply_fn: evaluate runs the model; pass apply_fn=model.apply (or an nnx.Module as variables)")
-  apply_fn, variables = model.apply_fn, model.tree
+  apply_fn, variables = require_apply_fn(model, "evaluate", "variables"), model.tree
   x, y = np.asarray(x), np.asarray(y)
   if x.shape[0] != y.shape[0] or x.shape[0] == 0:
     raise ValueError(f"x and y must hold the same positive number of examples, got {x.shape[0]} and {y.shape[0]}")
