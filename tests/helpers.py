@@ -49,7 +49,6 @@ def classification_problem(n=37, seed=0):
   return model, v, (x, y), signals.classification_loss(model.apply)
 
 
-
 def compilations(fn) -> tuple:
   """``(fn(), names)``: ``names`` are the XLA programs ``fn()`` compiled (the ``Compiling ...``
   records of ``jax.log_compiles``), its result's leaves waited for."""

@@ -168,9 +168,9 @@ def test_structured_methods_under_jit_name_the_traced_argument(method, batch):
     jax.jit(call)(params, batch[0])
   with pytest.raises(TypeError, match=f"^batch: jaxprune.{method} got traced arrays"):
     jax.jit(lambda x: call(params, x))(batch[0])
-  dense = fn(params, groups, CHANNEL_SPARSITY, apply_fn=apply_fn, batch=batch[0], show_progress=False)
+  pruned = fn(params, groups, CHANNEL_SPARSITY, apply_fn=apply_fn, batch=batch[0], show_progress=False)
   with pytest.raises(TypeError, match="^x: jaxprune.repair got traced arrays"):
-    jax.jit(lambda x: jp.repair(apply_fn, params, dense, x, show_progress=False).params)(batch[0])
+    jax.jit(lambda x: jp.repair(apply_fn, params, pruned, x, show_progress=False).params)(batch[0])
 
 
 def test_structured_methods_keep_the_same_counts(batch):
