@@ -368,12 +368,19 @@ def _outer_mask(shape: tuple, flags: dict) -> np.ndarray:
   return mask
 
 
+def _fold_scale(xp, gamma, var, eps: float, include_eps: bool):
+  """``s = gamma / sqrt(var + eps)`` (``gamma`` absent: 1; ``include_eps=False``: no eps), the
+  factor a fold multiplies the kernel by; one formula for :func:`fold_batchnorm` and
+  :func:`batchnorm_scales`, so the two agree bit for bit."""
+  return (1.0 if gamma is None else gamma) / xp.sqrt(var + eps if include_eps else var)
+
+
 def _fold_arrays(xp, kernel, bias, gamma, beta, mean, var, eps: float, include_eps: bool, axis: int):
   """The folded kernel ``W * s`` (``s`` along ``axis``) and shift ``(b - mu) * s + beta`` of one norm;
   absent ``bias``/``gamma``/``beta`` are 0/1/0. ``xp`` is numpy (host trees) or ``jax.numpy``. The
   shift has the dtype of the leaf it goes to (the bias, else ``beta``), not the statistics' (a
   bfloat16 model keeps float32 statistics)."""
-  s = (1.0 if gamma is None else gamma) / xp.sqrt(var + eps if include_eps else var)
+  s = _fold_scale(xp, gamma, var, eps, include_eps)
   shape = [1] * kernel.ndim
   shape[axis] = -1
   shift = ((0.0 if bias is None else bias) - mean) * s + (0.0 if beta is None else beta)
@@ -413,9 +420,8 @@ def batchnorm_scales(variables: Any, norms: Union[ChannelGroups, Sequence[NormLi
   scales = {}
   for link in _norm_links(norms):
     e = _link_eps(link, eps)
-    gamma = 1.0 if link.scale is None else np.asarray(leaves[link.scale])
-    var = np.asarray(leaves[link.var])
-    s = gamma / np.sqrt(var + e if include_eps else var)
+    gamma = None if link.scale is None else np.asarray(leaves[link.scale])
+    s = _fold_scale(np, gamma, np.asarray(leaves[link.var]), e, include_eps)
     scales[link.kernel] = (link.axis, np.asarray(s, np.float32))
   return scales
 
