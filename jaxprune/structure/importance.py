@@ -102,7 +102,7 @@ class MagnitudeScores:
   def __init__(self, variables: Any, groups: Sequence[Group], p: float = 1, scales: Optional[Mapping] = None):
     leaves = dict(leaves_with_paths(variables))
     scored = {m.path for g in groups for m in g.kernels}
-    scales = {path: v for path, v in (scales or {}).items() if path in scored}
+    scales = scales or {}
     self.p = 1 if p == 1 else float(p)
     self.axes = _channel_axes(groups, scored, scales)
     self.reduced = {path: _scaled(_reduce_to(leaves[path], self.axes[path], self.p), self.axes[path],
@@ -120,7 +120,7 @@ class MagnitudeScores:
       return True
     if any(not isinstance(k, (np.ndarray, jax.Array)) or isinstance(k, jax.core.Tracer) for k in kernels.values()):
       return False
-    axes = _channel_axes(groups, set(kernels), {p: v for p, v in (scales or {}).items() if p in kernels})
+    axes = _channel_axes(groups, set(kernels), scales)
     reduced = sum(int(np.prod([np.shape(k)[a] for a in axes[path]])) for path, k in kernels.items())
     return 4 * reduced <= sum(int(np.size(k)) for k in kernels.values())
 
@@ -150,14 +150,15 @@ class MagnitudeScores:
 
 def _channel_axes(groups: Sequence[Group], paths: set, scales: Optional[Mapping] = None) -> dict:
   """``{path: sorted axes}``: every axis of the leaves at ``paths`` that some group zeroes or
-  scores, or that ``scales`` scales."""
+  scores, or that ``scales`` scales (its other paths are not scored and are left out)."""
   axes: dict = {path: set() for path in paths}
   for g in groups:
     for m in g.members:
       if m.path in axes and m.kind != "stat":
         axes[m.path].add(m.axis)
   for path, (axis, _) in (scales or {}).items():
-    axes[path].add(axis)
+    if path in axes:
+      axes[path].add(axis)
   return {path: tuple(sorted(a)) for path, a in axes.items()}
 
 
