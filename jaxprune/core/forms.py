@@ -92,20 +92,21 @@ class _ByKey:
     raise NotImplementedError
 
   def _hashable_key(self) -> Any:
-    key = (type(self),) + tuple(_method_key(part) for part in self._key())
-    try:
-      hash(key)
-    except TypeError:
-      return id(self)
-    return key
+    """The key and its hash, computed once (jit hashes and compares static arguments on every
+    call; a 100-layer NNX module's graph takes 1.7 ms to hash)."""
+    if "_cached" not in self.__dict__:
+      key = (type(self),) + tuple(_method_key(part) for part in self._key())
+      try:
+        self._cached = (key, hash(key))
+      except TypeError:
+        self._cached = (id(self), hash(id(self)))
+    return self._cached
 
   def __eq__(self, other: Any) -> bool:
-    return type(other) is type(self) and self._hashable_key() == other._hashable_key()
+    return type(other) is type(self) and self._hashable_key()[0] == other._hashable_key()[0]
 
-  def __hash__(self) -> int:   # computed once: jit hashes its static arguments on every call
-    if "_hash" not in self.__dict__:
-      self._hash = hash(self._hashable_key())
-    return self._hash
+  def __hash__(self) -> int:
+    return self._hashable_key()[1]
 
 
 def _method_key(fn: Any) -> Any:
